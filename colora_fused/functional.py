@@ -1,0 +1,116 @@
+"""`colora_conv`: the one entry point of a CoLoRA convolution, and the one place that picks its backend."""
+import contextlib
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from ._conv import PADDING_MODES, check_order, f_pad_arg, ntuple, pad_amounts
+from .reference import colora_conv_reference
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    return backend
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optional[str]:
+    """Why the triton backend cannot run this call, or None when it can."""
+    if not triton_available():
+        return "triton is not installed"
+    if not (x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())):
+        return (f"tensors on {x.device} need CUDA (or TRITON_INTERPRET=1 set before triton is imported, "
+                "for CPU tests)")
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16 are)"
+    from .kernels.conv_fwd import supports_forward
+    return supports_forward(x, weight, groups)
+
+
+def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str:
+    """The concrete backend for this call: `auto` → COLORA_BACKEND if set, else triton where it runs, else torch."""
+    check_backend(backend)
+    if backend == "auto":
+        backend = check_backend(os.environ.get("COLORA_BACKEND", "auto") or "auto")
+    if backend == "auto":
+        if x.is_cuda and triton_unsupported_reason(x, weight, groups) is None:
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        reason = triton_unsupported_reason(x, weight, groups)
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run this convolution: {reason}; "
+                             "use backend='torch' (or 'auto') instead")
+    return backend
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
+                bias_delta: Optional[Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
+                padding_mode: str = "zeros", order: str = "pointwise_first", backend: str = "auto") -> Tensor:
+    """A CoLoRA convolution O = (K0 + Kp⊛Kd) ⊛ x + b0 + Δb, shaped and padded as `F.conv{1,2,3}d` would.
+
+    x: [N, C_in, *spatial] or unbatched [C_in, *spatial]; weight K0: [C_out, C_in/groups, *k];
+    pointwise Kp: [C_out, C_in/groups]; depthwise Kd: [C_out, *k] (pointwise_first) or [C_in, *k]
+    (depthwise_first). Under autocast the tensors are cast as for `F.conv2d`; gradients flow back in the
+    parameters' own dtypes.
+    """
+    check_order(order)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"unknown padding_mode {padding_mode!r}; choose one of {PADDING_MODES}")
+    nd = weight.dim() - 2
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:
+        # As autocast does for F.conv2d: floating tensors other than float64 run in the autocast dtype.
+        x, weight, bias, pointwise, depthwise, bias_delta = (
+            t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (x, weight, bias, pointwise, depthwise, bias_delta))
+    backend = resolve_backend(backend, x, weight, groups)
+    if backend == "reference":
+        out = colora_conv_reference(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
+                                    groups, padding_mode, order)
+        return out.squeeze(0) if unbatched else out
+
+    stride, dilation = ntuple(stride, nd), ntuple(dilation, nd)
+    if padding == "same" and any(s != 1 for s in stride):
+        raise ValueError("padding='same' is not supported for strided convolutions")
+    amounts = pad_amounts(padding, weight.shape[2:], dilation)
+    if padding_mode != "zeros" or any(before != after for before, after in amounts):
+        x = F.pad(x, f_pad_arg(amounts), mode="constant" if padding_mode == "zeros" else padding_mode)
+        padding = (0,) * nd
+    else:
+        padding = tuple(before for before, _ in amounts)
+
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        out = ops.conv(x, weight, bias, pointwise, depthwise, bias_delta, list(stride), list(padding),
+                       list(dilation), groups, order, backend)
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,160 @@
+"""CoLoRAConv1d/2d/3d: drop-in `nn.ConvNd` subclasses with a frozen base and a trainable Kp ⊛ Kd residual."""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from ._conv import check_order
+from .functional import check_backend, colora_conv, interpreter_enabled, triton_available
+
+
+class _CoLoRAConvNd:
+    """The CoLoRA part shared by the three layers; each also subclasses the matching `nn.ConvNd` (`_conv_cls`).
+
+    Constructor as torch's, plus `order` ("pointwise_first" | "depthwise_first"), `train_bias` (None: a Δb
+    exists iff the base conv has a bias) and `backend` ("auto" | "triton" | "torch" | "reference").
+    """
+
+    _conv_cls: type
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, order="pointwise_first",
+                 train_bias=None, backend="auto"):
+        check_order(order)
+        check_backend(backend)
+        self._conv_cls.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                bias, padding_mode, device, dtype)
+        self._init_adapters(order, train_bias, backend)
+
+    def _init_adapters(self, order: str, train_bias: Optional[bool], backend: str) -> None:
+        self.order = check_order(order)
+        self.backend = check_backend(backend)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        depthwise_channels = self.out_channels if order == "pointwise_first" else self.in_channels
+        self.pointwise = nn.Parameter(torch.empty(self.out_channels, self.in_channels // self.groups, **factory))
+        self.depthwise = nn.Parameter(torch.empty(depthwise_channels, *self.kernel_size, **factory))
+        has_bias_delta = self.bias is not None if train_bias is None else bool(train_bias)
+        self.bias_delta = nn.Parameter(torch.empty(self.out_channels, **factory)) if has_bias_delta else None
+        self.reset_adapter_()
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, order: str = "pointwise_first", train_bias: Optional[bool] = None,
+                  backend: str = "auto"):
+        """Wrap `conv`, reusing (not copying) its weight and bias, which are frozen."""
+        if not isinstance(conv, cls._conv_cls) or isinstance(conv, _CoLoRAConvNd):
+            raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._conv_cls.__name__}, "
+                            f"got {type(conv).__name__}")
+        check_order(order)
+        check_backend(backend)
+        layer = cls.__new__(cls)
+        cls._conv_cls.__init__(layer, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                               conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                               device="meta", dtype=conv.weight.dtype)
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer._init_adapters(order, train_bias, backend)
+        layer.train(conv.training)
+        return layer
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "depthwise"):
+            self.reset_adapter_()
+
+    @torch.no_grad()
+    def reset_adapter_(self):
+        """Kd = 0, Δb = 0, Kp Glorot-uniform (fan_in = C_in/groups, fan_out = C_out): ΔK = 0 again."""
+        fan_in, fan_out = self.pointwise.shape[1], self.pointwise.shape[0]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        self.pointwise.uniform_(-bound, bound)
+        self.depthwise.zero_()
+        if self.bias_delta is not None:
+            self.bias_delta.zero_()
+        return self
+
+    def delta_weight(self) -> Tensor:
+        """ΔK = Kp ⊛ Kd, shaped like `weight`."""
+        return ops.delta_weight(self.pointwise, self.depthwise, self.groups, self.order)
+
+    @torch.no_grad()
+    def check_mergeable(self) -> None:
+        """Raise ValueError if merging would write a non-finite value into the base weight or bias."""
+        finite = lambda t: t is None or bool(torch.isfinite(t).all())  # noqa: E731
+        if not (finite(self.pointwise) and finite(self.depthwise) and finite(self.bias_delta)):
+            raise ValueError(f"{type(self).__name__}: the adapters hold non-finite values; merge refused, "
+                             "weights unchanged")
+        # |K0 + ΔK| ≤ max|K0| + max|Kp|·max|Kd|: only when that bound could overflow is ΔK built to look.
+        bound = (self.weight.abs().amax().double() + self.pointwise.abs().amax().double()
+                 * self.depthwise.abs().amax().double())
+        if bound >= torch.finfo(self.weight.dtype).max and not finite(self.weight + self.delta_weight()):
+            raise ValueError(f"{type(self).__name__}: K0 + ΔK overflows {self.weight.dtype}; merge refused, "
+                             "weights unchanged")
+
+    @torch.no_grad()
+    def merge_(self):
+        """K0 ← K0 + ΔK, b0 ← b0 + Δb (eq. 10–11), then reset the adapters. The layer's output is unchanged."""
+        self.check_mergeable()
+        if self.bias_delta is not None and self.bias is None:
+            self.bias = nn.Parameter(torch.zeros_like(self.bias_delta), requires_grad=False)
+        if self.weight.is_cuda and triton_available() and self.weight.dtype != torch.float64:
+            from .kernels.merge import merge_
+            merge_(self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta, self.groups, self.order)
+        else:
+            self.weight.add_(self.delta_weight())
+            if self.bias_delta is not None:
+                self.bias.add_(self.bias_delta)
+        return self.reset_adapter_()
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Module:
+        """A plain `nn.ConvNd` holding K0 + ΔK and b0 + Δb (for inference and export); this layer is untouched."""
+        has_bias = self.bias is not None or self.bias_delta is not None
+        conv = self._conv_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                              self.dilation, self.groups, has_bias, self.padding_mode, device="meta",
+                              dtype=self.weight.dtype)
+        conv.weight = nn.Parameter(self.weight + self.delta_weight(), requires_grad=self.weight.requires_grad)
+        if has_bias:
+            bias = ops._summed_bias(self.bias, self.bias_delta).clone()
+            base_grad = self.bias.requires_grad if self.bias is not None else False
+            conv.bias = nn.Parameter(bias, requires_grad=base_grad)
+        conv.train(self.training)
+        return conv
+
+    def adapter_parameters(self):
+        return [p for p in (self.pointwise, self.depthwise, self.bias_delta) if p is not None]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return colora_conv(input, self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta,
+                           self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.order,
+                           self.backend)
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.adapter_parameters())
+        return f"{super().extra_repr()}, order={self.order}, backend={self.backend}, adapter_params={n}"
+
+
+class CoLoRAConv1d(_CoLoRAConvNd, nn.Conv1d):
+    """A frozen `nn.Conv1d` plus the CoLoRA residual (Kp ⊛ Kd) ⊛ x + Δb; built like `nn.Conv1d` or by `from_conv`."""
+
+    _conv_cls = nn.Conv1d
+
+
+class CoLoRAConv2d(_CoLoRAConvNd, nn.Conv2d):
+    """A frozen `nn.Conv2d` plus the CoLoRA residual (Kp ⊛ Kd) ⊛ x + Δb; built like `nn.Conv2d` or by `from_conv`."""
+
+    _conv_cls = nn.Conv2d
+
+
+class CoLoRAConv3d(_CoLoRAConvNd, nn.Conv3d):
+    """A frozen `nn.Conv3d` plus the CoLoRA residual (Kp ⊛ Kd) ⊛ x + Δb; built like `nn.Conv3d` or by `from_conv`."""
+
+    _conv_cls = nn.Conv3d
+
+
+COLORA_LAYERS = (CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d)
+CONV_TO_COLORA = {nn.Conv1d: CoLoRAConv1d, nn.Conv2d: CoLoRAConv2d, nn.Conv3d: CoLoRAConv3d}

@@ -1,0 +1,205 @@
+"""The CoLoRA convolution as registered torch.library ops, with autograd, and the `torch` backend.
+
+`colora_fused::conv` computes O = (K0 + ΔK) ⊛ x + b0 + Δb for an x already padded by `functional` (so the
+ops see symmetric zero padding only). `colora_fused::conv_backward` returns the gradients of x, K0, Kp, Kd
+and Δb. Both take `backend` ("torch" or "triton") and dispatch inside, so `torch.compile` sees two opaque ops
+and no graph break, whichever backend runs them.
+
+The `torch` backend merges the weight once and runs one cuDNN/oneDNN convolution forward; its backward gets
+the input gradient through the merged weight and the adapter gradients by the route of DESIGN §5 that is
+cheaper for the layer's kernel size, never through a full weight gradient when the kernel has more than two taps.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._conv import CONV_FNS
+
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) -> Tensor:
+    """ΔK = Kp ⊛ Kd shaped like K0 [C_out, C_in/groups, *k], differentiable (DESIGN §1 table)."""
+    c_out, c_in_g = pointwise.shape
+    k = depthwise.shape[1:]
+    ones = (1,) * len(k)
+    if order == "pointwise_first":
+        return pointwise.reshape(c_out, c_in_g, *ones) * depthwise.unsqueeze(1)
+    kp = pointwise.reshape(groups, c_out // groups, c_in_g, *ones)
+    kd = depthwise.reshape(groups, 1, c_in_g, *k)
+    return (kp * kd).reshape(c_out, c_in_g, *k)
+
+
+def uses_gradw_route(kernel_size: Sequence[int]) -> bool:
+    """DESIGN §5: the adapter-gradient route through the full weight gradient is cheaper for ≤ 2 taps."""
+    return torch.Size(kernel_size).numel() <= 2
+
+
+def _summed_bias(bias: Optional[Tensor], bias_delta: Optional[Tensor]) -> Optional[Tensor]:
+    if bias is None:
+        return bias_delta
+    return bias if bias_delta is None else bias + bias_delta
+
+
+def _torch_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
+    merged = weight + delta_weight(pointwise, depthwise, groups, order)
+    return CONV_FNS[weight.dim() - 2](x, merged, _summed_bias(bias, bias_delta), stride, padding, dilation, groups)
+
+
+def _reduce_gradw(grad_weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str):
+    """dKp, dKd from the full weight gradient gradW = ∂L/∂(K0 + ΔK) (the route for 1×1 and 1×2 kernels)."""
+    c_out, c_in_g = pointwise.shape
+    gw = grad_weight.flatten(2)  # [C_out, C_in/g, T]
+    if order == "pointwise_first":
+        kd = depthwise.flatten(1)
+        return torch.einsum("oct,ot->oc", gw, kd), torch.einsum("oct,oc->ot", gw, pointwise).view_as(depthwise)
+    gw = gw.view(groups, c_out // groups, c_in_g, -1)
+    kp = pointwise.view(groups, c_out // groups, c_in_g)
+    kd = depthwise.reshape(groups, c_in_g, -1)
+    d_kp = torch.einsum("goct,gct->goc", gw, kd).reshape(c_out, c_in_g)
+    d_kd = torch.einsum("goct,goc->gct", gw, kp).reshape(depthwise.shape)
+    return d_kp, d_kd
+
+
+def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order):
+    """dKp, dKd at ≈ 2F/prod(k) FLOPs: one 1×1 weight-gradient GEMM, one recomputed 1×1 conv, two stencils."""
+    nd = x.dim() - 2
+    conv, conv_input, conv_weight = CONV_FNS[nd], _CONV_INPUT[nd], _CONV_WEIGHT[nd]
+    c_out, c_in_g = pointwise.shape
+    c_in = x.shape[1]
+    ones = (1,) * nd
+    kp = pointwise.reshape(c_out, c_in_g, *ones)
+    if order == "pointwise_first":
+        # G = ∂L/∂Z1: the depthwise transpose of dO by Kd, at the input's resolution.
+        g = conv_input((x.shape[0], c_out, *x.shape[2:]), depthwise.unsqueeze(1), grad, stride, padding,
+                       dilation, c_out)
+        d_kp = conv_weight(x, kp.shape, g, 1, 0, 1, groups)
+        z1 = conv(x, kp, None, 1, 0, 1, groups)
+        d_kd = conv_weight(z1, (c_out, 1, *depthwise.shape[1:]), grad, stride, padding, dilation, c_out)
+    else:
+        # Z1 = Kd ⊛ x (depthwise, at the output's resolution); ∂L/∂Z1 is the 1×1 transpose of dO by Kp.
+        z1 = conv(x, depthwise.unsqueeze(1), None, stride, padding, dilation, c_in)
+        d_kp = conv_weight(z1, kp.shape, grad, 1, 0, 1, groups)
+        d_z1 = conv_input(z1.shape, kp, grad, 1, 0, 1, groups)
+        d_kd = conv_weight(x, (c_in, 1, *depthwise.shape[1:]), d_z1, stride, padding, dilation, c_in)
+    return d_kp.view_as(pointwise), d_kd.view_as(depthwise)
+
+
+def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
+                    need_x, need_weight):
+    """Gradients of x (or None), K0 (or None), Kp and Kd for the torch backend."""
+    gradw_route = uses_gradw_route(weight.shape[2:])
+    need_gradw = need_weight or gradw_route
+    grad_x = grad_w = None
+    if need_x or need_gradw:
+        merged = weight + delta_weight(pointwise, depthwise, groups, order)
+        nd = x.dim() - 2
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, merged, None, stride, padding, dilation, False, [0] * nd, groups,
+            [need_x, need_gradw, False])
+    if gradw_route:
+        d_kp, d_kd = _reduce_gradw(grad_w, pointwise, depthwise, groups, order)
+    else:
+        d_kp, d_kd = _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
+    return grad_x, (grad_w if need_weight else None), d_kp, d_kd
+
+
+def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
+    from .kernels.conv_fwd import colora_conv_forward
+    return colora_conv_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
+                               groups, order)
+
+
+def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
+                     need_x, need_weight):
+    from .kernels.conv_bwd import colora_conv_backward_adapters, colora_conv_backward_input
+    grad_x = None
+    if need_x:
+        channels_last = x.dim() > 3 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        grad_x = colora_conv_backward_input(grad, weight, pointwise, depthwise, tuple(x.shape), channels_last,
+                                            stride, padding, dilation, groups, order)
+    d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
+                                                  dilation, groups, order, False)
+    grad_w = None
+    if need_weight:
+        nd = x.dim() - 2
+        grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                     [0] * nd, groups, [False, True, False])[1]
+    return grad_x, grad_w, d_kp, d_kd
+
+
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
+_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
+
+
+@torch.library.custom_op("colora_fused::conv", mutates_args=())
+def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
+         bias_delta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], groups: int,
+         order: str, backend: str) -> Tensor:
+    """O = (K0 + ΔK) ⊛ x + b0 + Δb with symmetric zero padding; `backend` is "torch" or "triton"."""
+    return _FORWARD[backend](x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
+                             groups, order)
+
+
+@conv.register_fake
+def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend):
+    return CONV_FNS[weight.dim() - 2](x, weight, None, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("colora_fused::conv_backward", mutates_args=())
+def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor,
+                  stride: List[int], padding: List[int], dilation: List[int], groups: int, order: str,
+                  backend: str, need_x: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dK0, dKp, dKd); dx and dK0 are empty tensors when not asked for (custom ops return no None)."""
+    grad_x, grad_w, d_kp, d_kd = _BACKWARD[backend](grad, x, weight, pointwise, depthwise, stride, padding,
+                                                    dilation, groups, order, need_x, need_weight)
+    empty = grad.new_empty(0)
+    return (empty if grad_x is None else grad_x, empty if grad_w is None else grad_w, d_kp, d_kd)
+
+
+@conv_backward.register_fake
+def _(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend, need_x,
+      need_weight):
+    empty = grad.new_empty(0)
+    return (torch.empty_like(x) if need_x else empty, torch.empty_like(weight) if need_weight else empty,
+            torch.empty_like(pointwise), torch.empty_like(depthwise))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend = inputs
+    ctx.save_for_backward(x, weight, pointwise, depthwise)
+    ctx.conv_args = (stride, padding, dilation, groups, order, backend)
+
+
+def _backward(ctx, grad):
+    x, weight, pointwise, depthwise = ctx.saved_tensors
+    need_x, need_w, need_b, need_kp, need_kd, need_db = ctx.needs_input_grad[:6]
+    grad_x, grad_w, d_kp, d_kd = torch.ops.colora_fused.conv_backward(
+        grad, x, weight, pointwise, depthwise, *ctx.conv_args, need_x, need_w)
+    d_bias = grad.sum([0, *range(2, grad.dim())]) if (need_b or need_db) else None
+    return (grad_x if need_x else None, grad_w if need_w else None, d_bias if need_b else None,
+            d_kp if need_kp else None, d_kd if need_kd else None, d_bias if need_db else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("colora_fused::conv", _backward, setup_context=_setup_context)
+
+
+def _conv_flops(x_shape, weight_shape, out_shape) -> int:
+    """FLOPs of the merged convolution: 2 · N · prod(out spatial) · C_out · C_in/groups · prod(k)."""
+    return 2 * out_shape[0] * torch.Size(out_shape[2:]).numel() * torch.Size(weight_shape).numel()
+
+
+def _register_flop_formula():
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.colora_fused.conv)
+    def _(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return _conv_flops(x_shape, weight_shape, out_shape)
+
+
+_register_flop_formula()

@@ -1,0 +1,48 @@
+"""The literal, unmerged CoLoRA convolution (paper eq. 16–19 and eq. 9) through plain autograd: the oracle.
+
+pointwise_first:  Z1 = Kp ⊛ I (1×1, the base conv's groups), Z2 = Kd ⊛ Z1 (depthwise over C_out, with the
+                  base conv's stride/padding/dilation), O = K0 ⊛ I + b0 + Z2 + Δb.
+depthwise_first:  Z1 = Kd ⊛ I (depthwise over C_in, base stride/padding/dilation), Z2 = Kp ⊛ Z1 (1×1, groups),
+                  O = K0 ⊛ I + b0 + Z2 + Δb.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._conv import CONV_FNS, check_order, f_pad_arg, pad_amounts, ntuple
+
+
+def colora_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          pointwise: torch.Tensor, depthwise: torch.Tensor, bias_delta: Optional[torch.Tensor],
+                          stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                          order: str = "pointwise_first") -> torch.Tensor:
+    check_order(order)
+    nd = weight.dim() - 2
+    conv = CONV_FNS[nd]
+    if padding_mode != "zeros":
+        amounts = pad_amounts(padding, weight.shape[2:], ntuple(dilation, nd))
+        x = F.pad(x, f_pad_arg(amounts), mode=padding_mode)
+        padding = 0
+    c_out, c_in = weight.shape[0], x.shape[1]
+    one = (1,) * nd
+    base = conv(x, weight, bias, stride, padding, dilation, groups)
+    if order == "pointwise_first":
+        z1 = conv(x, pointwise.reshape(c_out, -1, *one), None, 1, 0, 1, groups)
+        z2 = conv(z1, depthwise.unsqueeze(1), bias_delta, stride, padding, dilation, c_out)
+    else:
+        z1 = conv(x, depthwise.unsqueeze(1), None, stride, padding, dilation, c_in)
+        z2 = conv(z1, pointwise.reshape(c_out, -1, *one), bias_delta, 1, 0, 1, groups)
+    return base + z2
+
+
+def delta_weight_reference(pointwise: torch.Tensor, depthwise: torch.Tensor, groups: int,
+                           order: str = "pointwise_first") -> torch.Tensor:
+    """ΔK = Kp ⊛ Kd, shaped like the base weight [C_out, C_in/groups, *k] (DESIGN §1)."""
+    check_order(order)
+    c_out, c_in_g = pointwise.shape
+    if order == "pointwise_first":
+        return torch.einsum("oc,o...->oc...", pointwise, depthwise)
+    kd = depthwise.reshape(groups, c_in_g, *depthwise.shape[1:])
+    kd = kd.repeat_interleave(c_out // groups, dim=0)  # [C_out, C_in/groups, *k]: Kd[g(o)·C_in/groups + c]
+    return pointwise.reshape(c_out, c_in_g, *([1] * (depthwise.dim() - 1))) * kd
