@@ -88,12 +88,6 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is not None:
-        # As autocast does for F.conv2d: floating tensors other than float64 run in the autocast dtype.
-        x, weight, bias, pointwise, depthwise, bias_delta = (
-            t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in (x, weight, bias, pointwise, depthwise, bias_delta))
     backend = resolve_backend(backend, x, weight, groups)
     if backend == "reference":
         out = colora_conv_reference(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
@@ -110,6 +104,13 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
     else:
         padding = tuple(before for before, _ in amounts)
 
+    # As autocast does for F.conv2d: floating tensors other than float64 run in the autocast dtype. After the
+    # padding, which CPU autocast runs in float32.
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:
+        x, weight, bias, pointwise, depthwise, bias_delta = (
+            t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (x, weight, bias, pointwise, depthwise, bias_delta))
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         out = ops.conv(x, weight, bias, pointwise, depthwise, bias_delta, list(stride), list(padding),
                        list(dilation), groups, order, backend)

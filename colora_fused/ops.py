@@ -157,15 +157,15 @@ def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pointwise: Tensor, de
     """(dx, dK0, dKp, dKd); dx and dK0 are empty tensors when not asked for (custom ops return no None)."""
     grad_x, grad_w, d_kp, d_kd = _BACKWARD[backend](grad, x, weight, pointwise, depthwise, stride, padding,
                                                     dilation, groups, order, need_x, need_weight)
-    empty = grad.new_empty(0)
-    return (empty if grad_x is None else grad_x, empty if grad_w is None else grad_w, d_kp, d_kd)
+    return (grad.new_empty(0) if grad_x is None else grad_x, grad.new_empty(0) if grad_w is None else grad_w,
+            d_kp, d_kd)
 
 
 @conv_backward.register_fake
 def _(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend, need_x,
       need_weight):
-    empty = grad.new_empty(0)
-    return (torch.empty_like(x) if need_x else empty, torch.empty_like(weight) if need_weight else empty,
+    return (torch.empty_like(x) if need_x else grad.new_empty(0),
+            torch.empty_like(weight) if need_weight else grad.new_empty(0),
             torch.empty_like(pointwise), torch.empty_like(depthwise))
 
 
