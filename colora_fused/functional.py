@@ -1,8 +1,10 @@
 """`colora_conv`: the one entry point of a CoLoRA convolution, and the one place that picks its backend."""
 import contextlib
 import functools
+import logging
 import os
-from typing import Optional
+import time
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,8 @@ from torch import Tensor
 from . import ops
 from ._conv import PADDING_MODES, check_order, f_pad_arg, ntuple, pad_amounts
 from .reference import colora_conv_reference
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,14 +52,67 @@ def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optiona
     return supports_forward(x, weight, groups)
 
 
+_FASTEST: Dict[tuple, str] = {}
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Median time of `fn` in milliseconds (CUDA events on a GPU), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor, stride, padding, dilation,
+                    groups: int, order: str, training: bool, candidates: Sequence[str] = ("triton", "torch")) -> str:
+    """The candidate backend that runs this (zero-padded) conv fastest, measured once per shape and cached.
+
+    With `training`, a forward plus the backward (input and adapter gradients) is timed, else the forward.
+    """
+    key = (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
+           groups, x.dtype, x.device, order, training, tuple(candidates))
+    if key not in _FASTEST:
+        with torch.no_grad():
+            grad = torch.randn_like(ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation,
+                                             groups, order, "torch"))
+
+        def step(name):
+            with torch.no_grad():
+                ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order, name)
+                if training:
+                    ops.conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups,
+                                      order, name, True, False)
+
+        times = {name: _time_ms(lambda: step(name), x.device) for name in candidates}
+        _FASTEST[key] = min(times, key=times.get)
+        logger.info("colora_fused: backend %s for x %s, weight %s (%s)", _FASTEST[key], tuple(x.shape),
+                    tuple(weight.shape), ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
+    return _FASTEST[key]
+
+
 def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str:
-    """The concrete backend for this call: `auto` → COLORA_BACKEND if set, else triton where it runs, else torch."""
+    """The backend for this call: `auto` → COLORA_BACKEND if set, else "auto-cuda" where triton runs, else torch.
+
+    "auto-cuda" means: triton or torch, whichever `fastest_backend` measures faster for the shape (decided once
+    the padding is known, in `colora_conv`); set COLORA_AUTOTUNE=0 to always take triton there.
+    """
     check_backend(backend)
     if backend == "auto":
         backend = check_backend(os.environ.get("COLORA_BACKEND", "auto") or "auto")
     if backend == "auto":
         if x.is_cuda and triton_unsupported_reason(x, weight, groups) is None:
-            return "triton"
+            return "auto-cuda"
         return "torch"
     if backend == "triton":
         reason = triton_unsupported_reason(x, weight, groups)
@@ -111,7 +168,14 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
         x, weight, bias, pointwise, depthwise, bias_delta = (
             t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, weight, bias, pointwise, depthwise, bias_delta))
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        out = ops.conv(x, weight, bias, pointwise, depthwise, bias_delta, list(stride), list(padding),
-                       list(dilation), groups, order, backend)
+        if backend == "auto-cuda":
+            backend = "triton"
+            if os.environ.get("COLORA_AUTOTUNE", "1") != "0" and not torch.compiler.is_compiling():
+                training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
+                backend = fastest_backend(x, weight, pointwise, depthwise, stride, padding, dilation, groups,
+                                          order, training)
+        out = ops.conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups,
+                       order, backend)
     return out.squeeze(0) if unbatched else out

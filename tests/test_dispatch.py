@@ -1,0 +1,85 @@
+"""The one dispatch point: backend resolution, the triton backend's refusals, and the measured `auto` choice."""
+import pytest
+import torch
+
+from colora_fused import functional
+from colora_fused.functional import colora_conv, fastest_backend, resolve_backend
+
+from cases import CASES, assert_close, make_tensors, reference_output
+
+CASE = CASES[0]
+
+
+def _args(dtype=torch.float32):
+    t = make_tensors(CASE, "pointwise_first", dtype)
+    return t, (t["x"], t["weight"], t["bias"], t["pointwise"], t["depthwise"], t["bias_delta"])
+
+
+def test_auto_is_torch_on_cpu(monkeypatch):
+    _, args = _args()
+    assert resolve_backend("auto", args[0], args[1], 1) == "torch"
+    monkeypatch.setenv("COLORA_BACKEND", "reference")
+    assert resolve_backend("auto", args[0], args[1], 1) == "reference"
+    assert resolve_backend("torch", args[0], args[1], 1) == "torch"  # an explicit backend beats the variable
+
+
+def test_env_override_reaches_the_layer_output(monkeypatch):
+    t, args = _args()
+    expected, _ = reference_output(CASE, "pointwise_first", t)
+    monkeypatch.setenv("COLORA_BACKEND", "triton")
+    out = colora_conv(*args, **CASE.conv_kwargs())
+    assert_close(out, expected, torch.float32, "triton via COLORA_BACKEND")
+
+
+@pytest.mark.parametrize("bad", ["cuda", "", "Torch"])
+def test_unknown_backend_is_refused(monkeypatch, bad):
+    _, args = _args()
+    if bad:
+        with pytest.raises(ValueError, match="unknown backend"):
+            colora_conv(*args, backend=bad)
+    monkeypatch.setenv("COLORA_BACKEND", bad or "nope")
+    with pytest.raises(ValueError, match="unknown backend"):
+        colora_conv(*args)
+
+
+def test_triton_refuses_float64_with_the_way_out():
+    _, args = _args(torch.float64)
+    with pytest.raises(ValueError, match=r"backend='triton'.*float64.*backend='torch'"):
+        colora_conv(*args, backend="triton")
+
+
+def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    _, args = _args()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1.*backend='torch'"):
+        colora_conv(*args, backend="triton")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["forward", "training"])
+def test_fastest_backend_measures_once_and_caches(monkeypatch, training):
+    functional._FASTEST.clear()
+    t, _ = _args()
+    calls = []
+    fake_ms = {"triton": 1.0, "torch": 2.0}
+
+    def fake_time(fn, device, repeats=5):
+        fn()  # the candidate really runs
+        calls.append(len(calls))
+        return fake_ms["triton" if len(calls) == 1 else "torch"]
+
+    monkeypatch.setattr(functional, "_time_ms", fake_time)
+    conv = (t["x"], t["weight"], t["pointwise"], t["depthwise"], [1, 1], [1, 1], [1, 1], 1, "pointwise_first")
+    assert fastest_backend(*conv, training) == "triton"
+    assert fastest_backend(*conv, training) == "triton"
+    assert len(calls) == 2  # measured once per candidate, then cached
+    fake_ms.update(triton=3.0)
+    functional._FASTEST.clear()
+    calls.clear()
+    assert fastest_backend(*conv, training) == "torch"
+
+
+def test_fastest_backend_real_timing_picks_a_candidate():
+    functional._FASTEST.clear()
+    t, _ = _args()
+    conv = (t["x"], t["weight"], t["pointwise"], t["depthwise"], [1, 1], [1, 1], [1, 1], 1, "pointwise_first")
+    assert fastest_backend(*conv, True) in ("triton", "torch")
