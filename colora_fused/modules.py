@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._conv import check_order
-from .functional import check_backend, colora_conv, interpreter_enabled, triton_available
+from .functional import check_backend, colora_conv, triton_available
 
 
 class _CoLoRAConvNd:

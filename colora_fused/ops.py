@@ -12,7 +12,6 @@ cheaper for the layer's kernel size, never through a full weight gradient when t
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._conv import CONV_FNS

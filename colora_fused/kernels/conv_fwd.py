@@ -1,0 +1,342 @@
+"""The fused CoLoRA forward: one implicit-GEMM convolution with the merged kernel `K0 + ΔK` built in registers.
+
+    O[n, o, p] = Σ_{c, t} I[n, g(o)·C_in/groups + c, p·stride - padding + t·dilation] · (K0 + ΔK)[o, c, t]
+                 + b0[o] + Δb[o]
+
+ΔK[o, c, t] = Kp[o, c] · Kd[o, t] (pointwise_first) or Kp[o, c] · Kd[g(o)·C_in/groups + c, t] (depthwise_first).
+Conv1d/2d/3d share one kernel over (D, H, W): missing leading spatial dims get size 1 and stride 0, so no
+tensor is copied or reshaped. Every tensor is addressed through its strides (NCHW or channels_last alike).
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._conv import ORDERS
+
+INTERPRET = triton.knobs.runtime.interpret
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_WAY_OUT = 'use backend="torch" for this case'
+
+
+class TritonBackendError(ValueError):
+    """A case the triton backend does not run; the message says why and how to run it anyway."""
+
+
+class TritonBackendTypeError(TypeError):
+    """A dtype the triton backend does not run; the message says why and how to run it anyway."""
+
+
+def backend_error(reason: str, kind: type = TritonBackendError) -> Exception:
+    return kind(f"colora_fused triton backend: {reason}; {_WAY_OUT}")
+
+
+def device_problem(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
+    """Why these tensors cannot go to a Triton kernel together, or None."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        return f"tensors on different devices {sorted(str(d) for d in devices)}"
+    device = devices.pop()
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+        return None
+    if device.type == "cpu":
+        return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+    return f"device type {device.type!r} is not supported"
+
+
+def dtype_problem(tensors: Sequence[Optional[torch.Tensor]], names: Sequence[str]) -> Optional[str]:
+    for t, name in zip(tensors, names):
+        if t is not None and t.dtype not in DTYPES:
+            return f"{name} has dtype {t.dtype}; supported are float32, float16 and bfloat16"
+    return None
+
+
+def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
+    problem = dtype_problem((x, weight), ("x", "weight"))
+    if problem:
+        return TritonBackendTypeError, problem
+    if x.dtype != weight.dtype:
+        return TritonBackendTypeError, f"x ({x.dtype}) and weight ({weight.dtype}) have different dtypes"
+    problem = device_problem((x, weight))
+    if problem:
+        return TritonBackendError, problem
+    if x.dim() not in (3, 4, 5) or weight.dim() != x.dim():
+        return TritonBackendError, (f"expected a 1d/2d/3d conv: x of 3-5 dims and a weight of as many, got x "
+                                    f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if groups < 1 or weight.shape[0] % groups or x.shape[1] != weight.shape[1] * groups:
+        return TritonBackendError, (f"channel counts do not fit: x has {x.shape[1]} channels, weight "
+                                    f"{tuple(weight.shape)}, groups={groups}")
+    return None
+
+
+def supports_forward(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[str]:
+    """None if the fused forward runs this conv, otherwise the reason it does not."""
+    problem = _forward_problem(x, weight, groups)
+    return problem and problem[1]
+
+
+def _pad3(values: Sequence[int], fill: int) -> Tuple[int, ...]:
+    """Per-dim values for (D, H, W): a 1d/2d conv's missing leading dims get `fill`."""
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
+def _strides5(t: torch.Tensor) -> Tuple[int, ...]:
+    """Strides of an [A, B, *spatial] tensor as [A, B, D, H, W]; missing spatial dims get stride 0."""
+    return tuple(t.stride()[:2]) + _pad3(t.stride()[2:], 0)
+
+
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset the tensor addresses."""
+    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+
+
+def _empty_like_layout(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in x's memory format (channels last when x is channels last)."""
+    channels_last = x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+    if not channels_last:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    perm = (0, *range(2, len(shape)), 1)
+    return torch.empty([shape[p] for p in perm], dtype=x.dtype, device=x.device).permute(
+        0, len(shape) - 1, *range(1, len(shape) - 1))
+
+
+def forward_configs():
+    """Autotuning space on CUDA: Hopper-sized tiles over (output pixels, output channels, input channels)."""
+    tiles = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4), (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
+def interpreter_config():
+    """The one config used under TRITON_INTERPRET=1 (autotuning bypassed): small tiles keep the interpreter fast."""
+    return triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)
+
+
+def fit_channel_tiles(block_n: int, block_k: int, c_out_g: int, c_in_g: int) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) shrunk to the per-group channel counts.
+
+    tl.dot needs tiles of at least 16. When padding both channel tiles up to 16 would waste 16× or more
+    (depthwise and other thin groups) — about what tensor cores gain over FMAs — the tiles take the exact
+    power-of-two sizes instead and the kernel takes its broadcast-FMA path, with BLOCK_N·BLOCK_K ≤ 64 so that
+    its [BN, BK, BM] product stays in registers.
+    """
+    n2, k2 = triton.next_power_of_2(c_out_g), triton.next_power_of_2(c_in_g)
+    if max(1, 16 // n2) * max(1, 16 // k2) < 16:
+        return min(block_n, max(16, n2)), min(block_k, max(16, k2))
+    block_n = min(block_n, n2)
+    return block_n, min(block_k, k2, max(1, 64 // block_n))
+
+
+def _fit_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: every config with its channel tiles fitted to this conv, duplicates dropped."""
+    fitted = {}
+    for cfg in configs:
+        block_n, block_k = fit_channel_tiles(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"],
+                                             named_args["C_OUT_G"], named_args["C_IN_G"])
+        kw = {**cfg.kwargs, "BLOCK_N": block_n, "BLOCK_K": block_k}
+        key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
+        fitted.setdefault(key, triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return list(fitted.values())
+
+
+@triton.jit
+def _colora_conv_fwd_kernel(
+    x_ptr, w_ptr, kp_ptr, kd_ptr, b_ptr, db_ptr, out_ptr,
+    M, C_IN_G, C_OUT_G, GROUPS,
+    D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
+    KD, KH, KW,
+    STRIDE_D, STRIDE_H, STRIDE_W, PAD_D, PAD_H, PAD_W, DIL_D, DIL_H, DIL_W,
+    sx_n, sx_c, sx_d, sx_h, sx_w,
+    sw_o, sw_c, sw_d, sw_h, sw_w,
+    sp_o, sp_c,
+    sk_c, sk_d, sk_h, sk_w,
+    s_b, s_db,
+    so_n, so_c, so_d, so_h, so_w,
+    PW_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_DELTA: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[n, o, od, oh, ow] = Σ_{c,tap} x[n, g·C_IN_G + c, od·s-p+td·d, ...] · (K0 + ΔK)[o, c, tap] + b0 + Δb
+    with g = o // C_OUT_G.
+
+    Implicit GEMM per group g: M = N·D_OUT·H_OUT·W_OUT output pixels × C_OUT_G output channels, reduced over
+    K = KD·KH·KW taps × C_IN_G input channels, tap-major so that a channels_last x is read contiguously along K.
+    x: [N, C_in, D_IN, H_IN, W_IN]; w (K0): [C_out, C_IN_G, KD, KH, KW]; kp: [C_out, C_IN_G];
+    kd: [C_out, KD, KH, KW] (PW_FIRST) or [C_in, KD, KH, KW]; b, db: [C_out]; out: [N, C_out, D_OUT, H_OUT, W_OUT];
+    all addressed by strides. The merged tile is formed in fp32, cast to x's dtype for tl.dot; fp32 accumulation.
+    """
+    pid = tl.program_id(0)
+    n_pid_m = tl.cdiv(M, BLOCK_M)
+    n_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    i_g = pid // (n_pid_m * n_pid_n)
+    pid = pid % (n_pid_m * n_pid_n)
+    # GROUP_M swizzle: consecutive programs share weight tiles and neighbouring pixel rows in L2.
+    width = GROUP_M * n_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = min(n_pid_m - first_m, GROUP_M)
+    i_m = first_m + (pid % width) % group_m
+    i_n = (pid % width) // group_m
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] output pixels
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output channels within the group
+    o_k = tl.arange(0, BLOCK_K)  # [BK] input channels within a channel block
+    if INT64:
+        i_g = i_g.to(tl.int64)
+        o_m = o_m.to(tl.int64)
+        o_n = o_n.to(tl.int64)
+        o_k = o_k.to(tl.int64)
+    m_m = o_m < M
+    m_n = o_n < C_OUT_G
+    o_w = o_m % W_OUT
+    o_h = (o_m // W_OUT) % H_OUT
+    o_d = (o_m // (W_OUT * H_OUT)) % D_OUT
+    o_b = o_m // (W_OUT * H_OUT * D_OUT)
+    i_d0 = o_d * STRIDE_D - PAD_D  # [BM]
+    i_h0 = o_h * STRIDE_H - PAD_H
+    i_w0 = o_w * STRIDE_W - PAD_W
+    c_first = i_g * C_IN_G
+    i_o = i_g * C_OUT_G + o_n  # [BN] output channels
+
+    p_x = x_ptr + o_b * sx_n + c_first * sx_c  # [BM]
+    p_w = w_ptr + i_o * sw_o  # [BN]
+    p_p = kp_ptr + i_o * sp_o  # [BN]
+
+    # The output tile is computed transposed, out^T = (K0 + ΔK) · x^T, so that the merged tile built in registers
+    # is tl.dot's A operand (Hopper's wgmma reads A from registers; B must go through shared memory).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    n_cb = tl.cdiv(C_IN_G, BLOCK_K)
+    for k in range(0, KD * KH * KW * n_cb):
+        tap = k // n_cb
+        t_d = tap // (KH * KW)
+        t_h = (tap // KW) % KH
+        t_w = tap % KW
+        c = (k % n_cb) * BLOCK_K + o_k  # [BK]
+        m_c = c < C_IN_G
+        i_d = i_d0 + t_d * DIL_D
+        i_h = i_h0 + t_h * DIL_H
+        i_w = i_w0 + t_w * DIL_W
+        m_x = m_m & (i_d >= 0) & (i_d < D_IN) & (i_h >= 0) & (i_h < H_IN) & (i_w >= 0) & (i_w < W_IN)  # [BM]
+        b_x = tl.load(p_x[None, :] + (i_d * sx_d + i_h * sx_h + i_w * sx_w)[None, :] + c[:, None] * sx_c,
+                      mask=m_c[:, None] & m_x[None, :], other=0.0)  # [BK, BM]
+
+        m_nk = m_n[:, None] & m_c[None, :]
+        b_w = tl.load(p_w[:, None] + c[None, :] * sw_c + (t_d * sw_d + t_h * sw_h + t_w * sw_w),
+                      mask=m_nk, other=0.0).to(tl.float32)  # [BN, BK]
+        b_p = tl.load(p_p[:, None] + c[None, :] * sp_c, mask=m_nk, other=0.0).to(tl.float32)  # [BN, BK]
+        tap_kd = t_d * sk_d + t_h * sk_h + t_w * sk_w
+        if PW_FIRST:
+            b_d = tl.load(kd_ptr + i_o * sk_c + tap_kd, mask=m_n, other=0.0).to(tl.float32)  # [BN]
+            b_w += b_p * b_d[:, None]
+        else:
+            b_d = tl.load(kd_ptr + (c_first + c) * sk_c + tap_kd, mask=m_c, other=0.0).to(tl.float32)  # [BK]
+            b_w += b_p * b_d[None, :]
+        b_w = b_w.to(x_ptr.dtype.element_ty)  # [BN, BK] merged tile, in the dtype a merged conv would use
+        if BLOCK_K >= 16 and BLOCK_N >= 16:
+            acc = tl.dot(b_w, b_x, acc)
+        else:
+            acc += tl.sum(b_w.to(tl.float32)[:, :, None] * b_x.to(tl.float32)[None, :, :], axis=1)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + i_o * s_b, mask=m_n, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS_DELTA:
+        acc += tl.load(db_ptr + i_o * s_db, mask=m_n, other=0.0).to(tl.float32)[:, None]
+    p_o = out_ptr + (i_o * so_c)[:, None] + (o_b * so_n + o_d * so_d + o_h * so_h + o_w * so_w)[None, :]
+    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])  # [BN, BM]
+
+
+_colora_conv_fwd_autotuned = triton.autotune(
+    configs=forward_configs(),
+    key=["M", "C_IN_G", "C_OUT_G", "GROUPS", "D_OUT", "H_OUT", "W_OUT", "KD", "KH", "KW",
+         "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W", "sx_c"],
+    prune_configs_by={"early_config_prune": _fit_configs},
+)(_colora_conv_fwd_kernel)
+
+
+def _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
+    problem = _forward_problem(x, weight, groups)
+    if problem:
+        raise backend_error(problem[1], problem[0])
+    tensors = (x, weight, bias, pointwise, depthwise, bias_delta)
+    names = ("x", "weight", "bias", "pointwise", "depthwise", "bias_delta")
+    problem = dtype_problem(tensors, names)
+    if problem:
+        raise backend_error(problem, TritonBackendTypeError)
+    problem = device_problem(tensors)
+    if problem:
+        raise backend_error(problem)
+    if order not in ORDERS:
+        raise backend_error(f"unknown order {order!r}; choose one of {ORDERS}")
+    nd = x.dim() - 2
+    c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    kd_channels = c_out if order == "pointwise_first" else x.shape[1]
+    expected = {"pointwise": (c_out, c_in_g), "depthwise": (kd_channels, *kernel), "bias": (c_out,),
+                "bias_delta": (c_out,)}
+    for name, t in zip(names[2:], tensors[2:]):
+        if t is not None and tuple(t.shape) != expected[name]:
+            raise backend_error(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} for {order}")
+    for name, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(values) != nd or any(int(v) < low for v in values):
+            raise backend_error(f"{name}={tuple(values)} must be {nd} ints >= {low} (symmetric zero padding only)")
+
+
+def output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> Tuple[int, ...]:
+    spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                    zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    if any(s < 1 for s in spatial):
+        raise backend_error(f"input {tuple(x.shape)} is smaller than the dilated kernel {tuple(weight.shape[2:])} "
+                            f"with padding {tuple(padding)}")
+    return (x.shape[0], weight.shape[0], *spatial)
+
+
+def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        pointwise: torch.Tensor, depthwise: torch.Tensor, bias_delta: Optional[torch.Tensor],
+                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                        order: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """conv(x, weight + ΔK, stride, padding, dilation, groups) + bias + bias_delta in one fused kernel.
+
+    `padding` is symmetric zero padding, one int per spatial dim. The output takes x's memory format, or is
+    written into `out` (any strides, x's dtype and the output's shape), which is returned.
+    """
+    _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order)
+    shape = output_shape(x, weight, stride, padding, dilation)
+    if out is None:
+        out = _empty_like_layout(x, shape)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise backend_error(f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected {shape} {x.dtype} "
+                            f"on {x.device}")
+    if out.numel() == 0:
+        return out
+    c_out = weight.shape[0]
+    c_in_g, c_out_g = weight.shape[1], c_out // groups
+    m = out.numel() // c_out  # output pixels N·D_OUT·H_OUT·W_OUT
+    d_in, h_in, w_in = _pad3(x.shape[2:], 1)
+    d_out, h_out, w_out = _pad3(shape[2:], 1)
+    kd, kh, kw = _pad3(weight.shape[2:], 1)
+    int64 = max(_extent(x), _extent(out), _extent(weight)) >= 2 ** 31
+    args = (
+        x, weight, pointwise, depthwise, weight if bias is None else bias,
+        weight if bias_delta is None else bias_delta, out,
+        m, c_in_g, c_out_g, groups, d_in, h_in, w_in, d_out, h_out, w_out, kd, kh, kw,
+        *_pad3(stride, 1), *_pad3(padding, 0), *_pad3(dilation, 1),
+        *_strides5(x), *_strides5(weight), *pointwise.stride(),
+        depthwise.stride(0), *_pad3(depthwise.stride()[1:], 0),
+        0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0),
+        *_strides5(out),
+    )
+    flags = dict(PW_FIRST=order == "pointwise_first", HAS_BIAS=bias is not None,
+                 HAS_BIAS_DELTA=bias_delta is not None, INT64=int64)
+
+    def grid(meta):
+        return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]),)
+
+    with torch.cuda.device_of(x):
+        if INTERPRET:
+            cfg = _fit_configs([interpreter_config()], {"C_OUT_G": c_out_g, "C_IN_G": c_in_g})[0]
+            _colora_conv_fwd_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages)
+        else:
+            _colora_conv_fwd_autotuned[grid](*args, **flags)
+    return out
