@@ -1,6 +1,6 @@
 """`colora_conv`: the one entry point of a CoLoRA convolution, and the one place that picks its backend."""
 import contextlib
-import functools
+import importlib.util
 import logging
 import os
 import time
@@ -30,13 +30,11 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optional[str]:

@@ -1,0 +1,766 @@
+"""Backward of the fused CoLoRA convolution: the input gradient and the adapter gradients (DESIGN §5).
+
+Every kernel sees 5-d tensors `[N, C, D, H, W]` with arbitrary strides (Conv1d/2d inputs arrive as views with
+unit depth/height), so NCHW and channels_last need no copies; offsets that scale with the batch are int64
+(one sample is assumed below 2³¹ elements). fp16/bf16 operands feed `tl.dot` with fp32 accumulation.
+
+Input gradient (`colora_conv_backward_input`): a transposed implicit-GEMM convolution by `K0 + ΔK`, the merged
+tile built in registers from K0, Kp and Kd, split into stride phases so that no stride hole is multiplied.
+
+Adapter gradients (`colora_conv_backward_adapters`), chosen per layer:
+
+- cheap route (prod(k) > 2, ≈ 2F/prod(k)): one grouped 1×1 weight-gradient GEMM for dKp with the depthwise
+  stencil (G = Kd-transpose of dY, or Z1 = Kd ⊛ X) built in its operand prologue; one GEMM + stencil kernel for
+  dKd that forms the 1×1 product (Z1 = Kp ⊛ X, or dZ1 = Kpᵀ ⊛ dY) tile by tile and reduces it against a shifted
+  gather, so neither G nor Z1 is ever written to memory;
+- gradW route (prod(k) ≤ 2, F): a weight-gradient GEMM per tap whose tile is folded into dKp and dKd in the
+  epilogue; gradW is never stored.
+
+Reductions over positions are split into `SPLIT` programs writing fp32 partials that are summed in a fixed
+order (bit-reproducible); `deterministic=False` accumulates with fp32 atomics instead.
+With `COLORA_NAN_FILL=1` in the environment, every output and partial buffer starts as NaN, so a tile a kernel
+fails to write shows up in the result (the tests set it).
+"""
+import contextlib
+import math
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_ORDERS = ("pointwise_first", "depthwise_first")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ROUTES = ("cheap", "gradw")
+_HINT = 'pass backend="torch" to colora_conv (or the CoLoRA layer) to use the PyTorch backward instead'
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _bwd_input_configs():
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+            (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 2, 3),
+        ]
+    ]
+
+
+@triton.jit
+def _decode_position(p, S1, S2, S3):
+    """Flat index p over [N, S1, S2, S3] → (n, i1, i2, i3)."""
+    i3 = p % S3
+    t = p // S3
+    i2 = t % S2
+    t = t // S2
+    return t // S1, t % S1, i2, i3
+
+
+@triton.jit
+def _first_tap(r, P, DIL, S, K: tl.constexpr):
+    """The smallest tap t < K whose offset r + P − t·DIL is a multiple of S (K when there is none)."""
+    first = r * 0 + K
+    for t in range(K):
+        # the S·K·DIL shift keeps the numerator non-negative, so % needs no sign convention
+        hit = (r + P - t * DIL + S * K * DIL) % S == 0
+        first = tl.where(hit & (first == K), t, first)
+    return first
+
+
+@triton.jit
+def _store_partial(ptr, value, mask, USE_ATOMIC: tl.constexpr):
+    if USE_ATOMIC:
+        tl.atomic_add(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.autotune(configs=_bwd_input_configs(), key=["C_IN_G", "C_OUT_G", "M_MAX", "KD", "KH", "KW", "DEPTHWISE_FIRST"])
+@triton.jit
+def _conv_bwd_input_kernel(
+        dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, M_MAX,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW, STEP_D, STEP_H, STEP_W,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_dx_n, s_dx_c, s_dx_d, s_dx_h, s_dx_w,
+        s_w_o, s_w_c, s_w_d, s_w_h, s_w_w,
+        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """dX = conv_transpose(dY, K0 + ΔK), the merged kernel built tile by tile, never stored.
+
+        dX[n, g·C_IN_G + c, d, h, w] = Σ_{o < C_OUT_G, t} dY[n, g·C_OUT_G + o, od, oh, ow] · K[g·C_OUT_G + o, c, t]
+        with d = od·SD − PD + td·DD (likewise h, w) and
+        K[o, c, t] = K0[o, c, t] + Kp[o, c]·Kd[o, t]                    (pointwise_first)
+                   = K0[o, c, t] + Kp[o, c]·Kd[g·C_IN_G + c, t]         (depthwise_first)
+
+    Implicit GEMM per group g and stride phase (d mod SD, h mod SH, w mod SW): M = the phase's input positions
+    [N, ⌈(D−rd)/SD⌉, ...], N = C_IN_G, K = (the phase's taps) × C_OUT_G. Within a phase the taps that land on an
+    output position form the progression first + i·STEP (STEP = S / gcd(S, DIL)), so the K loop visits only them.
+    Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups). dY: [N, C_out, OD, OH, OW], dX: [N, C_in,
+    D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [C_out, C_IN_G], Kd: [C_out or C_in, KD, KH, KW], any strides.
+    """
+    i_mn, i_ph, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rw = i_ph % SW
+    rh = (i_ph // SW) % SH
+    rd = i_ph // (SW * SH)
+    PHD = (D - rd + SD - 1) // SD
+    PHH = (H - rh + SH - 1) // SH
+    PHW = (W - rw + SW - 1) // SW
+    m_phase = N * PHD * PHH * PHW
+
+    num_m = tl.cdiv(M_MAX, BLOCK_M)
+    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (i_mn // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    i_m = first_m + (i_mn % width) % size_m
+    i_n = (i_mn % width) // size_m
+    if i_m * BLOCK_M >= m_phase:
+        return
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < m_phase
+    i_b, jd, jh, jw = _decode_position(tl.where(m_m, o_m, 0), PHD, PHH, PHW)
+    p_row = i_b.to(tl.int64) * s_dy_n  # [BM]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_IN_G
+    o_cin = i_g * C_IN_G + o_n
+
+    td0 = _first_tap(rd, PD, DD, SD, KD)
+    th0 = _first_tap(rh, PH, DH, SH, KH)
+    tw0 = _first_tap(rw, PW, DW, SW, KW)
+    n_td = (KD - td0 + STEP_D - 1) // STEP_D
+    n_th = (KH - th0 + STEP_H - 1) // STEP_H
+    n_tw = (KW - tw0 + STEP_W - 1) // STEP_W
+    n_kc = tl.cdiv(C_OUT_G, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, n_td * n_th * n_tw * n_kc):
+        i_kc = it % n_kc
+        tap = it // n_kc
+        td = td0 + (tap // (n_tw * n_th)) * STEP_D
+        th = th0 + ((tap // n_tw) % n_th) * STEP_H
+        tw = tw0 + (tap % n_tw) * STEP_W
+        od = jd + (rd + PD - td * DD + SD * KD * DD) // SD - KD * DD
+        oh = jh + (rh + PH - th * DH + SH * KH * DH) // SH - KH * DH
+        ow = jw + (rw + PW - tw * DW + SW * KW * DW) // SW - KW * DW
+        m_row = m_m & (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        p_dy = p_row + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow.to(tl.int64) * s_dy_w  # [BM]
+
+        o_k = i_kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_k = o_k < C_OUT_G
+        o_cout = i_g * C_OUT_G + o_k
+        b_dy = tl.load(dy_ptr + p_dy[:, None] + (o_cout * s_dy_c)[None, :],
+                       mask=m_row[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+        m_w = m_k[:, None] & m_n[None, :]
+        p_tap = td * s_w_d + th * s_w_h + tw * s_w_w
+        b_w = tl.load(w_ptr + o_cout[:, None] * s_w_o + o_n[None, :] * s_w_c + p_tap, mask=m_w, other=0.)
+        b_kp = tl.load(kp_ptr + o_cout[:, None] * s_kp_o + o_n[None, :] * s_kp_c, mask=m_w, other=0.)
+        p_kd = td * s_kd_d + th * s_kd_h + tw * s_kd_w
+        if DEPTHWISE_FIRST:
+            b_kd = tl.load(kd_ptr + o_cin * s_kd_c + p_kd, mask=m_n, other=0.)  # [BN]
+            b_k = b_w.to(tl.float32) + b_kp.to(tl.float32) * b_kd.to(tl.float32)[None, :]  # [BK, BN]
+        else:
+            b_kd = tl.load(kd_ptr + o_cout * s_kd_c + p_kd, mask=m_k, other=0.)  # [BK]
+            b_k = b_w.to(tl.float32) + b_kp.to(tl.float32) * b_kd.to(tl.float32)[:, None]  # [BK, BN]
+        acc = tl.dot(b_dy, b_k.to(b_dy.dtype), acc)
+
+    d = rd + jd * SD
+    h = rh + jh * SH
+    w = rw + jw * SW
+    p_dx = i_b.to(tl.int64) * s_dx_n + d.to(tl.int64) * s_dx_d + h.to(tl.int64) * s_dx_h + w.to(tl.int64) * s_dx_w
+    tl.store(dx_ptr + p_dx[:, None] + (o_cin * s_dx_c)[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+def _channel_gemm_configs():
+    """BLOCK_K (positions per step), warps and stages; the launcher sets the channel tiles (BLOCK_M, BLOCK_N)."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_K": 64})]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4)]]
+
+
+@triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+                 reset_to_zero=["dkp_ptr", "db_ptr"])
+@triton.jit
+def _pointwise_grad_kernel(
+        x_ptr, dy_ptr, kd_ptr, dkp_ptr, db_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_db_s,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dKp[o, c] = Σ_{n, pos} A[n, o, pos] · B[n, c, pos] per group; one operand is a depthwise stencil in registers.
+
+    pointwise_first, pos = input positions [N, D, H, W]:
+        A = G = depthwise_conv_transpose(dY, Kd): G[n, o, d] = Σ_t dY[n, o, (d + PD − td·DD)/SD]·Kd[o, t]
+            (likewise h, w; terms whose quotient is fractional or out of range drop out), B = X.
+    depthwise_first, pos = output positions [N, OD, OH, OW]:
+        A = dY, B = Z1 = depthwise_conv(X, Kd): Z1[n, c, od] = Σ_t X[n, c, od·SD − PD + td·DD]·Kd[c, t];
+        with HAS_BIAS also dΔb[o] = Σ dY[n, o, pos] from the same A tiles.
+    M = C_OUT_G, N = C_IN_G, K = P positions split over SPLIT programs. Grid: (M tiles × N tiles, groups, SPLIT).
+    Writes fp32 partials dkp[s, g·C_OUT_G + o, c] and db[s, o] ([SPLIT, C_out, C_IN_G], [SPLIT, C_out]); with
+    USE_ATOMIC the split strides are 0 and the partials are added atomically.
+    """
+    i_mn, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    i_m, i_n = i_mn // num_n, i_mn % num_n
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < C_OUT_G
+    o_cout = i_g * C_OUT_G + o_m
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_IN_G
+    o_cin = i_g * C_IN_G + o_n
+
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_K) * BLOCK_K
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < end
+        if DEPTHWISE_FIRST:
+            i_b, od, oh, ow = _decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
+            p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+            b_a = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
+                          mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+            if HAS_BIAS:
+                acc_b += tl.sum(b_a.to(tl.float32), axis=1)
+            b_b = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            for td in range(KD):
+                d = od * SD - PD + td * DD
+                for th in tl.static_range(KH):
+                    h = oh * SH - PH + th * DH
+                    for tw in tl.static_range(KW):
+                        w = ow * SW - PW + tw * DW
+                        m_tap = m_k & (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                        p_x = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+                        b_x = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
+                                      mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+                        b_kd = tl.load(kd_ptr + o_cin * s_kd_c + td * s_kd_d + th * s_kd_h + tw * s_kd_w,
+                                       mask=m_n, other=0.)  # [BN]
+                        b_b += b_x.to(tl.float32) * b_kd.to(tl.float32)[None, :]
+            acc = tl.dot(b_a, b_b.to(b_a.dtype), acc)
+        else:
+            i_b, d, h, w = _decode_position(tl.where(m_k, o_k, 0), D, H, W)
+            p_x = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+            b_b = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
+                          mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            b_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for td in range(KD):
+                ed = d + PD - td * DD + SD * KD * DD
+                od = ed // SD - KD * DD
+                for th in tl.static_range(KH):
+                    eh = h + PH - th * DH + SH * KH * DH
+                    oh = eh // SH - KH * DH
+                    for tw in tl.static_range(KW):
+                        ew = w + PW - tw * DW + SW * KW * DW
+                        ow = ew // SW - KW * DW
+                        m_tap = (m_k & (ed % SD == 0) & (eh % SH == 0) & (ew % SW == 0)
+                                 & (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))
+                        p_dy = (i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h
+                                + ow * s_dy_w)
+                        b_dy = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
+                                       mask=m_m[:, None] & m_tap[None, :], other=0.)  # [BM, BK]
+                        b_kd = tl.load(kd_ptr + o_cout * s_kd_c + td * s_kd_d + th * s_kd_h + tw * s_kd_w,
+                                       mask=m_m, other=0.)  # [BM]
+                        b_a += b_dy.to(tl.float32) * b_kd.to(tl.float32)[:, None]
+            acc = tl.dot(b_a.to(b_b.dtype), b_b, acc)
+
+    _store_partial(dkp_ptr + i_s * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc,
+                   m_m[:, None] & m_n[None, :], USE_ATOMIC)
+    if HAS_BIAS:
+        _store_partial(db_ptr + i_s * s_db_s + o_cout, acc_b, m_m & (i_n == 0), USE_ATOMIC)
+
+
+def _depthwise_grad_configs():
+    """BLOCK_M (positions per row tile), BLOCK_K (the 1×1 GEMM's channel step), warps, stages; the launcher sets
+    BLOCK_N (channels)."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 16})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]]
+
+
+@triton.autotune(configs=_depthwise_grad_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+                 reset_to_zero=["dkd_ptr"])
+@triton.jit
+def _depthwise_grad_kernel(
+        x_ptr, dy_ptr, kp_ptr, dkd_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkd_s,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_kp_o, s_kp_c,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, T_PAD: tl.constexpr,
+        DEPTHWISE_FIRST: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dKd[ch, t] = Σ_{n, pos} Y[n, ch, pos] · S_t[n, ch, pos]: a grouped 1×1 GEMM per row tile against a gather.
+
+    pointwise_first, pos = input positions, ch = o:
+        Y = Z1 = Kp ⊛ X: Z1[n, o, pos] = Σ_c Kp[o, c]·X[n, g·C_IN_G + c, pos]
+        S_t[n, o, d] = dY[n, o, (d + PD − td·DD)/SD] (likewise h, w; zero where fractional or out of range)
+    depthwise_first, pos = output positions, ch = c:
+        Y = dZ1 = Kpᵀ ⊛ dY: dZ1[n, g·C_IN_G + c, pos] = Σ_o Kp[g·C_OUT_G + o, c]·dY[n, g·C_OUT_G + o, pos]
+        S_t[n, c, od] = X[n, c, od·SD − PD + td·DD]
+    Grid: (channel tiles, groups, SPLIT); a program walks the row tiles of its share of the P positions, keeping
+    [BN, T_PAD] sums, t = (td·KH + th)·KW + tw. Writes fp32 partials dkd[s, ch, t] ([SPLIT, C_out or C_in,
+    KD·KH·KW]); with USE_ATOMIC the split stride is 0 and the partials are added atomically.
+    """
+    i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if DEPTHWISE_FIRST:
+        CH_G = C_IN_G
+        K_G = C_OUT_G
+    else:
+        CH_G = C_OUT_G
+        K_G = C_IN_G
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < CH_G
+    o_ch = i_g * CH_G + o_n
+    T: tl.constexpr = KD * KH * KW
+    o_t = tl.arange(0, T_PAD)
+
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_M) * BLOCK_M
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    acc = tl.zeros((BLOCK_N, T_PAD), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M)
+        m_m = o_m < end
+        if DEPTHWISE_FIRST:
+            i_b, i1, i2, i3 = _decode_position(tl.where(m_m, o_m, 0), OD, OH, OW)
+            p_a = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
+        else:
+            i_b, i1, i2, i3 = _decode_position(tl.where(m_m, o_m, 0), D, H, W)
+            p_a = i_b.to(tl.int64) * s_x_n + i1.to(tl.int64) * s_x_d + i2.to(tl.int64) * s_x_h + i3 * s_x_w
+
+        b_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_G, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < K_G
+            if DEPTHWISE_FIRST:
+                b_a = tl.load(dy_ptr + p_a[:, None] + ((i_g * C_OUT_G + o_k) * s_dy_c)[None, :],
+                              mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+                b_kp = tl.load(kp_ptr + (i_g * C_OUT_G + o_k)[:, None] * s_kp_o + o_n[None, :] * s_kp_c,
+                               mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            else:
+                b_a = tl.load(x_ptr + p_a[:, None] + ((i_g * C_IN_G + o_k) * s_x_c)[None, :],
+                              mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+                b_kp = tl.load(kp_ptr + o_ch[None, :] * s_kp_o + o_k[:, None] * s_kp_c,
+                               mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            b_y = tl.dot(b_a, b_kp.to(b_a.dtype), b_y)
+
+        for t in range(T):
+            td = t // (KH * KW)
+            th = (t // KW) % KH
+            tw = t % KW
+            if DEPTHWISE_FIRST:
+                d = i1 * SD - PD + td * DD
+                h = i2 * SH - PH + th * DH
+                w = i3 * SW - PW + tw * DW
+                m_tap = m_m & (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                p_s = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+                b_s = tl.load(x_ptr + p_s[:, None] + (o_ch * s_x_c)[None, :],
+                              mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BM, BN]
+            else:
+                ed = i1 + PD - td * DD + SD * KD * DD
+                eh = i2 + PH - th * DH + SH * KH * DH
+                ew = i3 + PW - tw * DW + SW * KW * DW
+                od = ed // SD - KD * DD
+                oh = eh // SH - KH * DH
+                ow = ew // SW - KW * DW
+                m_tap = (m_m & (ed % SD == 0) & (eh % SH == 0) & (ew % SW == 0)
+                         & (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))
+                p_s = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+                b_s = tl.load(dy_ptr + p_s[:, None] + (o_ch * s_dy_c)[None, :],
+                              mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BM, BN]
+            b_r = tl.sum(b_y * b_s.to(tl.float32), axis=0)  # [BN]
+            acc += tl.where(o_t[None, :] == t, b_r[:, None], 0.)
+
+    _store_partial(dkd_ptr + i_s * s_dkd_s + o_ch[:, None] * T + o_t[None, :], acc,
+                   m_n[:, None] & (o_t < T)[None, :], USE_ATOMIC)
+
+
+def _channel_sum_configs():
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 64})]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]]
+
+
+@triton.autotune(configs=_channel_sum_configs(), key=["C_OUT", "P"], reset_to_zero=["db_ptr"])
+@triton.jit
+def _channel_sum_kernel(
+        dy_ptr, db_ptr, OD, OH, OW, C_OUT, P, SPLIT, s_db_s,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        USE_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dΔb[o] = Σ_{n, pos} dY[n, o, pos] over P output positions, split over SPLIT programs.
+
+    Grid: (channel tiles, SPLIT). Writes fp32 partials db[s, o] ([SPLIT, C_out]); atomically with USE_ATOMIC.
+    """
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_OUT
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_M) * BLOCK_M
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M)
+        m_m = o_m < end
+        i_b, od, oh, ow = _decode_position(tl.where(m_m, o_m, 0), OD, OH, OW)
+        p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+        b_dy = tl.load(dy_ptr + p_dy[:, None] + (o_n * s_dy_c)[None, :], mask=m_m[:, None] & m_n[None, :], other=0.)
+        acc += tl.sum(b_dy.to(tl.float32), axis=0)
+    _store_partial(db_ptr + i_s * s_db_s + o_n, acc, m_n, USE_ATOMIC)
+
+
+@triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+                 reset_to_zero=["dkp_ptr", "dkd_ptr", "db_ptr"])
+@triton.jit
+def _gradw_adapter_kernel(
+        x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr, db_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile, s_db_s,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Adapter gradients through the weight gradient, folded in the epilogue (the route for prod(k) ≤ 2).
+
+        gradW[o, c, t] = Σ_{n, pos} dY[n, g·C_OUT_G + o, pos] · X[n, g·C_IN_G + c, pos·S − P + t·DIL]
+        dKp[o, c] = Σ_t gradW[o, c, t]·Kd[·, t]                      (Kd[o, t] or Kd[g·C_IN_G + c, t])
+        dKd[o, t] = Σ_c gradW[o, c, t]·Kp[o, c]                      (pointwise_first)
+        dKd[g·C_IN_G + c, t] = Σ_o gradW[o, c, t]·Kp[o, c]           (depthwise_first)
+        dΔb[o] = Σ_{n, pos} dY[n, o, pos]                             (HAS_BIAS)
+    One [BM, BN] gradW tile per tap (M = C_OUT_G, N = C_IN_G, K = P output positions split over SPLIT), never
+    stored. All three are linear in gradW, so each split folds its own partial: fp32 dkp[s, o, c]
+    ([SPLIT, C_out, C_IN_G]), dkd[s, tile, ch, t] where tile is the N tile (pointwise_first, C_out rows) or the
+    M tile (depthwise_first, C_in rows), db[s, o]; with USE_ATOMIC the split/tile strides are 0 and the partials
+    are added atomically.
+    Grid: (M tiles × N tiles, groups, SPLIT).
+    """
+    i_mn, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    i_m, i_n = i_mn // num_n, i_mn % num_n
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < C_OUT_G
+    o_cout = i_g * C_OUT_G + o_m
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_IN_G
+    o_cin = i_g * C_IN_G + o_n
+    m_mn = m_m[:, None] & m_n[None, :]
+    b_kp = tl.load(kp_ptr + o_cout[:, None] * s_kp_o + o_n[None, :] * s_kp_c, mask=m_mn, other=0.).to(tl.float32)
+
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_K) * BLOCK_K
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    T: tl.constexpr = KD * KH * KW
+    acc_kp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(T):
+        td = t // (KH * KW)
+        th = (t // KW) % KH
+        tw = t % KW
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(start, end, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < end
+            i_b, od, oh, ow = _decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
+            p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+            b_dy = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
+                           mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+            if HAS_BIAS:
+                acc_b += tl.where(t == 0, tl.sum(b_dy.to(tl.float32), axis=1), 0.)
+            d = od * SD - PD + td * DD
+            h = oh * SH - PH + th * DH
+            w = ow * SW - PW + tw * DW
+            m_tap = m_k & (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            p_x = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+            b_x = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
+                          mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            acc = tl.dot(b_dy, b_x, acc)
+        p_kd = td * s_kd_d + th * s_kd_h + tw * s_kd_w
+        if DEPTHWISE_FIRST:
+            b_kd = tl.load(kd_ptr + o_cin * s_kd_c + p_kd, mask=m_n, other=0.).to(tl.float32)  # [BN]
+            acc_kp += acc * b_kd[None, :]
+            p_dkd = dkd_ptr + i_s * s_dkd_s + i_m * s_dkd_tile + o_cin * T + t
+            _store_partial(p_dkd, tl.sum(acc * b_kp, axis=0), m_n, USE_ATOMIC)
+        else:
+            b_kd = tl.load(kd_ptr + o_cout * s_kd_c + p_kd, mask=m_m, other=0.).to(tl.float32)  # [BM]
+            acc_kp += acc * b_kd[:, None]
+            p_dkd = dkd_ptr + i_s * s_dkd_s + i_n * s_dkd_tile + o_cout * T + t
+            _store_partial(p_dkd, tl.sum(acc * b_kp, axis=1), m_m, USE_ATOMIC)
+
+    _store_partial(dkp_ptr + i_s * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc_kp, m_mn, USE_ATOMIC)
+    if HAS_BIAS:
+        _store_partial(db_ptr + i_s * s_db_s + o_cout, acc_b, m_m & (i_n == 0), USE_ATOMIC)
+
+
+def _fail(exc, message: str):
+    raise exc(f"colora_fused triton backend: {message}; {_HINT}")
+
+
+def _check_tensors(**tensors: torch.Tensor) -> torch.device:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            _fail(TypeError, f"{name} has dtype {t.dtype}; the kernels take float32, float16 or bfloat16")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        _fail(ValueError, "tensors on different devices ("
+              + ", ".join(f"{k}: {t.device}" for k, t in tensors.items()) + ")")
+    device = devices.pop()
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        _fail(ValueError, f"tensors on {device} need a CUDA device (CPU tensors run only under TRITON_INTERPRET=1)")
+    return device
+
+
+def _check_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order):
+    """Validate hyper-parameters and adapter shapes; return them as 3-tuples over (D, H, W) and the kernel size."""
+    if order not in _ORDERS:
+        _fail(ValueError, f"unknown order {order!r}; choose one of {_ORDERS}")
+    nd = weight.dim() - 2
+    if nd not in (1, 2, 3):
+        _fail(ValueError, f"weight must be [C_out, C_in/groups, *k] with 1-3 spatial dims, got {tuple(weight.shape)}")
+    params = {}
+    for name, given, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        value = tuple(given) if isinstance(given, (tuple, list, torch.Size)) else ()
+        if len(value) != nd or not all(isinstance(v, int) and v >= least for v in value):
+            _fail(ValueError, f"{name} must be a tuple of {nd} ints >= {least} (symmetric zero padding only), "
+                              f"got {given!r}")
+        params[name] = value
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        _fail(ValueError, f"groups={groups!r} must be a positive int dividing C_out={weight.shape[0]}")
+    c_out, c_in_g = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
+    if tuple(pointwise.shape) != (c_out, c_in_g):
+        _fail(ValueError, f"pointwise has shape {tuple(pointwise.shape)}, expected {(c_out, c_in_g)}")
+    if tuple(depthwise.shape) != (kd_channels, *kernel):
+        _fail(ValueError, f"depthwise has shape {tuple(depthwise.shape)}, expected {(kd_channels, *kernel)} ({order})")
+    unit = 3 - nd
+    return ((1,) * unit + params["stride"], (0,) * unit + params["padding"], (1,) * unit + params["dilation"],
+            (1,) * unit + kernel)
+
+
+def _out_spatial(in_spatial: Sequence[int], kernel, stride, padding, dilation) -> Tuple[int, ...]:
+    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                 for i, k, s, p, d in zip(in_spatial, kernel, stride, padding, dilation))
+
+
+def _lift(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """View `t` with unit dims inserted after its `lead` leading dims until it has lead + 3 dims (no copy)."""
+    while t.dim() < lead + 3:
+        t = t.unsqueeze(lead)
+    return t
+
+
+def _empty(shape, dtype, device, channels_last: bool = False) -> torch.Tensor:
+    """A new tensor (NaN-filled under COLORA_NAN_FILL=1); channels_last puts dim 1 innermost."""
+    if channels_last:
+        t = torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=device).movedim(-1, 1)
+    else:
+        t = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("COLORA_NAN_FILL") == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _split(tiles: int, positions: int, device: torch.device) -> int:
+    """Programs per tile along the position reduction: about two waves of the device, ≥ 8 row steps each."""
+    min_rows = 512 if device.type == "cuda" else 32
+    return max(1, min(triton.cdiv(2 * _num_sms(device), tiles), positions // min_rows))
+
+
+def _partials(lead: Tuple[int, ...], shape: Tuple[int, ...], use_atomic: bool, device: torch.device) -> torch.Tensor:
+    """fp32 partial sums [*lead, *shape]; for atomics one zeroed [1, ..., *shape] buffer that every program adds to."""
+    if use_atomic:
+        return torch.zeros((1,) * len(lead) + shape, dtype=torch.float32, device=device)
+    return _empty((*lead, *shape), torch.float32, device)
+
+
+def _lead_stride(buf: torch.Tensor, dim: int) -> int:
+    """The kernel's stride along a partial-index dim: 0 where the dim is shared (atomics, or a single split)."""
+    return 0 if buf.shape[dim] == 1 else buf.stride(dim)
+
+
+def _channel_block(channels: int, cap: int = 128) -> int:
+    return min(cap, max(16, triton.next_power_of_2(channels)))
+
+
+def _stencil_gemm_blocks(c_out_g: int, c_in_g: int, dw_first: bool) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the dKp GEMM. Its stencil operand (G over o, or Z1 over c) is rebuilt, on CUDA cores,
+    once per tile of the other channel dim, so that dim's tile spans up to 256 channels; the stencil side stays
+    ≤ 128 and keeps the fp32 accumulator at ≤ 128×128 elements."""
+    wide = _channel_block(c_in_g if not dw_first else c_out_g, 256)
+    narrow = _channel_block(c_out_g if not dw_first else c_in_g, min(128, 128 * 128 // wide))
+    return (wide, narrow) if dw_first else (narrow, wide)
+
+
+def _strides(t: torch.Tensor):
+    return tuple(t.stride())
+
+
+def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor,
+                               depthwise: torch.Tensor, x_shape: Sequence[int], x_channels_last: bool,
+                               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                               order: str) -> torch.Tensor:
+    """dL/dX of `conv(X, K0 + Kp ⊛ Kd, stride, padding, dilation, groups)` given dL/dO = grad_out.
+
+    grad_out: [N, C_out, *out], any strides; stride/padding/dilation: one int per spatial dim (symmetric zero
+    padding). Returns `x_shape` in grad_out's dtype, channels innermost when `x_channels_last`, else contiguous.
+    """
+    device = _check_tensors(grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
+    stride3, pad3, dil3, k3 = _check_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+    nd = weight.dim() - 2
+    x_shape = tuple(int(s) for s in x_shape)
+    c_out, c_in_g = weight.shape[:2]
+    if len(x_shape) != nd + 2 or x_shape[1] != c_in_g * groups:
+        _fail(ValueError, f"x_shape {x_shape} does not fit weight {tuple(weight.shape)} with groups={groups}")
+    out_spatial = _out_spatial(x_shape[2:], weight.shape[2:], stride3[3 - nd:], pad3[3 - nd:], dil3[3 - nd:])
+    if tuple(grad_out.shape) != (x_shape[0], c_out, *out_spatial):
+        _fail(ValueError, f"grad_out has shape {tuple(grad_out.shape)}, expected {(x_shape[0], c_out, *out_spatial)}")
+
+    grad_x = _empty(x_shape, grad_out.dtype, device, channels_last=bool(x_channels_last))
+    if grad_x.numel() == 0:
+        return grad_x
+    dy, dx, w, kd = _lift(grad_out, 2), _lift(grad_x, 2), _lift(weight, 2), _lift(depthwise, 1)
+    n, _, d, h, wd = dx.shape
+    od, oh, ow = dy.shape[2:]
+    m_max = n * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
+    steps = tuple(s // math.gcd(s, dl) for s, dl in zip(stride3, dil3))
+
+    def grid(meta):
+        tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_in_g, meta["BLOCK_N"])
+        return tiles, math.prod(stride3), groups
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _conv_bwd_input_kernel[grid](
+            dy, w, pointwise, kd, dx,
+            n, d, h, wd, od, oh, ow, c_in_g, c_out // groups, m_max,
+            *stride3, *pad3, *dil3, *steps,
+            *_strides(dy), *_strides(dx), *_strides(w), *_strides(pointwise), *_strides(kd),
+            KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=order == "depthwise_first")
+    return grad_x
+
+
+def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
+                                  pointwise: torch.Tensor, depthwise: torch.Tensor, stride: Sequence[int],
+                                  padding: Sequence[int], dilation: Sequence[int], groups: int, order: str,
+                                  need_bias_delta: bool, deterministic: bool = True, *, route: Optional[str] = None
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(dKp, dKd, dΔb or None) of `conv(X, K0 + Kp ⊛ Kd, ...) + Δb` given dL/dO = grad_out.
+
+    x: [N, C_in, *in], grad_out: [N, C_out, *out] (one dtype, any strides); dKp in pointwise's dtype, dKd in
+    depthwise's, dΔb ([C_out], only with `need_bias_delta`) in pointwise's.
+
+    `route`: "cheap" (G/Z1 stencils fused into 1×1 GEMMs, ≈ 2F/prod(k)) or "gradw" (weight gradient folded in
+    its epilogue, F); None picks "gradw" for prod(k) ≤ 2, where both cost about F, and "cheap" otherwise.
+    `deterministic=False` trades bit-reproducibility for fp32 atomics instead of split partials.
+    """
+    device = _check_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
+    stride3, pad3, dil3, k3 = _check_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+    nd = weight.dim() - 2
+    c_out, c_in_g = weight.shape[:2]
+    c_in = c_in_g * groups
+    if x.dim() != nd + 2 or x.shape[1] != c_in:
+        _fail(ValueError, f"x has shape {tuple(x.shape)}, which does not fit weight {tuple(weight.shape)} "
+                          f"with groups={groups}")
+    if x.dtype != grad_out.dtype:
+        _fail(TypeError, f"x ({x.dtype}) and grad_out ({grad_out.dtype}) must share a dtype")
+    out_spatial = _out_spatial(x.shape[2:], weight.shape[2:], stride3[3 - nd:], pad3[3 - nd:], dil3[3 - nd:])
+    if tuple(grad_out.shape) != (x.shape[0], c_out, *out_spatial):
+        _fail(ValueError, f"grad_out has shape {tuple(grad_out.shape)}, expected {(x.shape[0], c_out, *out_spatial)}")
+    taps = math.prod(k3)
+    route = route or ("gradw" if taps <= 2 else "cheap")
+    if route not in _ROUTES:
+        _fail(ValueError, f"unknown route {route!r}; choose one of {_ROUTES} or None")
+
+    xs, dy, kd = _lift(x, 2), _lift(grad_out, 2), _lift(depthwise, 1)
+    n, _, d, h, w = xs.shape
+    od, oh, ow = dy.shape[2:]
+    c_out_g = c_out // groups
+    dw_first = order == "depthwise_first"
+    use_atomic = not deterministic
+    conv_args = (*stride3, *pad3, *dil3)
+    strides = (*_strides(xs), *_strides(dy))
+    kd_ch = kd.shape[0]
+    p_out = n * od * oh * ow
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if route == "gradw":
+            bm, bn = _channel_block(c_out_g), _channel_block(c_in_g)
+            gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
+            split = _split(gemm_tiles * groups, p_out, device)
+            dkd_tiles = triton.cdiv(c_out_g, bm) if dw_first else triton.cdiv(c_in_g, bn)
+            dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
+            dkd = _partials((split, dkd_tiles), (kd_ch, taps), use_atomic, device)
+            db = _partials((split,), (c_out,), use_atomic, device) if need_bias_delta else dkp
+            _gradw_adapter_kernel[(gemm_tiles, groups, split)](
+                xs, dy, pointwise, kd, dkp, dkd, db,
+                n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_out, split,
+                _lead_stride(dkp, 0), _lead_stride(dkd, 0), _lead_stride(dkd, 1), _lead_stride(db, 0),
+                *conv_args, *strides, *_strides(pointwise), *_strides(kd),
+                KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, HAS_BIAS=need_bias_delta,
+                USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn)
+            dkd = dkd.sum(1)
+        else:
+            p_in = n * d * h * w
+            p_kp = p_out if dw_first else p_in
+            bm, bn = _stencil_gemm_blocks(c_out_g, c_in_g, dw_first)
+            gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
+            split = _split(gemm_tiles * groups, p_kp, device)
+            dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
+            db = _partials((split,), (c_out,), use_atomic, device) if need_bias_delta and dw_first else dkp
+            _pointwise_grad_kernel[(gemm_tiles, groups, split)](
+                xs, dy, kd, dkp, db,
+                n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_kp, split, _lead_stride(dkp, 0), _lead_stride(db, 0),
+                *conv_args, *strides, *_strides(kd),
+                KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, HAS_BIAS=need_bias_delta and dw_first,
+                USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn)
+
+            ch_g = c_in_g if dw_first else c_out_g
+            bc = _channel_block(ch_g)
+            p_kd = p_out if dw_first else p_in
+            split_d = _split(triton.cdiv(ch_g, bc) * groups, p_kd, device)
+            dkd = _partials((split_d,), (kd_ch, taps), use_atomic, device)
+            _depthwise_grad_kernel[(triton.cdiv(ch_g, bc), groups, split_d)](
+                xs, dy, pointwise, dkd,
+                n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_kd, split_d, _lead_stride(dkd, 0), *conv_args, *strides,
+                *_strides(pointwise),
+                KD=k3[0], KH=k3[1], KW=k3[2], T_PAD=triton.next_power_of_2(taps), DEPTHWISE_FIRST=dw_first,
+                USE_ATOMIC=use_atomic, BLOCK_N=bc)
+
+            if need_bias_delta and not dw_first:
+                bo = _channel_block(c_out)
+                split_b = _split(triton.cdiv(c_out, bo), p_out, device)
+                db = _partials((split_b,), (c_out,), use_atomic, device)
+                _channel_sum_kernel[(triton.cdiv(c_out, bo), split_b)](
+                    dy, db, od, oh, ow, c_out, p_out, split_b, _lead_stride(db, 0), *_strides(dy),
+                    USE_ATOMIC=use_atomic, BLOCK_N=bo)
+
+    d_pointwise = dkp.sum(0).to(pointwise.dtype)
+    d_depthwise = dkd.sum(0).reshape(depthwise.shape).to(depthwise.dtype)
+    d_bias = db.sum(0).to(pointwise.dtype) if need_bias_delta else None
+    return d_pointwise, d_depthwise, d_bias

@@ -1,0 +1,229 @@
+"""The Triton backward launchers (kernels/conv_bwd.py) against the float64 reference, on the shared case table.
+
+CPU runs under TRITON_INTERPRET=1 (fp32 and fp16: the interpreter's bf16 dot is broken); CUDA runs fp32 (TF32
+tolerance), fp16 and bf16 when a GPU is present. Every output starts as NaN (COLORA_NAN_FILL=1), so a tile a
+kernel never writes fails `assert_close`'s finiteness check. The launchers see only symmetric zero padding: cases
+with another padding mode, or asymmetric/string padding, pad x here and compare against the reference run on the
+padded x with padding 0.
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cases import CASE_PARAMS, CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_close, make_tensors, reference_output
+from colora_fused._conv import f_pad_arg, ntuple, pad_amounts
+
+pytest.importorskip("triton")
+from colora_fused.kernels.conv_bwd import colora_conv_backward_adapters, colora_conv_backward_input  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1"))
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, marks=CPU.marks, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, marks=CPU.marks, id="cpu-fp16"),
+    pytest.param("cuda", torch.float32, marks=CUDA.marks, id="cuda-fp32"),
+    pytest.param("cuda", torch.float16, marks=CUDA.marks, id="cuda-fp16"),
+    pytest.param("cuda", torch.bfloat16, marks=CUDA.marks, id="cuda-bf16"),
+]
+
+
+@pytest.fixture(autouse=True)
+def nan_fill(monkeypatch):
+    monkeypatch.setenv("COLORA_NAN_FILL", "1")
+
+
+def tolerance(device, dtype):
+    return TOLERANCE_TF32 if device == "cuda" and dtype == torch.float32 else TOLERANCE[dtype]
+
+
+def setup_case(case, order, dtype, device, seed=0):
+    """Launcher arguments for one case, with x padded here where the launcher's symmetric zero padding can't say
+    it, and the float64 reference gradients of the same (padded) problem."""
+    nd = case.dim
+    tensors = make_tensors(case, order, dtype=dtype, device=device, seed=seed)
+    dilation = ntuple(case.dilation, nd)
+    amounts = pad_amounts(case.padding, case.kernel, dilation)
+    x = tensors["x"]
+    if case.padding_mode == "zeros" and all(before == after for before, after in amounts):
+        padding = tuple(before for before, _ in amounts)
+        ref_case = case
+    else:
+        mode = "constant" if case.padding_mode == "zeros" else case.padding_mode
+        x = F.pad(x, f_pad_arg(amounts), mode=mode)
+        padding = (0,) * nd
+        ref_case = dataclasses.replace(case, size=tuple(x.shape[2:]), padding=0, padding_mode="zeros")
+    tensors = dict(tensors, x=x)
+    out, _ = reference_output(ref_case, order, tensors)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    if case.channels_last:
+        grad_out = grad_out.to(memory_format=CHANNELS_LAST[grad_out.dim()])
+    _, grads = reference_output(ref_case, order, tensors, grad_out)
+    conv = dict(stride=ntuple(case.stride, nd), padding=padding, dilation=dilation, groups=case.groups, order=order)
+    return tensors, grad_out, conv, grads
+
+
+def run_input(tensors, grad_out, conv, channels_last):
+    return colora_conv_backward_input(grad_out, tensors["weight"], tensors["pointwise"], tensors["depthwise"],
+                                      tensors["x"].shape, channels_last, **conv)
+
+
+def run_adapters(tensors, grad_out, conv, need_bias, **kwargs):
+    return colora_conv_backward_adapters(tensors["x"], grad_out, tensors["weight"], tensors["pointwise"],
+                                         tensors["depthwise"], need_bias_delta=need_bias, **conv, **kwargs)
+
+
+def check_adapters(result, grads, need_bias, dtype, tol):
+    d_pointwise, d_depthwise, d_bias = result
+    assert_close(d_pointwise, grads["pointwise"], dtype, "d_pointwise", tol)
+    assert_close(d_depthwise, grads["depthwise"], dtype, "d_depthwise", tol)
+    if need_bias:
+        assert_close(d_bias, grads["bias_delta"], dtype, "d_bias_delta", tol)
+    else:
+        assert d_bias is None
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_backward_input(case, order, device, dtype):
+    tensors, grad_out, conv, grads = setup_case(case, order, dtype, device)
+    grad_x = run_input(tensors, grad_out, conv, case.channels_last)
+    assert grad_x.dtype == dtype and grad_x.device.type == device
+    assert_close(grad_x, grads["x"], dtype, "grad_x", tolerance(device, dtype))
+    fmt = CHANNELS_LAST[grad_x.dim()] if case.channels_last else torch.contiguous_format
+    assert grad_x.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_backward_adapters(case, order, device, dtype):
+    tensors, grad_out, conv, grads = setup_case(case, order, dtype, device)
+    result = run_adapters(tensors, grad_out, conv, case.bias)
+    assert [t.dtype for t in result[:2]] == [dtype, dtype]
+    check_adapters(result, grads, case.bias, dtype, tolerance(device, dtype))
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_backward_adapters_other_route(case, order, device):
+    """The route the launcher would not pick for this kernel size is exact too (both are general)."""
+    route = "cheap" if torch.Size(case.kernel).numel() <= 2 else "gradw"
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
+    result = run_adapters(tensors, grad_out, conv, case.bias, route=route)
+    check_adapters(result, grads, case.bias, torch.float32, tolerance(device, torch.float32))
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("order", ORDERS)
+def test_fp32_parameters_with_half_activations(order, device):
+    """Autocast's mix: fp16 activations and grad_out, fp32 weight and adapters; adapter gradients come back fp32."""
+    case = next(c for c in CASES if c.id == "2d-channels-last-groups")
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float16, device)
+    mixed = dict(tensors, **{k: tensors[k].float() for k in ("weight", "pointwise", "depthwise")})
+    tol = TOLERANCE[torch.float16]
+    assert_close(run_input(mixed, grad_out, conv, True), grads["x"], torch.float16, "grad_x", tol)
+    result = run_adapters(mixed, grad_out, conv, True)
+    assert [t.dtype for t in result] == [torch.float32] * 3
+    check_adapters(result, grads, True, torch.float16, tol)
+
+
+DETERMINISM_CASES = [pytest.param(c, id=c.id) for c in CASES if c.id in ("2d-1x1-nobias", "1d-k3-stride2")]
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", DETERMINISM_CASES)
+def test_deterministic_is_bit_identical_and_atomics_are_close(case, order, device):
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
+    for route in ("cheap", "gradw"):
+        first = run_adapters(tensors, grad_out, conv, case.bias, route=route)
+        second = run_adapters(tensors, grad_out, conv, case.bias, route=route)
+        assert all(a is b is None or torch.equal(a, b) for a, b in zip(first, second)), route
+        atomic = run_adapters(tensors, grad_out, conv, case.bias, route=route, deterministic=False)
+        check_adapters(atomic, grads, case.bias, torch.float32, tolerance(device, torch.float32))
+    assert torch.equal(run_input(tensors, grad_out, conv, False), run_input(tensors, grad_out, conv, False))
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_strided_views(device):
+    """Non-contiguous grad_out and x (channel slices of larger tensors) are read through their strides."""
+    case = next(c for c in CASES if c.id == "2d-k3-stride2")
+    order = "depthwise_first"
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
+    wide_x = torch.zeros(case.batch, 2 * case.c_in, *case.size, device=device).transpose(2, 3)
+    x_view = wide_x[:, ::2].transpose(2, 3)
+    x_view.copy_(tensors["x"])
+    wide_g = torch.zeros(grad_out.shape[0], grad_out.shape[1] + 3, *grad_out.shape[2:], device=device)
+    g_view = wide_g[:, 3:]
+    g_view.copy_(grad_out)
+    assert not x_view.is_contiguous() and not g_view.is_contiguous()
+    tol = tolerance(device, torch.float32)
+    assert_close(run_input(tensors, g_view, conv, False), grads["x"], torch.float32, "grad_x", tol)
+    check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, True), grads, True, torch.float32, tol)
+
+
+def bad_input_args(device="cpu", dtype=torch.float32):
+    case = next(c for c in CASES if c.id == "2d-k3-pad1")
+    tensors, grad_out, conv, _ = setup_case(case, "pointwise_first", torch.float32, "cpu")
+    tensors = {k: (v.to(device, dtype) if v is not None else None) for k, v in tensors.items()}
+    return tensors, grad_out.to(device, dtype), conv
+
+
+@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs a device the kernels run on")
+class TestBadInput:
+    device = "cpu" if INTERPRET else "cuda"
+
+    @pytest.mark.parametrize("launcher", ["input", "adapters"])
+    def test_float64_is_refused(self, launcher):
+        tensors, grad_out, conv = bad_input_args(self.device, torch.float64)
+        with pytest.raises(TypeError, match='triton backend.*float64.*backend="torch"'):
+            if launcher == "input":
+                run_input(tensors, grad_out, conv, False)
+            else:
+                run_adapters(tensors, grad_out, conv, True)
+
+    def test_cpu_tensors_without_interpreter(self, monkeypatch):
+        tensors, grad_out, conv = bad_input_args("cpu")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match='triton backend.*CUDA.*backend="torch"'):
+            run_input(tensors, grad_out, conv, False)
+        with pytest.raises(ValueError, match='triton backend.*CUDA.*backend="torch"'):
+            run_adapters(tensors, grad_out, conv, True)
+
+    def test_mismatched_devices(self):
+        tensors, grad_out, conv = bad_input_args(self.device)
+        with pytest.raises(ValueError, match="triton backend.*different devices"):
+            run_adapters(tensors, grad_out.to("meta"), conv, True)
+
+    def test_mismatched_dtypes(self):
+        tensors, grad_out, conv = bad_input_args(self.device)
+        with pytest.raises(TypeError, match="triton backend.*share a dtype"):
+            run_adapters(tensors, grad_out.half(), conv, True)
+
+    @pytest.mark.parametrize("change,match", [
+        (dict(order="sideways"), "unknown order"),
+        (dict(padding=1), "padding must be a tuple of 2 ints"),
+        (dict(stride=(0, 1)), "stride must be a tuple of 2 ints >= 1"),
+        (dict(groups=2), "groups=2"),
+    ])
+    def test_bad_hyper_parameters(self, change, match):
+        tensors, grad_out, conv = bad_input_args(self.device)
+        with pytest.raises(ValueError, match=f"triton backend.*{match}"):
+            run_input(tensors, grad_out, dict(conv, **change), False)
+
+    def test_bad_shapes(self):
+        tensors, grad_out, conv = bad_input_args(self.device)
+        with pytest.raises(ValueError, match="triton backend.*depthwise has shape"):
+            run_adapters(dict(tensors, depthwise=tensors["depthwise"][:, :2]), grad_out, conv, True)
+        with pytest.raises(ValueError, match="triton backend.*grad_out has shape"):
+            run_input(tensors, grad_out[..., :-1], conv, False)
+        with pytest.raises(ValueError, match="triton backend.*grad_out has shape"):
+            run_adapters(tensors, grad_out[:1], conv, True)
