@@ -1,0 +1,195 @@
+"""colora-bench end to end on CPU at toy sizes: the files it writes parse and hold real, finite measurements;
+layer mode; bad input ends in one error line; a method running out of memory is reported, not fatal."""
+import csv
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from colora_fused import bench
+
+# The memory measurement's two steps per method already warm it up.
+TINY = ["--model", "resnet18", "--image-size", "32", "--batch", "2", "--warmup", "0", "--rounds", "2",
+        "--no-progress"]
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def positive(value: str) -> float:
+    number = float(value)
+    assert math.isfinite(number) and number > 0, value
+    return number
+
+
+def table_rows(markdown: str, first_cell: str):
+    """The cells of every Markdown table row whose first cell is `first_cell`."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith(f"| {first_cell} |")]
+
+
+def test_model_mode_writes_results(tmp_path):
+    methods = ["full", "head", "colora-torch", "colora-eager-kxk"]
+    bench.main(TINY + ["--methods", ",".join(methods), "--out", str(tmp_path)])
+
+    columns, rows = read_csv(tmp_path / "results.csv")
+    assert tuple(columns) == bench.MODEL_COLUMNS
+    assert [r["method"] for r in rows] == methods
+    by_method = {r["method"]: r for r in rows}
+    for r in rows:
+        assert r["status"] == "ok", r
+        p20, median, p80 = (positive(r[k]) for k in ("step_ms_p20", "step_ms", "step_ms_p80"))
+        assert p20 <= median <= p80
+        assert int(r["steps"]) == 2
+        assert positive(r["images_per_s"]) == pytest.approx(2 / (median / 1e3))
+        positive(r["speedup_vs_full"])
+        positive(r["peak_mem_mib"])
+        positive(r["mem_vs_full"])
+        assert int(r["trainable_params"]) <= int(r["total_params"])
+    assert float(by_method["full"]["speedup_vs_full"]) == pytest.approx(1.0)
+    trainable = {m: int(r["trainable_params"]) for m, r in by_method.items()}
+    assert trainable["full"] == int(by_method["full"]["total_params"])
+    assert trainable["head"] == 512 * 1000 + 1000  # resnet18's fc
+    assert trainable["head"] < trainable["colora-eager-kxk"] < trainable["colora-torch"] < trainable["full"]
+    # A fresh full fine-tuning copy holds weights, gradients and two AdamW moments; head-only holds one set.
+    assert float(by_method["head"]["peak_mem_mib"]) < float(by_method["full"]["peak_mem_mib"])
+
+    markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "| method | trainable params | step ms |" in markdown
+    for method in methods:
+        (cells,) = table_rows(markdown, method)
+        assert float(cells[2]) == pytest.approx(float(by_method[method]["step_ms"]), abs=0.06)
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    env = json.loads((tmp_path / "env.json").read_text(encoding="utf-8"))
+    assert env["torch"] == torch.__version__ and env["batch"] == 2 and env["image_size"] == 32
+    assert env["mode"] == "model" and env["methods"] == methods and env["command"].startswith("colora-bench ")
+
+
+def test_layer_mode_writes_results(tmp_path):
+    methods = ["conv", "full", "colora-torch"]
+    bench.main(TINY + ["--layers", "--methods", ",".join(methods), "--image-size", "16", "--rounds", "1",
+                       "--sample-ms", "2", "--out", str(tmp_path)])
+
+    columns, rows = read_csv(tmp_path / "results.csv")
+    assert tuple(columns) == bench.LAYER_COLUMNS
+    layers = {r["layer"] for r in rows} - {"all convs"}
+    assert "64→64 3×3 s1 @4×4" in layers and "3→64 7×7 s2 @16×16" in layers
+    assert len(rows) == (len(layers) + 1) * len(methods) * 2
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("ms", "gflop", "tflops", "ratio_vs_conv", "speedup_vs_full"):
+            positive(r[key])
+        assert r["peak_fraction"] == ""  # no peak for a CPU
+    stem = {(r["method"], r["mode"]): r for r in rows if r["layer"] == "3→64 7×7 s2 @16×16"}
+    forward_gflop = 2 * 2 * 8 * 8 * 64 * 3 * 49 / 1e9
+    assert float(stem["full", "forward"]["gflop"]) == pytest.approx(forward_gflop)
+    assert float(stem["full", "step"]["gflop"]) == pytest.approx(3 * forward_gflop)
+    assert float(stem["colora-torch", "step"]["gflop"]) == pytest.approx((2 + 2 / 49) * forward_gflop)
+    assert float(stem["conv", "forward"]["ratio_vs_conv"]) == pytest.approx(1.0)
+
+    markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "## resnet18: forward" in markdown and "## resnet18: step" in markdown
+    assert len(table_rows(markdown, "all convs")) == 2
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "env.json").read_text(encoding="utf-8"))["mode"] == "layers"
+
+
+def test_out_of_memory_is_reported(tmp_path, monkeypatch):
+    build = bench.build_method_model
+
+    def build_or_oom(base, head, method, cfg, share_frozen):
+        if method == "colora-torch":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return build(base, head, method, cfg, share_frozen)
+
+    monkeypatch.setattr(bench, "build_method_model", build_or_oom)
+    # SqueezeNet: small, and its classifier is a conv, which the adapter methods must leave alone.
+    bench.main(["--model", "squeezenet1_1", "--image-size", "32", "--batch", "2", "--warmup", "0", "--rounds", "1",
+                "--methods", "full,colora-torch,head", "--no-progress", "--out", str(tmp_path)])
+    _, rows = read_csv(tmp_path / "results.csv")
+    status = {r["method"]: r["status"] for r in rows}
+    assert status == {"full": "ok", "colora-torch": "OOM", "head": "ok"}
+    (cells,) = table_rows((tmp_path / "results.md").read_text(encoding="utf-8"), "colora-torch")
+    assert cells[-1] == "OOM"
+
+
+BAD_INPUT = [
+    (["--model", "nosuchnet"], ["unknown model 'nosuchnet'", "resnet50", "vgg16"]),
+    (["--methods", "full,bogus"], ["unknown method 'bogus'", "colora-torch", "peft-lora"]),
+    (["--layers", "--methods", "head"], ["unknown method 'head' in layer mode", "conv"]),
+    (["--device", "tpu"], ["unknown device 'tpu'", "cpu"]),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD_INPUT, ids=["model", "method", "layer-method", "device"])
+def test_bad_input_is_one_error_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("colora-bench: error: ") and "\n" not in err and "Traceback" not in err
+    for text in expected:
+        assert text in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "cuda"], ["--device cuda: no CUDA device", "auto, cpu"]),
+    (["--methods", "colora-triton"], ["colora-triton cannot run here", "needs a CUDA device", "colora-torch"]),
+], ids=["device-cuda", "triton"])
+def test_missing_cuda_is_one_error_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and all(text in err for text in expected)
+
+
+def test_missing_peft_is_an_error_when_asked_for_and_skipped_otherwise(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "full,peft-lora"])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "peft-lora cannot run here" in err and "pip install peft" in err
+
+    cfg = bench.parse_config(["--no-progress"])
+    assert "peft-lora" not in cfg.methods and "pip install peft" in cfg.skipped["peft-lora"]
+    assert "skipping peft-lora" in capsys.readouterr().err
+
+
+def test_defaults_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = bench.parse_config([])
+    assert cfg.device.type == "cpu" and cfg.models == ["resnet50", "vgg16"]
+    assert (cfg.batch, cfg.image_size, cfg.dtype) == (bench.DEFAULTS["cpu"]["batch"],
+                                                      bench.DEFAULTS["cpu"]["image_size"], "fp32")
+    assert cfg.out.startswith("bench-results/cpu-") and "colora-triton" in cfg.skipped
+    assert bench.parse_config(["--layers"]).out.endswith("/layers")
+    compiled = bench.parse_config(["--methods", "full,colora-torch", "--compile"]).methods
+    assert compiled == ["full", "colora-torch", "full+compile", "colora-torch+compile"]
+
+
+def test_lora_rank_matches_colora_parameter_count():
+    pytest.importorskip("peft")
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 256, 1, bias=False),
+                          nn.Conv2d(256, 256, 3, padding=1, groups=32, bias=False))
+    convs = dict(model.named_children())
+    colora = sum(bench.colora_adapter_count(c) for c in convs.values())
+    assert colora == (64 * 64 + 64 * 9 + 64) + (256 * 64 + 256) + (256 * 8 + 256 * 9)
+    ranks = bench.matched_lora_ranks(convs)
+    assert ranks["0"] == ranks["1"] and ranks["2"] % 32 == 0
+
+    def lora(r, grouped_rank):  # A: C_in·prod(k) per rank; B: C_out/groups per rank
+        return r * (64 * 9 + 64) + r * (64 + 256) + grouped_rank * (256 * 9 + 256 // 32)
+
+    bench.inject_lora(model, ranks)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora(ranks["0"], ranks["2"])
+    assert model(torch.randn(1, 64, 5, 5)).shape == (1, 256, 5, 5)
+    best = min(abs(lora(r, max(32, round(r / 32) * 32)) - colora) for r in range(1, 1000))
+    assert abs(lora(ranks["0"], ranks["2"]) - colora) == best
