@@ -16,8 +16,6 @@ from torch import Tensor
 
 from ._conv import CONV_FNS
 
-_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
-_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) -> Tensor:
@@ -32,6 +30,19 @@ def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) 
     return (kp * kd).reshape(c_out, c_in_g, *k)
 
 
+def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str) -> Tensor:
+    """K0 + ΔK in one fused pass (addcmul), shaped like K0."""
+    c_out, c_in_g = pointwise.shape
+    k = depthwise.shape[1:]
+    ones = (1,) * len(k)
+    if order == "pointwise_first":
+        return torch.addcmul(weight, pointwise.reshape(c_out, c_in_g, *ones), depthwise.unsqueeze(1))
+    merged = torch.addcmul(weight.reshape(groups, c_out // groups, c_in_g, *k),
+                           pointwise.reshape(groups, c_out // groups, c_in_g, *ones),
+                           depthwise.reshape(groups, 1, c_in_g, *k))
+    return merged.reshape(weight.shape)
+
+
 def uses_gradw_route(kernel_size: Sequence[int]) -> bool:
     """DESIGN §5: the adapter-gradient route through the full weight gradient is cheaper for ≤ 2 taps."""
     return torch.Size(kernel_size).numel() <= 2
@@ -44,7 +55,7 @@ def _summed_bias(bias: Optional[Tensor], bias_delta: Optional[Tensor]) -> Option
 
 
 def _torch_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
-    merged = weight + delta_weight(pointwise, depthwise, groups, order)
+    merged = merged_weight(weight, pointwise, depthwise, groups, order)
     return CONV_FNS[weight.dim() - 2](x, merged, _summed_bias(bias, bias_delta), stride, padding, dilation, groups)
 
 
@@ -63,27 +74,53 @@ def _reduce_gradw(grad_weight: Tensor, pointwise: Tensor, depthwise: Tensor, gro
     return d_kp, d_kd
 
 
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() in (4, 5) and not t.is_contiguous():
+        channels_last = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        if t.is_contiguous(memory_format=channels_last):
+            return channels_last
+    return torch.contiguous_format
+
+
+def _grad_input(grad: Tensor, shape, weight: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """∂L/∂input of conv(input, weight) for an input of `shape`, laid out like `grad`.
+
+    `torch.nn.grad.conv*_input` passes oneDNN an expanded (stride-0) input, which sends depthwise convs down a
+    path an order of magnitude slower on CPU; an empty tensor in grad's layout avoids it.
+    """
+    like = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=_memory_format(grad))
+    return torch.ops.aten.convolution_backward(grad, like, weight, None, stride, padding, dilation, False,
+                                               [0] * (len(shape) - 2), groups, [True, False, False])[0]
+
+
+def _grad_weight(grad: Tensor, x: Tensor, weight_shape, stride, padding, dilation, groups: int) -> Tensor:
+    """∂L/∂weight of conv(x, weight) for a weight of `weight_shape`."""
+    like = x.new_empty(weight_shape)
+    return torch.ops.aten.convolution_backward(grad, x, like, None, stride, padding, dilation, False,
+                                               [0] * (x.dim() - 2), groups, [False, True, False])[1]
+
+
 def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order):
     """dKp, dKd at ≈ 2F/prod(k) FLOPs: one 1×1 weight-gradient GEMM, one recomputed 1×1 conv, two stencils."""
     nd = x.dim() - 2
-    conv, conv_input, conv_weight = CONV_FNS[nd], _CONV_INPUT[nd], _CONV_WEIGHT[nd]
+    conv = CONV_FNS[nd]
     c_out, c_in_g = pointwise.shape
     c_in = x.shape[1]
-    ones = (1,) * nd
+    ones, unit = (1,) * nd, [1] * nd
     kp = pointwise.reshape(c_out, c_in_g, *ones)
     if order == "pointwise_first":
         # G = ∂L/∂Z1: the depthwise transpose of dO by Kd, at the input's resolution.
-        g = conv_input((x.shape[0], c_out, *x.shape[2:]), depthwise.unsqueeze(1), grad, stride, padding,
-                       dilation, c_out)
-        d_kp = conv_weight(x, kp.shape, g, 1, 0, 1, groups)
+        g = _grad_input(grad, (x.shape[0], c_out, *x.shape[2:]), depthwise.unsqueeze(1), stride, padding,
+                        dilation, c_out)
+        d_kp = _grad_weight(g, x, kp.shape, unit, [0] * nd, unit, groups)
         z1 = conv(x, kp, None, 1, 0, 1, groups)
-        d_kd = conv_weight(z1, (c_out, 1, *depthwise.shape[1:]), grad, stride, padding, dilation, c_out)
+        d_kd = _grad_weight(grad, z1, (c_out, 1, *depthwise.shape[1:]), stride, padding, dilation, c_out)
     else:
         # Z1 = Kd ⊛ x (depthwise, at the output's resolution); ∂L/∂Z1 is the 1×1 transpose of dO by Kp.
         z1 = conv(x, depthwise.unsqueeze(1), None, stride, padding, dilation, c_in)
-        d_kp = conv_weight(z1, kp.shape, grad, 1, 0, 1, groups)
-        d_z1 = conv_input(z1.shape, kp, grad, 1, 0, 1, groups)
-        d_kd = conv_weight(x, (c_in, 1, *depthwise.shape[1:]), d_z1, stride, padding, dilation, c_in)
+        d_kp = _grad_weight(grad, z1, kp.shape, unit, [0] * nd, unit, groups)
+        d_z1 = _grad_input(grad, z1.shape, kp, unit, [0] * nd, unit, groups)
+        d_kd = _grad_weight(d_z1, x, (c_in, 1, *depthwise.shape[1:]), stride, padding, dilation, c_in)
     return d_kp.view_as(pointwise), d_kd.view_as(depthwise)
 
 
@@ -94,10 +131,9 @@ def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dila
     need_gradw = need_weight or gradw_route
     grad_x = grad_w = None
     if need_x or need_gradw:
-        merged = weight + delta_weight(pointwise, depthwise, groups, order)
-        nd = x.dim() - 2
+        merged = merged_weight(weight, pointwise, depthwise, groups, order)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, x, merged, None, stride, padding, dilation, False, [0] * nd, groups,
+            grad, x, merged, None, stride, padding, dilation, False, [0] * (x.dim() - 2), groups,
             [need_x, need_gradw, False])
     if gradw_route:
         d_kp, d_kd = _reduce_gradw(grad_w, pointwise, depthwise, groups, order)
