@@ -60,18 +60,21 @@ def _torch_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, pa
 
 
 def _reduce_gradw(grad_weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str):
-    """dKp, dKd from the full weight gradient gradW = ∂L/∂(K0 + ΔK) (the route for 1×1 and 1×2 kernels)."""
+    """dKp, dKd from the full weight gradient gradW = ∂L/∂(K0 + ΔK) (the route for 1×1 and 1×2 kernels).
+
+    Broadcast multiply-and-sum rather than einsum: with one or two taps, einsum's batched GEMMs cost more than
+    the arithmetic.
+    """
     c_out, c_in_g = pointwise.shape
-    gw = grad_weight.flatten(2)  # [C_out, C_in/g, T]
+    taps = depthwise[0].numel()
     if order == "pointwise_first":
-        kd = depthwise.flatten(1)
-        return torch.einsum("oct,ot->oc", gw, kd), torch.einsum("oct,oc->ot", gw, pointwise).view_as(depthwise)
-    gw = gw.view(groups, c_out // groups, c_in_g, -1)
-    kp = pointwise.view(groups, c_out // groups, c_in_g)
-    kd = depthwise.reshape(groups, c_in_g, -1)
-    d_kp = torch.einsum("goct,gct->goc", gw, kd).reshape(c_out, c_in_g)
-    d_kd = torch.einsum("goct,goc->gct", gw, kp).reshape(depthwise.shape)
-    return d_kp, d_kd
+        gw = grad_weight.reshape(c_out, c_in_g, taps)
+        kd = depthwise.reshape(c_out, 1, taps)
+        return (gw * kd).sum(2), (gw * pointwise.unsqueeze(2)).sum(1).view_as(depthwise)
+    gw = grad_weight.reshape(groups, c_out // groups, c_in_g, taps)
+    kp = pointwise.reshape(groups, c_out // groups, c_in_g, 1)
+    kd = depthwise.reshape(groups, 1, c_in_g, taps)
+    return (gw * kd).sum(3).reshape(c_out, c_in_g), (gw * kp).sum(1).reshape(depthwise.shape)
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
