@@ -1,4 +1,6 @@
 """Small helpers shared by the layers, the reference and the backends: conv hyper-parameter normalisation."""
+import math
+import os
 from typing import List, Sequence, Tuple, Union
 
 import torch.nn.functional as F
@@ -47,3 +49,32 @@ def f_pad_arg(amounts: Sequence[Tuple[int, int]]) -> List[int]:
     for before, after in reversed(amounts):
         out += [before, after]
     return out
+
+
+ROUTES = ("cheap", "gradw")
+# A depthwise-stencil multiply-add costs about this many GEMM multiply-adds: stencils are memory-bound.
+STENCIL_COST = 4
+
+
+def adapter_grad_route(x_shape: Sequence[int], weight_shape: Sequence[int], out_shape: Sequence[int],
+                       order: str) -> str:
+    """The cheaper way to the adapter gradients of this conv (DESIGN §5), by counting multiply-adds.
+
+    "gradw": the full weight gradient (N·HWo·C_out·C_in/g·T), then small reductions. "cheap": two 1×1 GEMMs at
+    Z1's resolution plus two depthwise stencils of T taps, the stencils weighted by STENCIL_COST. The
+    environment variable COLORA_GRAD_ROUTE ("cheap" or "gradw") overrides the choice.
+    """
+    forced = os.environ.get("COLORA_GRAD_ROUTE", "")
+    if forced:
+        if forced not in ROUTES:
+            raise ValueError(f"COLORA_GRAD_ROUTE={forced!r}; choose one of {ROUTES}")
+        return forced
+    n, c_in = x_shape[0], x_shape[1]
+    c_out, c_in_g = weight_shape[0], weight_shape[1]
+    taps, hw_in, hw_out = math.prod(weight_shape[2:]), math.prod(x_shape[2:]), math.prod(out_shape[2:])
+    gradw = n * hw_out * c_out * c_in_g * taps
+    if order == "pointwise_first":
+        cheap = 2 * n * hw_in * c_out * c_in_g + STENCIL_COST * 2 * n * c_out * hw_out * taps
+    else:
+        cheap = 2 * n * hw_out * c_out * c_in_g + STENCIL_COST * 2 * n * c_in * hw_out * taps
+    return "cheap" if cheap < gradw else "gradw"

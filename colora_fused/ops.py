@@ -6,15 +6,16 @@ and Δb. Both take `backend` ("torch" or "triton") and dispatch inside, so `torc
 and no graph break, whichever backend runs them.
 
 The `torch` backend merges the weight once and runs one cuDNN/oneDNN convolution forward; its backward gets
-the input gradient through the merged weight and the adapter gradients by the route of DESIGN §5 that is
-cheaper for the layer's kernel size, never through a full weight gradient when the kernel has more than two taps.
+the input gradient through the merged weight and the adapter gradients by whichever route of DESIGN §5 costs
+fewer multiply-adds for the layer (`_conv.adapter_grad_route`): for k×k kernels over many channels that is the
+cheap route, which never forms the full weight gradient.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._conv import CONV_FNS
+from ._conv import CONV_FNS, adapter_grad_route
 
 
 
@@ -41,11 +42,6 @@ def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: 
                            pointwise.reshape(groups, c_out // groups, c_in_g, *ones),
                            depthwise.reshape(groups, 1, c_in_g, *k))
     return merged.reshape(weight.shape)
-
-
-def uses_gradw_route(kernel_size: Sequence[int]) -> bool:
-    """DESIGN §5: the adapter-gradient route through the full weight gradient is cheaper for ≤ 2 taps."""
-    return torch.Size(kernel_size).numel() <= 2
 
 
 def _summed_bias(bias: Optional[Tensor], bias_delta: Optional[Tensor]) -> Optional[Tensor]:
@@ -130,7 +126,7 @@ def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilatio
 def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
                     need_x, need_weight):
     """Gradients of x (or None), K0 (or None), Kp and Kd for the torch backend."""
-    gradw_route = uses_gradw_route(weight.shape[2:])
+    gradw_route = adapter_grad_route(x.shape, weight.shape, grad.shape, order) == "gradw"
     need_gradw = need_weight or gradw_route
     grad_x = grad_w = None
     if need_x or need_gradw:
@@ -161,7 +157,8 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
         grad_x = colora_conv_backward_input(grad, weight, pointwise, depthwise, tuple(x.shape), channels_last,
                                             stride, padding, dilation, groups, order)
     d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
-                                                  dilation, groups, order, False)
+                                                  dilation, groups, order, False,
+                                                  route=adapter_grad_route(x.shape, weight.shape, grad.shape, order))
     grad_w = None
     if need_weight:
         nd = x.dim() - 2
