@@ -90,7 +90,7 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
                 ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order, name)
                 if training:
                     ops.conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups,
-                                      order, name, True, False)
+                                      order, name, True, False, True)
 
         times = {name: _time_ms(lambda: step(name), x.device) for name in candidates}
         _FASTEST[key] = min(times, key=times.get)
@@ -99,15 +99,22 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
     return _FASTEST[key]
 
 
-def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str:
-    """The backend for this call: `auto` → COLORA_BACKEND if set, else "auto-cuda" where triton runs, else torch.
-
-    "auto-cuda" means: triton or torch, whichever `fastest_backend` measures faster for the shape (decided once
-    the padding is known, in `colora_conv`); set COLORA_AUTOTUNE=0 to always take triton there.
-    """
+def requested_backend(backend: str) -> str:
+    """`backend`, with `auto` replaced by COLORA_BACKEND when that is set."""
     check_backend(backend)
     if backend == "auto":
-        backend = check_backend(os.environ.get("COLORA_BACKEND", "auto") or "auto")
+        return check_backend(os.environ.get("COLORA_BACKEND", "auto") or "auto")
+    return backend
+
+
+def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str:
+    """The backend for a call on these (padded, autocast) tensors: `auto` → COLORA_BACKEND if set, else
+    "auto-cuda" where triton runs, else torch.
+
+    "auto-cuda" means: triton or torch, whichever `fastest_backend` measures faster for the shape (decided in
+    `colora_conv`); set COLORA_AUTOTUNE=0 to always take triton there.
+    """
+    backend = requested_backend(backend)
     if backend == "auto":
         if x.is_cuda and triton_unsupported_reason(x, weight, groups) is None:
             return "auto-cuda"
@@ -143,8 +150,7 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
-    backend = resolve_backend(backend, x, weight, groups)
-    if backend == "reference":
+    if requested_backend(backend) == "reference":
         out = colora_conv_reference(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
                                     groups, padding_mode, order)
         return out.squeeze(0) if unbatched else out
@@ -166,6 +172,7 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
         x, weight, bias, pointwise, depthwise, bias_delta = (
             t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, weight, bias, pointwise, depthwise, bias_delta))
+    backend = resolve_backend(backend, x, weight, groups)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if backend == "auto-cuda":

@@ -114,6 +114,9 @@ def load_colora_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> N
            for name, layer in colora_layers(model)
            for key, p in (("pointwise", layer.pointwise), ("depthwise", layer.depthwise),
                           ("bias_delta", layer.bias_delta)) if p is not None}
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"load_colora_state_dict: not tensors: {', '.join(not_tensors)} (nothing was loaded)")
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     misshaped = sorted(f"{k}: {tuple(state_dict[k].shape)} vs {tuple(p.shape)}"

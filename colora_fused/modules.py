@@ -94,6 +94,9 @@ class _CoLoRAConvNd:
         if bound >= torch.finfo(self.weight.dtype).max and not finite(self.weight + self.delta_weight()):
             raise ValueError(f"{type(self).__name__}: K0 + ΔK overflows {self.weight.dtype}; merge refused, "
                              "weights unchanged")
+        if self.bias is not None and self.bias_delta is not None and not finite(self.bias + self.bias_delta):
+            raise ValueError(f"{type(self).__name__}: b0 + Δb overflows {self.bias.dtype}; merge refused, "
+                             "weights unchanged")
 
     @torch.no_grad()
     def merge_(self):

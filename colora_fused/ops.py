@@ -10,6 +10,7 @@ the input gradient through the merged weight and the adapter gradients by whiche
 fewer multiply-adds for the layer (`_conv.adapter_grad_route`): for k×k kernels over many channels that is the
 cheap route, which never forms the full weight gradient.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -124,9 +125,9 @@ def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilatio
 
 
 def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
-                    need_x, need_weight):
-    """Gradients of x (or None), K0 (or None), Kp and Kd for the torch backend."""
-    gradw_route = adapter_grad_route(x.shape, weight.shape, grad.shape, order) == "gradw"
+                    need_x, need_weight, need_adapters):
+    """Gradients of x, K0, Kp and Kd for the torch backend, each None when not needed."""
+    gradw_route = need_adapters and adapter_grad_route(x.shape, weight.shape, grad.shape, order) == "gradw"
     need_gradw = need_weight or gradw_route
     grad_x = grad_w = None
     if need_x or need_gradw:
@@ -134,41 +135,52 @@ def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dila
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, merged, None, stride, padding, dilation, False, [0] * (x.dim() - 2), groups,
             [need_x, need_gradw, False])
+    d_kp = d_kd = None
     if gradw_route:
         d_kp, d_kd = _reduce_gradw(grad_w, pointwise, depthwise, groups, order)
-    else:
+    elif need_adapters:
         d_kp, d_kd = _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
     return grad_x, (grad_w if need_weight else None), d_kp, d_kd
 
 
+def _conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, ...]:
+    spatial = ((size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    return (x.shape[0], weight.shape[0], *spatial)
+
+
 def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
     from .kernels.conv_fwd import colora_conv_forward
+    out = torch.empty(_conv_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                      memory_format=_memory_format(x))
     return colora_conv_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
-                               groups, order)
+                               groups, order, out=out)
 
 
 def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
-                     need_x, need_weight):
+                     need_x, need_weight, need_adapters):
     from .kernels.conv_bwd import colora_conv_backward_adapters, colora_conv_backward_input
-    grad_x = None
+    grad_x = grad_w = d_kp = d_kd = None
     if need_x:
-        channels_last = x.dim() > 3 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        channels_last = _memory_format(x) != torch.contiguous_format
         grad_x = colora_conv_backward_input(grad, weight, pointwise, depthwise, tuple(x.shape), channels_last,
                                             stride, padding, dilation, groups, order)
-    d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
-                                                  dilation, groups, order, False,
-                                                  route=adapter_grad_route(x.shape, weight.shape, grad.shape, order))
-    grad_w = None
+    if need_adapters:
+        d_kp, d_kd, _ = colora_conv_backward_adapters(
+            x, grad, weight, pointwise, depthwise, stride, padding, dilation, groups, order, False,
+            route=adapter_grad_route(x.shape, weight.shape, grad.shape, order))
     if need_weight:
-        nd = x.dim() - 2
         grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
-                                                     [0] * nd, groups, [False, True, False])[1]
+                                                     [0] * (x.dim() - 2), groups, [False, True, False])[1]
     return grad_x, grad_w, d_kp, d_kd
 
 
 _FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
 _BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
+
+# One layout rule for both backends and the fake (meta) functions, so that torch.compile's stride assumptions
+# hold: outputs and dx are channels_last exactly when x is, dK0 follows K0's layout, adapter gradients are
+# contiguous.
 
 
 @torch.library.custom_op("colora_fused::conv", mutates_args=())
@@ -176,32 +188,37 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, d
          bias_delta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], groups: int,
          order: str, backend: str) -> Tensor:
     """O = (K0 + ΔK) ⊛ x + b0 + Δb with symmetric zero padding; `backend` is "torch" or "triton"."""
-    return _FORWARD[backend](x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
-                             groups, order)
+    out = _FORWARD[backend](x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
+                            groups, order)
+    return out.contiguous(memory_format=_memory_format(x))
 
 
 @conv.register_fake
 def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend):
-    return CONV_FNS[weight.dim() - 2](x, weight, None, stride, padding, dilation, groups)
+    return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation)).contiguous(
+        memory_format=_memory_format(x))
 
 
 @torch.library.custom_op("colora_fused::conv_backward", mutates_args=())
 def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor,
                   stride: List[int], padding: List[int], dilation: List[int], groups: int, order: str,
-                  backend: str, need_x: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dK0, dKp, dKd); dx and dK0 are empty tensors when not asked for (custom ops return no None)."""
-    grad_x, grad_w, d_kp, d_kd = _BACKWARD[backend](grad, x, weight, pointwise, depthwise, stride, padding,
-                                                    dilation, groups, order, need_x, need_weight)
-    return (grad.new_empty(0) if grad_x is None else grad_x, grad.new_empty(0) if grad_w is None else grad_w,
-            d_kp, d_kd)
+                  backend: str, need_x: bool, need_weight: bool, need_adapters: bool
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dK0, dKp, dKd); a gradient not asked for is an empty tensor (custom ops return no None)."""
+    grads = _BACKWARD[backend](grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
+                               need_x, need_weight, need_adapters)
+    layouts = (_memory_format(x), _memory_format(weight), torch.contiguous_format, torch.contiguous_format)
+    return tuple(grad.new_empty(0) if g is None else g.contiguous(memory_format=f) for g, f in zip(grads, layouts))
 
 
 @conv_backward.register_fake
 def _(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend, need_x,
-      need_weight):
-    return (torch.empty_like(x) if need_x else grad.new_empty(0),
-            torch.empty_like(weight) if need_weight else grad.new_empty(0),
-            torch.empty_like(pointwise), torch.empty_like(depthwise))
+      need_weight, need_adapters):
+    def like(t, needed):
+        return t.new_empty(t.shape).contiguous(memory_format=_memory_format(t)) if needed else grad.new_empty(0)
+
+    return (like(x, need_x), like(weight, need_weight), like(pointwise, need_adapters),
+            like(depthwise, need_adapters))
 
 
 def _setup_context(ctx, inputs, output):
@@ -214,7 +231,7 @@ def _backward(ctx, grad):
     x, weight, pointwise, depthwise = ctx.saved_tensors
     need_x, need_w, need_b, need_kp, need_kd, need_db = ctx.needs_input_grad[:6]
     grad_x, grad_w, d_kp, d_kd = torch.ops.colora_fused.conv_backward(
-        grad, x, weight, pointwise, depthwise, *ctx.conv_args, need_x, need_w)
+        grad, x, weight, pointwise, depthwise, *ctx.conv_args, need_x, need_w, need_kp or need_kd)
     d_bias = grad.sum([0, *range(2, grad.dim())]) if (need_b or need_db) else None
     return (grad_x if need_x else None, grad_w if need_w else None, d_bias if need_b else None,
             d_kp if need_kp else None, d_kd if need_kd else None, d_bias if need_db else None,
@@ -224,17 +241,27 @@ def _backward(ctx, grad):
 torch.library.register_autograd("colora_fused::conv", _backward, setup_context=_setup_context)
 
 
-def _conv_flops(x_shape, weight_shape, out_shape) -> int:
-    """FLOPs of the merged convolution: 2 · N · prod(out spatial) · C_out · C_in/groups · prod(k)."""
-    return 2 * out_shape[0] * torch.Size(out_shape[2:]).numel() * torch.Size(weight_shape).numel()
-
-
-def _register_flop_formula():
+def _register_flop_formulas():
+    """FLOPs for torch.utils.flop_counter: F = 2·N·prod(out spatial)·C_out·C_in/groups·prod(k) per merged conv;
+    the backward counts F for dx and dK0 each and its adapter route's cost (DESIGN §5)."""
     from torch.utils.flop_counter import register_flop_formula
+
+    def merged_conv(x_shape, weight_shape, out_shape) -> int:
+        return 2 * out_shape[0] * math.prod(out_shape[2:]) * math.prod(weight_shape)
 
     @register_flop_formula(torch.ops.colora_fused.conv)
     def _(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-        return _conv_flops(x_shape, weight_shape, out_shape)
+        return merged_conv(x_shape, weight_shape, out_shape)
+
+    @register_flop_formula(torch.ops.colora_fused.conv_backward)
+    def _(grad_shape, x_shape, weight_shape, pointwise_shape, depthwise_shape, stride, padding, dilation, groups,
+          order, backend, need_x, need_weight, need_adapters, out_shape=None, **kwargs) -> int:
+        f = merged_conv(x_shape, weight_shape, grad_shape)
+        adapters = 0
+        if need_adapters:
+            route = adapter_grad_route(x_shape, weight_shape, grad_shape, order)
+            adapters = f if route == "gradw" else 2 * f // math.prod(weight_shape[2:])
+        return f * (int(need_x) + int(need_weight)) + adapters
 
 
-_register_flop_formula()
+_register_flop_formulas()

@@ -116,12 +116,13 @@ def test_opcheck_conv(order, dtype, bias, channels_last, dim, groups):
     torch.library.opcheck(torch.ops.colora_fused.conv.default, args)
 
 
-@pytest.mark.parametrize("need_x, need_weight", [(True, False), (False, False), (True, True)],
-                         ids=["dx", "adapters-only", "dx-dweight"])
+@pytest.mark.parametrize("need_x, need_weight, need_adapters",
+                         [(True, False, True), (False, False, True), (True, True, True), (True, False, False)],
+                         ids=["dx", "adapters-only", "dx-dweight", "dx-only"])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("kernel", [3, 1], ids=["k3", "k1-gradw-route"])
-def test_opcheck_conv_backward(kernel, dtype, order, need_x, need_weight):
+def test_opcheck_conv_backward(kernel, dtype, order, need_x, need_weight, need_adapters):
     g = torch.Generator().manual_seed(1)
     c_in, c_out, groups = 4, 6, 2
     x = torch.randn(2, c_in, 7, 6, generator=g, dtype=dtype)
@@ -130,7 +131,8 @@ def test_opcheck_conv_backward(kernel, dtype, order, need_x, need_weight):
     kd = torch.randn(c_out if order == "pointwise_first" else c_in, kernel, kernel, generator=g, dtype=dtype)
     pad = kernel // 2
     grad = torch.randn(2, c_out, 7, 6, generator=g, dtype=dtype)
-    args = (grad, x, weight, kp, kd, [1, 1], [pad, pad], [1, 1], groups, order, "torch", need_x, need_weight)
+    args = (grad, x, weight, kp, kd, [1, 1], [pad, pad], [1, 1], groups, order, "torch", need_x, need_weight,
+            need_adapters)
     torch.library.opcheck(torch.ops.colora_fused.conv_backward.default, args)
 
 

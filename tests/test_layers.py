@@ -379,6 +379,17 @@ def test_merge_overflowing_delta_raises_and_changes_nothing():
     assert_snapshot_equal(layer, snap)
 
 
+def test_merge_overflowing_bias_raises_and_changes_nothing():
+    layer = randomize_adapters_(cf.CoLoRAConv2d(3, 4, 3, dtype=torch.float16))
+    with torch.no_grad():
+        layer.bias[2] = 6e4
+        layer.bias_delta[2] = 6e4  # each finite in fp16, their sum is not
+    snap = snapshot(layer)
+    with pytest.raises(ValueError, match="overflows"):
+        layer.merge_()
+    assert_snapshot_equal(layer, snap)
+
+
 def test_merge_non_finite_bias_delta_into_bias_free_conv_changes_nothing():
     layer = randomize_adapters_(cf.CoLoRAConv2d(3, 4, 3, bias=False, train_bias=True))
     with torch.no_grad():

@@ -297,7 +297,7 @@ def test_load_colora_state_dict_round_trip(pristine, tmp_path):
         assert torch.equal(target(x), source(x))
 
 
-@pytest.mark.parametrize("problem", ["missing", "unexpected", "mis-shaped"])
+@pytest.mark.parametrize("problem", ["missing", "unexpected", "mis-shaped", "not-a-tensor"])
 def test_load_colora_state_dict_mismatch_changes_nothing(pristine, problem):
     source, target = pristine("resnet18"), pristine("resnet18")
     cf.apply_colora(source)
@@ -312,6 +312,8 @@ def test_load_colora_state_dict_mismatch_changes_nothing(pristine, problem):
     elif problem == "unexpected":
         bad_key = "layer9.0.conv1.pointwise"
         sd[bad_key] = torch.zeros(3, 3)
+    elif problem == "not-a-tensor":
+        sd[bad_key] = sd[bad_key].tolist()
     else:
         sd[bad_key] = torch.zeros(sd[bad_key].shape[0] + 1, *sd[bad_key].shape[1:])
     before = {k: v.detach().clone() for k, v in cf.colora_state_dict(target).items()}

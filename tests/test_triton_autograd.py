@@ -58,3 +58,31 @@ def test_compiled_model_on_triton_backend_matches_eager():
     (gx_compiled,) = torch.autograd.grad(compiled.square().sum(), x)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gx_compiled, gx_eager, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_under_autocast_runs_in_the_autocast_dtype():
+    """Layers after the first get a half-precision x and fp32 weights: autocast must cast before dispatch."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).to(DEVICE)
+    cf.apply_colora(model, backend="triton")
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).to(DEVICE)
+    reference.load_state_dict(model.state_dict(), strict=False)
+    cf.apply_colora(reference, backend="reference")
+    for (_, a), (_, b) in zip(cf.colora_layers(model), cf.colora_layers(reference)):
+        with torch.no_grad():
+            a.depthwise.normal_()
+            b.pointwise.copy_(a.pointwise)
+            b.depthwise.copy_(a.depthwise)
+    x = torch.randn(2, 3, 9, 9, device=DEVICE)
+    outs = []
+    for m in (model, reference):
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = m(x)
+        y.float().square().mean().backward()
+        outs.append(y)
+    assert outs[0].dtype == dtype
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=3e-2, rtol=3e-2)
+    for (_, a), (_, b) in zip(cf.colora_layers(model), cf.colora_layers(reference)):
+        assert a.depthwise.grad.dtype == torch.float32
+        torch.testing.assert_close(a.depthwise.grad, b.depthwise.grad, atol=5e-2, rtol=5e-2)

@@ -30,10 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-_ORDERS = ("pointwise_first", "depthwise_first")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ROUTES = ("cheap", "gradw")
-_HINT = 'pass backend="torch" to colora_conv (or the CoLoRA layer) to use the PyTorch backward instead'
+from .._conv import ORDERS as _ORDERS, ROUTES as _ROUTES
+from .conv_fwd import DTYPES as _DTYPES, TritonBackendError, TritonBackendTypeError, backend_error
 
 
 def _interpreting() -> bool:
@@ -511,7 +509,7 @@ def _gradw_adapter_kernel(
 
 
 def _fail(exc, message: str):
-    raise exc(f"colora_fused triton backend: {message}; {_HINT}")
+    raise backend_error(message, TritonBackendTypeError if exc is TypeError else TritonBackendError)
 
 
 def _check_tensors(**tensors: torch.Tensor) -> torch.device:
@@ -520,6 +518,9 @@ def _check_tensors(**tensors: torch.Tensor) -> torch.device:
             _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             _fail(TypeError, f"{name} has dtype {t.dtype}; the kernels take float32, float16 or bfloat16")
+        if t.dim() > 1 and sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+            _fail(ValueError, f"one sample of {name} {tuple(t.shape)} spans 2³¹ elements or more, past the "
+                  "kernels' int32 per-sample offsets")
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         _fail(ValueError, "tensors on different devices ("
