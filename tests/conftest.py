@@ -1,13 +1,17 @@
-"""Test setup: Triton kernels run on CPU tensors in the interpreter when no GPU is present.
+"""Test setup: Triton kernels run on CPU tensors in the interpreter when no GPU is present; on a GPU they run
+one fixed config each instead of autotuning every tiny test shape.
 
-TRITON_INTERPRET must be set before triton is first imported, which is why it is set here, at collection.
+Both variables are read when triton and the kernels are first imported, which is why they are set here, at
+collection.
 """
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+if torch.cuda.is_available():
+    os.environ.setdefault("COLORA_TRITON_AUTOTUNE", "0")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

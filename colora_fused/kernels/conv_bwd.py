@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._conv import ORDERS as _ORDERS, ROUTES as _ROUTES
-from .conv_fwd import DTYPES as _DTYPES, TritonBackendError, TritonBackendTypeError, backend_error
+from .conv_fwd import DTYPES as _DTYPES, FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error
 
 
 def _interpreting() -> bool:
@@ -39,7 +39,7 @@ def _interpreting() -> bool:
 
 
 def _bwd_input_configs():
-    if _interpreting():
+    if FIXED_CONFIG:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -180,7 +180,7 @@ def _conv_bwd_input_kernel(
 
 def _channel_gemm_configs():
     """BLOCK_K (positions per step), warps and stages; the launcher sets the channel tiles (BLOCK_M, BLOCK_N)."""
-    if _interpreting():
+    if FIXED_CONFIG:
         return [triton.Config({"BLOCK_K": 64})]
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4)]]
@@ -286,7 +286,7 @@ def _pointwise_grad_kernel(
 def _depthwise_grad_configs():
     """BLOCK_M (positions per row tile), BLOCK_K (the 1×1 GEMM's channel step), warps, stages; the launcher sets
     BLOCK_N (channels)."""
-    if _interpreting():
+    if FIXED_CONFIG:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 16})]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bk, w, s in [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]]
@@ -392,7 +392,7 @@ def _depthwise_grad_kernel(
 
 
 def _channel_sum_configs():
-    if _interpreting():
+    if FIXED_CONFIG:
         return [triton.Config({"BLOCK_M": 64})]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]]
 

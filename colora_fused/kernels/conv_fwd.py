@@ -7,6 +7,7 @@
 Conv1d/2d/3d share one kernel over (D, H, W): missing leading spatial dims get size 1 and stride 0, so no
 tensor is copied or reshaped. Every tensor is addressed through its strides (NCHW or channels_last alike).
 """
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -16,6 +17,9 @@ import triton.language as tl
 from .._conv import ORDERS
 
 INTERPRET = triton.knobs.runtime.interpret
+# One fixed config instead of autotuning: always under the interpreter, and on a GPU when COLORA_TRITON_AUTOTUNE=0
+# (the CUDA tests set it: autotuning every tiny test shape would cost more than the tests).
+FIXED_CONFIG = INTERPRET or os.environ.get("COLORA_TRITON_AUTOTUNE") == "0"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _WAY_OUT = 'use backend="torch" for this case'
 
@@ -112,7 +116,7 @@ def forward_configs():
 
 
 def interpreter_config():
-    """The one config used under TRITON_INTERPRET=1 (autotuning bypassed): small tiles keep the interpreter fast."""
+    """The one config used when autotuning is bypassed (FIXED_CONFIG): small tiles keep the interpreter fast."""
     return triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)
 
 
@@ -333,7 +337,7 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]),)
 
     with torch.cuda.device_of(x):
-        if INTERPRET:
+        if FIXED_CONFIG:
             cfg = _fit_configs([interpreter_config()], {"C_OUT_G": c_out_g, "C_IN_G": c_in_g})[0]
             _colora_conv_fwd_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                           num_stages=cfg.num_stages)
