@@ -11,6 +11,7 @@ fewer multiply-adds for the layer (`_conv.adapter_grad_route`): for k×k kernels
 cheap route, which never forms the full weight gradient.
 """
 import math
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -32,17 +33,40 @@ def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) 
     return (kp * kd).reshape(c_out, c_in_g, *k)
 
 
-def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str) -> Tensor:
-    """K0 + ΔK in one fused pass (addcmul), shaped like K0."""
+def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
+                  out: Optional[Tensor] = None) -> Tensor:
+    """K0 + ΔK in one fused pass (addcmul), shaped like K0 (written into `out` when given)."""
     c_out, c_in_g = pointwise.shape
     k = depthwise.shape[1:]
     ones = (1,) * len(k)
     if order == "pointwise_first":
-        return torch.addcmul(weight, pointwise.reshape(c_out, c_in_g, *ones), depthwise.unsqueeze(1))
-    merged = torch.addcmul(weight.reshape(groups, c_out // groups, c_in_g, *k),
-                           pointwise.reshape(groups, c_out // groups, c_in_g, *ones),
-                           depthwise.reshape(groups, 1, c_in_g, *k))
+        return torch.addcmul(weight, pointwise.reshape(c_out, c_in_g, *ones), depthwise.unsqueeze(1), out=out)
+    shape = (groups, c_out // groups, c_in_g, *k)
+    merged = torch.addcmul(weight.reshape(shape), pointwise.reshape(groups, c_out // groups, c_in_g, *ones),
+                           depthwise.reshape(groups, 1, c_in_g, *k), out=None if out is None else out.view(shape))
     return merged.reshape(weight.shape)
+
+
+_WORKSPACES = threading.local()
+
+
+def _merged_weight_workspace(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int,
+                             order: str) -> Tensor:
+    """K0 + ΔK for the torch backend.
+
+    On CPU it is written into a buffer kept per weight shape, layout and dtype (and per thread): a fresh
+    weight-sized allocation every forward and backward costs page faults that exceed the merge itself. Sharing
+    the buffer between layers is safe because it is fully rewritten before each use and consumed at once.
+    """
+    if weight.device.type != "cpu":
+        return merged_weight(weight, pointwise, depthwise, groups, order)
+    buffers = getattr(_WORKSPACES, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACES.buffers = {}
+    key = (tuple(weight.shape), weight.stride(), weight.dtype)
+    if key not in buffers:
+        buffers[key] = torch.empty_like(weight)
+    return merged_weight(weight, pointwise, depthwise, groups, order, out=buffers[key])
 
 
 def _summed_bias(bias: Optional[Tensor], bias_delta: Optional[Tensor]) -> Optional[Tensor]:
@@ -52,7 +76,7 @@ def _summed_bias(bias: Optional[Tensor], bias_delta: Optional[Tensor]) -> Option
 
 
 def _torch_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
-    merged = merged_weight(weight, pointwise, depthwise, groups, order)
+    merged = _merged_weight_workspace(weight, pointwise, depthwise, groups, order)
     return CONV_FNS[weight.dim() - 2](x, merged, _summed_bias(bias, bias_delta), stride, padding, dilation, groups)
 
 
@@ -131,7 +155,7 @@ def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dila
     need_gradw = need_weight or gradw_route
     grad_x = grad_w = None
     if need_x or need_gradw:
-        merged = merged_weight(weight, pointwise, depthwise, groups, order)
+        merged = _merged_weight_workspace(weight, pointwise, depthwise, groups, order)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, merged, None, stride, padding, dilation, False, [0] * (x.dim() - 2), groups,
             [need_x, need_gradw, False])
