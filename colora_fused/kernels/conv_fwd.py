@@ -259,28 +259,35 @@ _colora_conv_fwd_autotuned = triton.autotune(
 )(_colora_conv_fwd_kernel)
 
 
-def _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
-    problem = _forward_problem(x, weight, groups)
-    if problem:
-        raise backend_error(problem[1], problem[0])
-    tensors = (x, weight, bias, pointwise, depthwise, bias_delta)
-    names = ("x", "weight", "bias", "pointwise", "depthwise", "bias_delta")
-    problem = dtype_problem(tensors, names)
+def check_conv_tensors(tensors: dict, weight: torch.Tensor, groups: int, order: str) -> None:
+    """Checks shared by the forward and merge launchers: dtypes, one device, the order, and the shapes of
+    bias, pointwise, depthwise and bias_delta (those present in `tensors`, None allowed) against `weight`."""
+    names, values = list(tensors), list(tensors.values())
+    problem = dtype_problem(values, names)
     if problem:
         raise backend_error(problem, TritonBackendTypeError)
-    problem = device_problem(tensors)
+    problem = device_problem(values)
     if problem:
         raise backend_error(problem)
     if order not in ORDERS:
         raise backend_error(f"unknown order {order!r}; choose one of {ORDERS}")
-    nd = x.dim() - 2
     c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
-    kd_channels = c_out if order == "pointwise_first" else x.shape[1]
+    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
     expected = {"pointwise": (c_out, c_in_g), "depthwise": (kd_channels, *kernel), "bias": (c_out,),
                 "bias_delta": (c_out,)}
-    for name, t in zip(names[2:], tensors[2:]):
-        if t is not None and tuple(t.shape) != expected[name]:
-            raise backend_error(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} for {order}")
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise backend_error(f"{name} has shape {tuple(t.shape)}, expected {shape} for {order}")
+
+
+def _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
+    problem = _forward_problem(x, weight, groups)
+    if problem:
+        raise backend_error(problem[1], problem[0])
+    check_conv_tensors(dict(x=x, weight=weight, bias=bias, pointwise=pointwise, depthwise=depthwise,
+                            bias_delta=bias_delta), weight, groups, order)
+    nd = x.dim() - 2
     for name, values, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if len(values) != nd or any(int(v) < low for v in values):
             raise backend_error(f"{name}={tuple(values)} must be {nd} ints >= {low} (symmetric zero padding only)")

@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._conv import ORDERS
-from .conv_fwd import TritonBackendTypeError, backend_error, device_problem, dtype_problem
+from .conv_fwd import backend_error, check_conv_tensors
 
 
 def merge_config():
@@ -73,25 +72,10 @@ def _pad_strides(t: torch.Tensor, lead: int):
 
 
 def _check_merge(weight, bias, pointwise, depthwise, bias_delta, groups, order):
-    tensors = (weight, bias, pointwise, depthwise, bias_delta)
-    names = ("weight", "bias", "pointwise", "depthwise", "bias_delta")
-    problem = dtype_problem(tensors, names)
-    if problem:
-        raise backend_error(problem, TritonBackendTypeError)
-    problem = device_problem(tensors)
-    if problem:
-        raise backend_error(problem)
-    if order not in ORDERS:
-        raise backend_error(f"unknown order {order!r}; choose one of {ORDERS}")
     if weight.dim() not in (3, 4, 5) or groups < 1 or weight.shape[0] % groups:
         raise backend_error(f"weight {tuple(weight.shape)} with groups={groups} is not a 1d/2d/3d conv weight")
-    c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
-    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
-    expected = {"bias": (c_out,), "pointwise": (c_out, c_in_g), "depthwise": (kd_channels, *kernel),
-                "bias_delta": (c_out,)}
-    for name, t in zip(names[1:], tensors[1:]):
-        if t is not None and tuple(t.shape) != expected[name]:
-            raise backend_error(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} for {order}")
+    check_conv_tensors(dict(weight=weight, bias=bias, pointwise=pointwise, depthwise=depthwise,
+                            bias_delta=bias_delta), weight, groups, order)
 
 
 def _launch(weight, out, bias, pointwise, depthwise, bias_delta, groups, order):
