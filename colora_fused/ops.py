@@ -20,30 +20,32 @@ from torch import Tensor
 from ._conv import CONV_FNS, adapter_grad_route
 
 
+def _factor_views(pointwise: Tensor, depthwise: Tensor, groups: int, order: str):
+    """Views of Kp and Kd whose elementwise product broadcasts to ΔK (DESIGN §1 table), and its shape there.
 
-def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) -> Tensor:
-    """ΔK = Kp ⊛ Kd shaped like K0 [C_out, C_in/groups, *k], differentiable (DESIGN §1 table)."""
+    pointwise_first: ΔK[o, c, t] = Kp[o, c]·Kd[o, t] in K0's own shape. depthwise_first: ΔK[o, c, t] =
+    Kp[o, c]·Kd[g(o)·C_in/groups + c, t], computed as [groups, C_out/groups, C_in/groups, *k].
+    """
     c_out, c_in_g = pointwise.shape
-    k = depthwise.shape[1:]
+    k = tuple(depthwise.shape[1:])
     ones = (1,) * len(k)
     if order == "pointwise_first":
-        return pointwise.reshape(c_out, c_in_g, *ones) * depthwise.unsqueeze(1)
-    kp = pointwise.reshape(groups, c_out // groups, c_in_g, *ones)
-    kd = depthwise.reshape(groups, 1, c_in_g, *k)
-    return (kp * kd).reshape(c_out, c_in_g, *k)
+        return pointwise.reshape(c_out, c_in_g, *ones), depthwise.unsqueeze(1), (c_out, c_in_g, *k)
+    return (pointwise.reshape(groups, c_out // groups, c_in_g, *ones), depthwise.reshape(groups, 1, c_in_g, *k),
+            (groups, c_out // groups, c_in_g, *k))
+
+
+def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) -> Tensor:
+    """ΔK = Kp ⊛ Kd shaped like K0 [C_out, C_in/groups, *k], differentiable."""
+    kp, kd, _ = _factor_views(pointwise, depthwise, groups, order)
+    return (kp * kd).reshape(*pointwise.shape, *depthwise.shape[1:])
 
 
 def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
                   out: Optional[Tensor] = None) -> Tensor:
     """K0 + ΔK in one fused pass (addcmul), shaped like K0 (written into `out` when given)."""
-    c_out, c_in_g = pointwise.shape
-    k = depthwise.shape[1:]
-    ones = (1,) * len(k)
-    if order == "pointwise_first":
-        return torch.addcmul(weight, pointwise.reshape(c_out, c_in_g, *ones), depthwise.unsqueeze(1), out=out)
-    shape = (groups, c_out // groups, c_in_g, *k)
-    merged = torch.addcmul(weight.reshape(shape), pointwise.reshape(groups, c_out // groups, c_in_g, *ones),
-                           depthwise.reshape(groups, 1, c_in_g, *k), out=None if out is None else out.view(shape))
+    kp, kd, shape = _factor_views(pointwise, depthwise, groups, order)
+    merged = torch.addcmul(weight.reshape(shape), kp, kd, out=None if out is None else out.view(shape))
     return merged.reshape(weight.shape)
 
 
