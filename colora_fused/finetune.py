@@ -652,6 +652,8 @@ def run(argv=None):
             save_history_csv(results, os.path.join(args.out, "summary.csv"))
         log("\n" + format_table(results))
         log(f"\noutputs in {os.path.abspath(args.out)}")
+        if ctx.active:
+            dist.barrier()  # no rank tears gloo/NCCL down while a peer still talks to it
         return results
     finally:
         if ctx.active:

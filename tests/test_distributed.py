@@ -77,6 +77,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 if not torch.equal(tensor, value):
                     raise AssertionError(f"rank {rank}: {key} differs from rank {other}")
         torch.save({"merged": merged, "after": after}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it (that aborts the peer)
     finally:
         dist.destroy_process_group()
 
