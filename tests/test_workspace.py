@@ -1,0 +1,44 @@
+"""The torch backend's CPU merge buffer is shared by same-shaped layers and kept per thread: concurrent use from
+several threads must give each caller its own correct result."""
+import threading
+
+import torch
+
+import colora_fused as cf
+
+
+def _layer(seed):
+    torch.manual_seed(seed)
+    layer = cf.CoLoRAConv2d(8, 8, 3, padding=1, backend="torch")
+    with torch.no_grad():
+        layer.depthwise.normal_()
+    return layer
+
+
+def _step(layer, x):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad()
+    out = layer(x)
+    out.square().sum().backward()
+    return out.detach(), x.grad, layer.pointwise.grad.clone(), layer.depthwise.grad.clone()
+
+
+def test_threads_sharing_a_weight_shape_get_their_own_results():
+    layers = [_layer(seed) for seed in range(4)]  # same weight shape: the same buffer key in every thread
+    inputs = [torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    expected = [_step(layer, x) for layer, x in zip(layers, inputs)]
+    failures = []
+
+    def work(i):
+        for _ in range(20):
+            got = _step(layers[i], inputs[i])
+            if not all(torch.allclose(g, e, rtol=1e-5, atol=1e-5) for g, e in zip(got, expected[i])):
+                failures.append(i)
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, f"threads {failures} saw another thread's merged weight"
