@@ -32,8 +32,10 @@ def test_threads_sharing_a_weight_shape_get_their_own_results():
     def work(i):
         for _ in range(20):
             got = _step(layers[i], inputs[i])
-            if not all(torch.allclose(g, e, rtol=1e-5, atol=1e-5) for g, e in zip(got, expected[i])):
-                failures.append(i)
+            # Scaled tolerance: concurrent threads may reduce in another order; another layer's weight is off by O(1).
+            errors = [((g - e).abs().max() / e.abs().max()).item() for g, e in zip(got, expected[i])]
+            if max(errors) > 1e-4:
+                failures.append((i, max(errors)))
                 return
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
@@ -41,4 +43,4 @@ def test_threads_sharing_a_weight_shape_get_their_own_results():
         t.start()
     for t in threads:
         t.join()
-    assert not failures, f"threads {failures} saw another thread's merged weight"
+    assert not failures, f"(thread, relative error) {failures}: another thread's merged weight?"
