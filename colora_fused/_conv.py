@@ -3,11 +3,26 @@ import math
 import os
 from typing import List, Sequence, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 
 ORDERS = ("pointwise_first", "depthwise_first")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton's interpreter is asked for (it runs the kernels on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def conv_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int]) -> Tuple[int, ...]:
+    """[N, C_out, *spatial] of a conv with symmetric zero padding."""
+    spatial = ((size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation))
+    return (x_shape[0], weight_shape[0], *spatial)
 
 
 def ntuple(value: Union[int, Sequence[int]], n: int) -> Tuple[int, ...]:

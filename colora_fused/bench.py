@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .functional import triton_available
+from .functional import timed_ms, triton_available
 from .model import apply_colora
 from .modules import CONV_TO_COLORA
 
@@ -219,20 +219,6 @@ def environment(cfg: Config) -> dict:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed_ms(fn: Callable[[], None], device: torch.device) -> float:
-    """Wall time of one call in ms; on CUDA between events recorded around it, after it has finished."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def quantiles(samples: Sequence[float]) -> Tuple[float, float, float]:

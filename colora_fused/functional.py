@@ -11,23 +11,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from ._conv import PADDING_MODES, check_order, f_pad_arg, ntuple, pad_amounts
+from ._conv import PADDING_MODES, TRITON_DTYPES, check_order, f_pad_arg, interpreter_enabled, ntuple, pad_amounts
 from .reference import colora_conv_reference
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     return backend
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -53,23 +48,24 @@ def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optiona
 _FASTEST: Dict[tuple, str] = {}
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    """Median time of `fn` in milliseconds (CUDA events on a GPU), after one warm-up call."""
+def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call in ms; on CUDA between events recorded around it, after it has finished."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return (time.perf_counter() - start) * 1e3
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Median of `repeats` timed calls of `fn` in ms, after one warm-up call."""
+    fn()
+    return sorted(timed_ms(fn, device) for _ in range(repeats))[repeats // 2]
 
 
 def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor, stride, padding, dilation,

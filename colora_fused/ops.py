@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._conv import CONV_FNS, adapter_grad_route
+from ._conv import CONV_FNS, adapter_grad_route, conv_output_shape
 
 
 def _factor_views(pointwise: Tensor, depthwise: Tensor, groups: int, order: str):
@@ -169,15 +169,9 @@ def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dila
     return grad_x, (grad_w if need_weight else None), d_kp, d_kd
 
 
-def _conv_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, ...]:
-    spatial = ((size + 2 * p - d * (k - 1) - 1) // s + 1
-               for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
-    return (x.shape[0], weight.shape[0], *spatial)
-
-
 def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
     from .kernels.conv_fwd import colora_conv_forward
-    out = torch.empty(_conv_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype, device=x.device,
+    out = torch.empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation), dtype=x.dtype, device=x.device,
                       memory_format=_memory_format(x))
     return colora_conv_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
                                groups, order, out=out)
@@ -221,7 +215,7 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, d
 
 @conv.register_fake
 def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend):
-    return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation)).contiguous(
+    return x.new_empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation)).contiguous(
         memory_format=_memory_format(x))
 
 

@@ -30,12 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._conv import ORDERS as _ORDERS, ROUTES as _ROUTES
+from .._conv import ORDERS as _ORDERS, ROUTES as _ROUTES, interpreter_enabled
 from .conv_fwd import DTYPES as _DTYPES, FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _bwd_input_configs():
@@ -526,7 +522,7 @@ def _check_tensors(**tensors: torch.Tensor) -> torch.device:
         _fail(ValueError, "tensors on different devices ("
               + ", ".join(f"{k}: {t.device}" for k, t in tensors.items()) + ")")
     device = devices.pop()
-    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+    if device.type != "cuda" and not (device.type == "cpu" and interpreter_enabled()):
         _fail(ValueError, f"tensors on {device} need a CUDA device (CPU tensors run only under TRITON_INTERPRET=1)")
     return device
 

@@ -14,13 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._conv import ORDERS
+from .._conv import ORDERS, TRITON_DTYPES, conv_output_shape
 
 INTERPRET = triton.knobs.runtime.interpret
 # One fixed config instead of autotuning: always under the interpreter, and on a GPU when COLORA_TRITON_AUTOTUNE=0
 # (the CUDA tests set it: autotuning every tiny test shape would cost more than the tests).
 FIXED_CONFIG = INTERPRET or os.environ.get("COLORA_TRITON_AUTOTUNE") == "0"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = TRITON_DTYPES
 _WAY_OUT = 'use backend="torch" for this case'
 
 
@@ -294,12 +294,11 @@ def _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, pa
 
 
 def output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> Tuple[int, ...]:
-    spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-                    zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
-    if any(s < 1 for s in spatial):
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    if any(s < 1 for s in shape[2:]):
         raise backend_error(f"input {tuple(x.shape)} is smaller than the dilated kernel {tuple(weight.shape[2:])} "
                             f"with padding {tuple(padding)}")
-    return (x.shape[0], weight.shape[0], *spatial)
+    return shape
 
 
 def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
