@@ -14,16 +14,19 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy>=1.22",
         "tqdm>=4.60",
+        "safetensors>=0.4",
     ],
     extras_require={
         "bench": ["matplotlib>=3.5", "peft>=0.10"],
         "finetune": ["matplotlib>=3.5", "scikit-learn>=1.1"],
-        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "matplotlib>=3.5", "scikit-learn>=1.1", "peft>=0.10"],
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "matplotlib>=3.5", "scikit-learn>=1.1", "peft>=0.10",
+                 "hypothesis>=6.0", "transformers>=4.30", "lightning>=2.0"],
     },
     entry_points={
         "console_scripts": [
             "colora-bench=colora_fused.bench:main",
             "colora-finetune=colora_fused.finetune:main",
+            "colora-audit=colora_fused.audit:main",
         ],
     },
 )
