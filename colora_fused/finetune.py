@@ -33,10 +33,26 @@ OCTMNIST (97k training images) leaves thousands of steps per period. Lower learn
 period can do (lr 1e-3, batch 32: every epoch 0.931, every 5 steps 0.918, at the end 0.936).
 
 Outputs (per strategy, under ``--out/<strategy>/``): ``history.json``/``history.csv`` (per-epoch train, val
-and test loss and accuracy), ``checkpoint.pt`` (resumable; written atomically every epoch), ``best.pt`` (the
-best-validation-accuracy model, merged, as a plain state dict), ``model_final.pt`` (the final merged plain
-model), ``metrics.json`` (accuracy, per-class recall/precision/specificity/AUC of the best model on the test
-split), ``confusion_matrix.png`` and ``roc.png``; ``summary.json``/``summary.csv`` under ``--out``.
+and test loss and accuracy, steps skipped), ``checkpoint.pt`` (resumable), ``best.safetensors`` (the
+best-validation-accuracy model) and ``model_final.safetensors`` (the final one), both merged plain models
+written by ``serialization.save_merged`` (no adapter keys; loadable into the unwrapped architecture without this
+package), ``metrics.json`` (accuracy, per-class recall/precision/specificity/AUC of the best model on the test
+split), ``confusion_matrix.png`` and ``roc.png``; ``summary.json``/``summary.csv`` and ``finetune.log`` (every
+progress line, time-stamped, appended across resumes) under ``--out``.
+
+Crash safety. Every file but the log is written by ``serialization.atomic_write`` (temporary file, fsync,
+rename, fsync of the folder), and an epoch's checkpoint is its last write, so a kill at any instant leaves the
+last checkpoint whole and ``--resume`` reproduces the uninterrupted run (bit for bit on the CPU). With
+``--resume``, every checkpoint is read and checked against this run's settings and model before anything
+trains; one that cannot be used stops the run with its path and the reason, and nothing is written.
+
+Non-finite training. A NaN/Inf loss or gradient stops the run before the update with a message naming the
+strategy, epoch and step; the last checkpoint stays as it was and no non-finite delta is merged. With
+``--skip-nonfinite`` such steps are skipped instead (as AMP's GradScaler skips them) and counted.
+
+Progress. On a terminal a progress bar; otherwise (a log, CI, ``--no-progress``) a line per phase and per
+epoch, and during an epoch at least every ``--log-every`` seconds (30), each with the elapsed time and what
+remains.
 
 Checkpoints hold what training changed: the adapters (``cf.colora_state_dict``) and the head, the buffers
 (BatchNorm statistics), the optimizer state, counters and RNG states. Once a merge has happened the merged
@@ -50,8 +66,11 @@ import argparse
 import copy
 import csv
 import importlib.util
+import io
 import json
+import math
 import os
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,17 +84,22 @@ from torch import nn
 import colora_fused as cf
 from . import metrics
 from .data import DataError, EpochSampler, load_data, load_digits_task, make_loader, subset, truncate_per_class
+from .serialization import atomic_write, load_merged, save_merged
 
 STRATEGIES = ("colora", "full", "head")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CHECKPOINT_FORMAT = "colora-finetune/1"
+CHECKPOINT_FORMAT = "colora-finetune/2"
 
 DEMO_DEFAULTS = dict(epochs=8, pretrain_epochs=10, batch_size=32, lr=3e-3, merge_every=4)
 DATA_DEFAULTS = dict(epochs=20, batch_size=32, lr=1e-4, merge_every=1)
 
 
 class UsageError(ValueError):
-    """A bad option, model name or weights file; reported as one line before training starts."""
+    """A bad option, model name, weights file or checkpoint; reported as one line before training starts."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a NaN/Inf loss, gradient or parameter; the message names the strategy, epoch and step."""
 
 
 class PaperHead(nn.Module):
@@ -137,13 +161,11 @@ def read_state_dict(path):
         raise UsageError(f"weights file {path} does not exist")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(path)
+            sd = load_merged(path)[0]
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is a usage error here
-        raise UsageError(f"cannot read weights {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise UsageError(f"cannot read weights {path}: {_reason(e)}") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -152,16 +174,28 @@ def read_state_dict(path):
     return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
 
 
+def _reason(error):
+    """The first line of an exception's message (or its type): what a one-line error report quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def key_mismatch(expected, given):
+    """How the tensors ``given`` differ from the shapes ``expected`` (both keyed by name), or None if they fit."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in given.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
+    parts = [f"{len(ks)} {label} (e.g. {', '.join(ks[:3])})" for label, ks in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if ks]
+    return "; ".join(parts) or None
+
+
 def load_weights(module, sd, source, what, ignore=()):
     """Copy ``sd`` into ``module``, all or nothing; keys under the ``ignore`` prefixes are skipped."""
-    own = module.state_dict()
+    expected = {k: v.shape for k, v in module.state_dict().items() if not k.startswith(ignore)}
     keep = {k: v for k, v in sd.items() if not k.startswith(ignore)}
-    missing = [k for k in own if k not in keep and not k.startswith(ignore)]
-    unexpected = [k for k in keep if k not in own]
-    misshaped = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in keep.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or misshaped:
-        parts = [f"{len(ks)} {label} (e.g. {', '.join(ks[:3])})" for label, ks in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if ks]
-        raise UsageError(f"weights {source} do not fit {what}: " + "; ".join(parts))
+    mismatch = key_mismatch(expected, keep)
+    if mismatch:
+        raise UsageError(f"weights {source} do not fit {what}: {mismatch}")
     module.load_state_dict(keep, strict=False)
 
 
@@ -173,13 +207,13 @@ def build_model(name, num_classes, in_channels, weights=None, weights_path="weig
     ignored). Any other torchvision classification model by name: loaded whole but for its classifier, the
     last ``nn.Linear``, which is replaced by one with ``num_classes`` outputs.
     """
-    import torchvision
-
     if name == "smallcnn":
         model = HeadNet(small_cnn_features(in_channels), PaperHead(64, num_classes, reduced=16, hidden=64, pool=2))
         if weights is not None:
             load_weights(model, weights, weights_path, "smallcnn", ignore=("head.",))
         return ModelSpec(model, ["head"], in_channels, (0.5,), (0.5,))
+    import torchvision  # here, not at the top: the demo's smallcnn does without its ~1 s import
+
     if name in ("vgg16", "resnet50"):
         tv = getattr(torchvision.models, name)(weights=None)
         if weights is not None:
@@ -228,11 +262,19 @@ def setup_strategy(spec, strategy, order="pointwise_first", backend="auto"):
     return wrapped
 
 
-def plain_state_dict(model):
-    """The model with every CoLoRA layer merged into a plain conv, as a standard state dict on the CPU."""
-    plain = copy.deepcopy(model)
-    cf.unapply_colora(plain)
-    return OrderedDict((k, v.detach().cpu()) for k, v in plain.state_dict().items())
+def training_set(train, balance):
+    """The training split as trained on: ``--balance truncate`` keeps the first n of every class (the paper)."""
+    return subset(train, truncate_per_class(train.labels)) if balance == "truncate" else train
+
+
+def run_config(args, strategy, splits, world):
+    """The settings a checkpoint must have been made with to be resumed: those shaping the model, the data order
+    and the updates. ``--epochs`` is not among them: a resumed run may train longer."""
+    return {"model": args.model, "strategy": strategy, "num_classes": splits.num_classes, "in_channels": splits.in_channels, "order": args.order,
+            "merge_every": args.merge_every, "merge_unit": args.merge_unit, "balance": args.balance,
+            "train_size": len(training_set(splits.train, args.balance)), "batch_size": args.batch_size, "processes": world,
+            "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "head_hidden": args.head_hidden,
+            "image_size": args.image_size, "skip_nonfinite": args.skip_nonfinite}
 
 
 def trained_state(model, strategy, merged):
@@ -246,14 +288,36 @@ def trained_state(model, strategy, merged):
     return OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items() if k in keys)
 
 
-@torch.no_grad()
-def load_trained_state(model, state, source):
-    own = model.state_dict()
-    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    if bad:
-        raise UsageError(f"checkpoint {source} does not fit this model: {len(bad)} keys differ (e.g. {', '.join(bad[:3])})")
-    for k, v in state.items():
-        own[k].copy_(v)
+CHECKPOINT_KEYS = ("config", "epoch", "step", "merges", "model", "optimizer", "best", "history", "rng", "train_time_s", "skipped_steps")
+_KEPT = "nothing was changed; delete it or choose another --out to start afresh"
+
+
+def read_checkpoint(path):
+    """The checkpoint at ``path`` (``torch.load(weights_only=True)``); UsageError naming the file and why not."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects that weights_only refuses
+        raise UsageError(f"cannot resume from {path}: unreadable ({_reason(e)}); {_KEPT}") from None
+    if not isinstance(ck, dict) or "format" not in ck:
+        raise UsageError(f"cannot resume from {path}: not a colora-finetune checkpoint; {_KEPT}")
+    if ck["format"] != CHECKPOINT_FORMAT:
+        raise UsageError(f"cannot resume from {path}: written in format {ck['format']!r}, this version reads {CHECKPOINT_FORMAT!r}; {_KEPT}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
+    if missing:
+        raise UsageError(f"cannot resume from {path}: it lacks {', '.join(missing)}; {_KEPT}")
+    return ck
+
+
+def check_checkpoint(ck, path, config, model, strategy):
+    """UsageError naming ``path`` and the mismatch unless ``ck`` was made with ``config`` and fits ``model``."""
+    if ck["config"] != config:
+        keys = sorted(set(ck["config"]) | set(config))
+        diff = ", ".join(f"{k}: {ck['config'].get(k)!r} vs {config.get(k)!r}" for k in keys if ck["config"].get(k) != config.get(k))
+        raise UsageError(f"cannot resume from {path}: it was made with other settings (saved vs now: {diff}); {_KEPT}")
+    expected = {k: v.shape for k, v in trained_state(model, strategy, ck["merges"] > 0).items()}
+    mismatch = key_mismatch(expected, ck["model"])
+    if mismatch:
+        raise UsageError(f"cannot resume from {path}: its weights do not fit this model ({mismatch}); {_KEPT}")
 
 
 @dataclass
@@ -284,38 +348,62 @@ def init_distributed(device):
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
-def atomic_write(path, write):
-    """Write ``path`` via a temporary file in the same folder and ``os.replace``: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_torch(obj, path):
-    atomic_write(path, lambda p: torch.save(obj, p))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_json(obj, path):
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def save_history_csv(history, path):
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
+    if not history:
+        return
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
-    if history:
-        atomic_write(path, write)
+
+def duration(seconds):
+    """``42s``, ``3m05s`` or ``2h07m``: elapsed and remaining times in progress lines."""
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Log:
+    """Progress lines: printed at once (rank 0 only) and, once :meth:`open`, appended to a log file with a UTC
+    time stamp. Each line is flushed as written, so it shows in a redirected stdout, a CI log or ``tail -f``.
+
+    The log file is the one file not written by ``atomic_write``: it only grows, a line at a time, and a
+    resumed run appends to it.
+    """
+
+    def __init__(self, enabled):
+        self.enabled, self.file, self.start = enabled, None, time.perf_counter()
+
+    def open(self, path):
+        if self.enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8", buffering=1)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def __call__(self, msg, console=True):
+        if not self.enabled:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.file is not None:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.file.writelines(f"{stamp} {line}\n" for line in msg.splitlines() or [""])
 
 
 def prepare_batch(images, spec, image_size, device, channels_last):
@@ -332,38 +420,55 @@ def prepare_batch(images, spec, image_size, device, channels_last):
 
 
 class Trainer:
-    """One strategy's run: model, optimizer, loaders, the merge schedule, checkpoints and reports."""
+    """One strategy's run: model, optimizer, loaders, the merge schedule, checkpoints and reports.
+
+    Crash safety: every file goes through ``atomic_write``, and each epoch writes its checkpoint last, so a
+    kill at any instant leaves the previous epoch's checkpoint whole; ``--resume`` redoes what came after it,
+    which on the CPU reproduces the uninterrupted run bit for bit (data order, merges' Kp draws and the RNG
+    state are all restored or derived from the seed).
+
+    Non-finite values: every step checks the loss and the gradients before ``optimizer.step()``; a NaN/Inf
+    stops the run with :class:`NonFiniteError` (the update not taken, nothing written after the last
+    checkpoint) or, with ``--skip-nonfinite``, drops that step as AMP's GradScaler does. A merge of a
+    non-finite delta is refused (``merge_colora``), and the parameters are checked before each checkpoint.
+    """
 
     def __init__(self, args, splits, spec, strategy, out_dir, ctx):
         self.args, self.splits, self.spec, self.strategy, self.out, self.ctx = args, splits, spec, strategy, out_dir, ctx
+        self.tag = f"[{strategy}]"
         self.model = spec.model.to(ctx.device)
         self.channels_last = ctx.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
         self.optimizer = torch.optim.Adam(self.params, lr=args.lr, weight_decay=args.weight_decay)
         self.net = self.model
         if ctx.active:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.image_size = args.image_size or spec.image_size
-        train = splits.train
-        if args.balance == "truncate":
-            train = subset(train, truncate_per_class(train.labels))
-        self.train_size = len(train)
+        train = training_set(splits.train, args.balance)
         self.sampler = EpochSampler(train.labels, shuffle=True, balance=args.balance == "sample", num_replicas=ctx.world, rank=ctx.rank, seed=args.seed)
         self.train_loader = make_loader(train, self.sampler, args.batch_size, args.workers, ctx.device.type == "cuda")
-        self.epoch = self.step = self.merges = 0
+        self.ck_path = os.path.join(out_dir, "checkpoint.pt")
+        self.epoch = self.step = self.merges = self.skipped = 0
+        self.train_time = 0.0
         self.best = {"val_acc": -1.0, "epoch": None, "test_probs": None, "test_labels": None}
         self.history = []
 
+    def config(self):
+        return run_config(self.args, self.strategy, self.splits, self.ctx.world)
 
     def merge(self):
         """Merge all adapters (eq. 10–13) with a fresh Kp drawn from a seed fixed by the merge count."""
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.args.seed * 7919 + self.merges + 1)
-            cf.merge_colora(self.model, self.optimizer)
+            try:
+                cf.merge_colora(self.model, self.optimizer)
+            except ValueError as e:  # merge_colora checks every layer first: nothing was merged
+                raise NonFiniteError(f"{self.tag} merge at epoch {self.epoch}, step {self.step} refused: {e}; {self._kept()}") from None
         self.merges += 1
 
     def _merge_due(self, unit):
@@ -372,41 +477,93 @@ class Trainer:
             return False
         return (self.step if unit == "step" else self.epoch) % a.merge_every == 0
 
+    def _kept(self):
+        if self.epoch == 0:
+            return "no epoch had finished, so this run has no checkpoint yet"
+        return f"the last good checkpoint, {self.ck_path} (end of epoch {self.epoch}), is kept: --resume continues from it"
 
-    def train_epoch(self):
+    def _nonfinite(self, loss):
+        """None when the loss and every gradient are finite, else which is not ('loss', 'gradient of <name>').
+
+        One host sync per step (as GradScaler's); under DDP the ranks agree (MIN over their flags), so every
+        rank stops or skips together.
+        """
+        ok = torch.ones((), dtype=torch.bool, device=loss.device)
+        flags = torch.stack([torch.isfinite(loss)] + [torch.isfinite(p.grad).all() if p.grad is not None else ok for p in self.params])
+        if self.ctx.active:
+            flags = flags.int()
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        if bool(flags.all()):
+            return None
+        first = int(torch.nonzero(flags == 0)[0, 0])
+        return "loss" if first == 0 else f"gradient of {self.param_names[first - 1]}"
+
+    def train_epoch(self, log):
+        """One pass over the training split; returns (mean loss, accuracy, steps skipped) over the steps taken."""
         from tqdm import tqdm
 
+        a = self.args
         self.net.train()
         self.sampler.set_epoch(self.epoch)
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss sum, correct, count
-        bar = tqdm(self.train_loader, desc=f"{self.strategy} epoch {self.epoch + 1}/{self.args.epochs}", leave=False, disable=None if self.ctx.main and self.args.progress else True, dynamic_ncols=True)  # None: off when not a terminal
-        for images, labels in bar:
+        bar = tqdm(self.train_loader, desc=f"{self.strategy} epoch {self.epoch + 1}/{a.epochs}", leave=False, disable=None if self.ctx.main and a.progress else True, dynamic_ncols=True)  # None: off when not a terminal
+        lines = bar.disable  # no bar to watch: progress lines every --log-every seconds instead
+        steps, skipped, start = len(self.train_loader), 0, time.perf_counter()
+        last_line = start
+        for i, (images, labels) in enumerate(bar, 1):
             x = prepare_batch(images, self.spec, self.image_size, self.ctx.device, self.channels_last)
             y = labels.to(self.ctx.device, non_blocking=True)
-            with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+            with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=a.amp):
                 logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
+            bad = self._nonfinite(loss)
+            if bad is None:
+                self.optimizer.step()
+                totals[0] += loss.detach() * y.numel()
+                totals[1] += (logits.argmax(1) == y).sum()
+                totals[2] += y.numel()
+            else:
+                where = f"epoch {self.epoch + 1}/{a.epochs}, step {self.step + 1} (batch {i}/{steps} of the epoch)"
+                if not a.skip_nonfinite:
+                    raise NonFiniteError(f"{self.tag} non-finite {bad} at {where}; stopped before the update; {self._kept()}. "
+                                         "Lower --lr, check the data, or pass --skip-nonfinite to skip such steps")
+                skipped += 1
+                log(f"{self.tag} non-finite {bad} at {where}: step skipped (--skip-nonfinite)")
             self.step += 1
-            totals[0] += loss.detach() * y.numel()
-            totals[1] += (logits.argmax(1) == y).sum()
-            totals[2] += y.numel()
-            if self.step % 20 == 0 and not bar.disable:  # .item() waits for the GPU: not every step
+            now = time.perf_counter()
+            if lines and a.log_every >= 0 and now - last_line >= a.log_every:
+                last_line = now
+                per_step = (now - start) / i
+                left = per_step * ((steps - i) + (a.epochs - self.epoch - 1) * steps)
+                log(f"{self.tag} epoch {self.epoch + 1}/{a.epochs} step {i}/{steps}  loss {loss.item():.4f} | "
+                    f"{duration(log.elapsed())} elapsed, ~{duration(left)} of training left")
+            elif not bar.disable and self.step % 20 == 0:  # .item() waits for the GPU: not every step
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if self._merge_due("step"):
                 self.merge()
         bar.close()
+        if skipped == steps:
+            raise NonFiniteError(f"{self.tag} every step of epoch {self.epoch + 1}/{a.epochs} was non-finite and skipped; {self._kept()}")
         if self.ctx.active:
             dist.all_reduce(totals)
             for b in self.model.buffers():  # BatchNorm statistics: keep rank 0's on every rank
                 dist.broadcast(b, 0)
+        self._check_parameters()
         self.epoch += 1
         if self._merge_due("epoch"):
             self.merge()
+        self.skipped += skipped
         loss_sum, correct, count = totals.tolist()
-        return loss_sum / count, correct / count
+        return loss_sum / count, correct / count, skipped
+
+    def _check_parameters(self):
+        """A finite gradient can still step a parameter to Inf: nothing non-finite is merged or checkpointed."""
+        bad = [n for n, p in zip(self.param_names, self.params) if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteError(f"{self.tag} parameters {', '.join(bad[:3])} became non-finite in epoch {self.epoch + 1} "
+                                 f"(by step {self.step}); {self._kept()}")
 
     @torch.no_grad()
     def predict(self, dataset):
@@ -435,7 +592,6 @@ class Trainer:
         loss = F.cross_entropy(logits, labels).item()
         return loss, (logits.argmax(1) == labels).double().mean().item(), logits.softmax(1), labels
 
-
     def checkpoint(self):
         rng = {"torch": torch.get_rng_state()}
         if self.ctx.device.type == "cuda":
@@ -443,54 +599,51 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.config(),
-            "epoch": self.epoch, "step": self.step, "merges": self.merges,
+            "epoch": self.epoch, "step": self.step, "merges": self.merges, "skipped_steps": self.skipped,
             "model": trained_state(self.model, self.strategy, self.merges > 0),
             "optimizer": self.optimizer.state_dict(),
-            "best": self.best, "history": self.history, "rng": rng,
+            "best": self.best, "history": self.history, "rng": rng, "train_time_s": self.train_time,
         }
 
-    def config(self):
-        a = self.args
-        return {"model": a.model, "strategy": self.strategy, "num_classes": self.splits.num_classes, "order": a.order,
-                "merge_every": a.merge_every, "merge_unit": a.merge_unit, "balance": a.balance, "train_size": self.train_size}
-
+    @torch.no_grad()
     def resume(self, path):
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
-        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise UsageError(f"{path} is not a colora-finetune checkpoint")
-        if ck["config"] != self.config():
-            diff = {k: (ck["config"].get(k), v) for k, v in self.config().items() if ck["config"].get(k) != v}
-            raise UsageError(f"checkpoint {path} was made with other settings (saved vs now: {diff})")
-        load_trained_state(self.model, ck["model"], path)
+        ck = read_checkpoint(path)
+        check_checkpoint(ck, path, self.config(), self.model, self.strategy)
+        own = self.model.state_dict()
+        for k, v in ck["model"].items():
+            own[k].copy_(v)
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.epoch, self.step, self.merges = ck["epoch"], ck["step"], ck["merges"]
-        self.best, self.history = ck["best"], ck["history"]
+        self.epoch, self.step, self.merges, self.skipped = ck["epoch"], ck["step"], ck["merges"], ck["skipped_steps"]
+        self.best, self.history, self.train_time = ck["best"], ck["history"], ck["train_time_s"]
         torch.set_rng_state(ck["rng"]["torch"])
         if "cuda" in ck["rng"] and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.ctx.device)
 
-
     def run(self, log):
-        a, out = self.args, self.out
-        ck_path = os.path.join(out, "checkpoint.pt")
-        if a.resume and os.path.exists(ck_path):
-            self.resume(ck_path)
-            log(f"[{self.strategy}] resumed from {ck_path} at epoch {self.epoch}")
+        """Train the remaining epochs, then write the final model and reports; returns the result row.
+
+        Per epoch the files are written best model, history, then the checkpoint: the checkpoint commits the
+        epoch, and a kill before it only makes ``--resume`` redo the epoch, rewriting the same files.
+        """
+        a, out, tag = self.args, self.out, self.tag
+        if a.resume and os.path.exists(self.ck_path):
+            self.resume(self.ck_path)
+            log(f"{tag} resumed from {self.ck_path} at epoch {self.epoch}/{a.epochs}, step {self.step}")
         counts = cf.count_parameters(self.model)
-        start = time.perf_counter()
-        train_time = 0.0
+        if self.epoch < a.epochs:
+            log(f"{tag} training epochs {self.epoch + 1}-{a.epochs}, {len(self.train_loader)} steps each, "
+                f"{counts['trainable']:,} of {counts['total']:,} parameters trained")
+        start, epochs_here = time.perf_counter(), 0
         while self.epoch < a.epochs:
             t0 = time.perf_counter()
-            train_loss, train_acc = self.train_epoch()
+            train_loss, train_acc, skipped = self.train_epoch(log)
             dt = time.perf_counter() - t0
-            train_time += dt
+            self.train_time += dt
             val_loss, val_acc, _, _ = self.evaluate(self.splits.val)
             test_loss, test_acc, test_probs, test_labels = self.evaluate(self.splits.test)
             row = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                   "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "merges": self.merges, "epoch_time_s": dt}
+                   "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "merges": self.merges, "skipped_steps": skipped,
+                   "epoch_time_s": dt}
             self.history.append(row)
             improved = val_acc > self.best["val_acc"]
             if improved:
@@ -498,26 +651,30 @@ class Trainer:
             if self.ctx.main:
                 os.makedirs(out, exist_ok=True)
                 if improved:
-                    save_torch(plain_state_dict(self.model), os.path.join(out, "best.pt"))
-                save_torch(self.checkpoint(), ck_path)
+                    save_merged(self.model, os.path.join(out, "best.safetensors"), self.config())
                 save_json(self.history, os.path.join(out, "history.json"))
                 save_history_csv(self.history, os.path.join(out, "history.csv"))
-            log(f"[{self.strategy}] epoch {self.epoch}/{a.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                save_torch(self.checkpoint(), self.ck_path)
+            epochs_here += 1
+            left = (time.perf_counter() - start) / epochs_here * (a.epochs - self.epoch)
+            log(f"{tag} epoch {self.epoch}/{a.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f} | "
                 f"val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | {dt:.1f}s"
-                + ("  *best" if improved else ""))
+                + (f", {skipped} skipped" if skipped else "") + ("  *best" if improved else "")
+                + f" | {duration(log.elapsed())} elapsed, ~{duration(left)} left")
         if a.dump_rank_state:
             os.makedirs(a.dump_rank_state, exist_ok=True)
-            torch.save(OrderedDict((k, v.detach().cpu()) for k, v in self.model.state_dict().items()), os.path.join(a.dump_rank_state, f"{self.strategy}_rank{self.ctx.rank}.pt"))
-        result = {"strategy": self.strategy, "epochs": self.epoch, "steps": self.step, "merges": self.merges,
+            save_torch(OrderedDict((k, v.detach().cpu()) for k, v in self.model.state_dict().items()), os.path.join(a.dump_rank_state, f"{self.strategy}_rank{self.ctx.rank}.pt"))
+        result = {"strategy": self.strategy, "epochs": self.epoch, "steps": self.step, "merges": self.merges, "skipped_steps": self.skipped,
                   "trained_params": counts["trainable"], "total_params": counts["total"], "adapter_params": counts["adapter"],
-                  "train_time_s": train_time, "wall_time_s": time.perf_counter() - start}
+                  "train_time_s": self.train_time, "wall_time_s": time.perf_counter() - start}
         if self.best["epoch"] is None:
             return result
         report = metrics.classification_report(self.best["test_labels"], self.best["test_probs"], self.splits.class_names)
         result.update(best_epoch=self.best["epoch"], val_acc=self.best["val_acc"], test_acc=report["accuracy"],
                       test_auc=report["macro"]["auc"], final_test_acc=self.history[-1]["test_acc"])
         if self.ctx.main:
-            save_torch(plain_state_dict(self.model), os.path.join(out, "model_final.pt"))
+            log(f"{tag} writing the final model and reports to {out}")
+            save_merged(self.model, os.path.join(out, "model_final.safetensors"), self.config())
             save_json({"best_epoch": self.best["epoch"], "best_val_acc": self.best["val_acc"], "test": report, "run": result},
                       os.path.join(out, "metrics.json"))
             cm = np.asarray(report["confusion_matrix"])
@@ -525,45 +682,71 @@ class Trainer:
                                           title=f"{self.strategy}: test, best epoch {self.best['epoch']}")
             metrics.plot_roc_curves(self.best["test_probs"], self.best["test_labels"], self.splits.class_names, os.path.join(out, "roc.png"),
                                     title=f"{self.strategy}: test ROC, best epoch {self.best['epoch']}")
+        log(f"{tag} done: test acc {report['accuracy']:.4f} (best epoch {self.best['epoch']}) | {duration(log.elapsed())} elapsed")
         return result
 
 
-def parse_args(argv=None):
+def build_parser():
+    demo, data = DEMO_DEFAULTS, DATA_DEFAULTS
     p = argparse.ArgumentParser(
         prog="colora-finetune",
         description="Fine-tune a pretrained CNN with CoLoRA (Rivera & Hoyos 2025), full fine-tuning or head-only training, "
-                    "and compare. With no --data: the bundled digits demo (pre-train on 0-4, fine-tune on 5-9).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "and compare. With no --data: the bundled digits demo (pre-train on 0-4, fine-tune on 5-9). "
+                    "Files are written atomically; --resume continues after a crash or kill.")
     p.add_argument("--data", help="a MedMNIST .npz file or an ImageFolder directory (default: the digits demo)")
-    p.add_argument("--model", default=None, help="vgg16, resnet50, smallcnn or a torchvision model name (default: vgg16; smallcnn for the demo)")
-    p.add_argument("--weights", help="pretrained weights file (.pt/.pth via torch.load(weights_only=True), or .safetensors); never downloaded")
-    p.add_argument("--strategy", default=None, help="comma list of colora, full, head, or 'all' (default: colora; all for the demo)")
-    p.add_argument("--epochs", type=int, default=None, help=f"epochs per strategy (default: {DATA_DEFAULTS['epochs']}; demo {DEMO_DEFAULTS['epochs']})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"per-process batch size (default: {DATA_DEFAULTS['batch_size']}; demo {DEMO_DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {DATA_DEFAULTS['lr']:g}; demo {DEMO_DEFAULTS['lr']})")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--merge-every", type=int, default=None,
-                   help=f"merge the CoLoRA adapters every N merge-units; 0: only at the end (default: {DATA_DEFAULTS['merge_every']}, the paper; demo {DEMO_DEFAULTS['merge_every']})")
-    p.add_argument("--merge-unit", choices=("epoch", "step"), default="epoch")
-    p.add_argument("--order", choices=("pointwise_first", "depthwise_first"), default="pointwise_first")
-    p.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto")
+    p.add_argument("--model", help="vgg16, resnet50, smallcnn or a torchvision classification model name (default: vgg16; the demo: smallcnn)")
+    p.add_argument("--weights", help="pretrained weights: .pt/.pth (read with torch.load(weights_only=True)) or .safetensors; never "
+                                     "downloaded (default: the demo pre-trains its own; otherwise random initialisation)")
+    p.add_argument("--strategy", help="comma list of colora, full, head, or 'all' (default: colora; the demo: all)")
+    p.add_argument("--epochs", type=int, help=f"epochs per strategy (default: {data['epochs']}; the demo: {demo['epochs']})")
+    p.add_argument("--batch-size", type=int, help=f"batch size per process (default: {data['batch_size']}; the demo: {demo['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {data['lr']:g}; the demo: {demo['lr']:g})")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (L2 penalty) on the trained parameters (default: 0)")
+    p.add_argument("--merge-every", type=int,
+                   help=f"merge the CoLoRA adapters into the frozen weights every N merge units; 0: only at the end "
+                        f"(default: {data['merge_every']}, the paper; the demo: {demo['merge_every']})")
+    p.add_argument("--merge-unit", choices=("epoch", "step"), default="epoch",
+                   help="what --merge-every counts: epochs or optimizer steps (default: epoch)")
+    p.add_argument("--order", choices=("pointwise_first", "depthwise_first"), default="pointwise_first",
+                   help="CoLoRA factor order: pointwise_first (paper §3.2, Kd per output channel) or depthwise_first "
+                        "(paper §3.1, Keras SeparableConv2D) (default: pointwise_first)")
+    p.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto",
+                   help="CoLoRA conv implementation: auto picks the fastest on a GPU and torch elsewhere; reference is the "
+                        "slow unmerged oracle (default: auto)")
     p.add_argument("--balance", choices=("none", "sample", "truncate"), default="none",
-                   help="class balance of the training split: class-weighted sampling, or the paper's first-n-per-class truncation")
-    p.add_argument("--image-size", type=int, default=None, help="resize inputs to this square size (default: 224 for torchvision models, native for smallcnn)")
-    p.add_argument("--head-hidden", type=int, default=128, help="width of the head's first fully connected layer")
-    p.add_argument("--class-names", help="comma-separated class names for reports")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="for a single ImageFolder directory")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="for a single ImageFolder directory")
-    p.add_argument("--pretrain-epochs", type=int, default=DEMO_DEFAULTS["pretrain_epochs"], help="demo: epochs of pre-training on digits 0-4")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for image folders")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="finetune-results", help="output folder; one sub-folder per strategy")
-    p.add_argument("--resume", action="store_true", help="continue each strategy from <out>/<strategy>/checkpoint.pt when present")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+                   help="class balance of the training split: none, class-weighted sampling, or the paper's "
+                        "first-n-per-class truncation (default: none)")
+    p.add_argument("--image-size", type=int, help="resize inputs to this square size (default: 224 for torchvision models, native for smallcnn)")
+    p.add_argument("--head-hidden", type=int, default=128, help="width of the head's first fully connected layer (default: 128)")
+    p.add_argument("--class-names", help="comma-separated class names for reports (default: the folder names, or 0, 1, ...)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of a single ImageFolder directory (default: 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="test share of a single ImageFolder directory (default: 0.1)")
+    p.add_argument("--pretrain-epochs", type=int, default=demo["pretrain_epochs"],
+                   help=f"the demo: epochs of pre-training on digits 0-4 (default: {demo['pretrain_epochs']})")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for image folders (default: 4)")
+    p.add_argument("--amp", action="store_true", help="train and evaluate under bf16 autocast (CUDA)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation, the data order, the demo's splits and each merge's fresh Kp (default: 0)")
+    p.add_argument("--out", default="finetune-results",
+                   help="output folder: one sub-folder per strategy, summary files and finetune.log (default: finetune-results)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each strategy from <out>/<strategy>/checkpoint.pt when present; a checkpoint that cannot "
+                        "be read or was made by other settings stops the run before anything is written")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip an optimizer step whose loss or gradient is NaN/Inf (as AMP's GradScaler does) instead of "
+                        "stopping the run; a skipped step still counts for --merge-unit step")
+    p.add_argument("--log-every", type=float, default=30.0,
+                   help="seconds between progress lines during an epoch when no progress bar is shown (output not a "
+                        "terminal, or --no-progress); 0: every step; negative: none (default: 30)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on a terminal (progress lines are printed instead, see --log-every)")
     p.add_argument("--dump-rank-state", help=argparse.SUPPRESS)  # tests: every rank saves its final state here
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     demo = args.data is None
     defaults = DEMO_DEFAULTS if demo else DATA_DEFAULTS
     for k in ("epochs", "batch_size", "lr", "merge_every"):
@@ -580,6 +763,8 @@ def parse_args(argv=None):
             raise UsageError(f"--{k.replace('_', '-')} must be positive")
     if args.merge_every < 0:
         raise UsageError("--merge-every must be >= 0")
+    if not math.isfinite(args.lr) or not math.isfinite(args.log_every):
+        raise UsageError("--lr and --log-every must be finite numbers")
     args.class_names = args.class_names.split(",") if args.class_names else None
     return args
 
@@ -610,13 +795,17 @@ def main(argv=None):
 
 
 def run(argv=None):
-    """Parse ``argv``, train every strategy asked for, print the comparison; returns one result dict per strategy."""
+    """Parse ``argv``, train every strategy asked for, print the comparison; returns one result dict per strategy.
+
+    Every check that can fail before training (options, data, weights, models, and with ``--resume`` every
+    checkpoint) runs first, and exits with one line and nothing written.
+    """
     try:
         args = parse_args(argv)
     except UsageError as e:
         raise SystemExit(f"colora-finetune: error: {e}") from None
     ctx = init_distributed(args.device)
-    log = (lambda msg: print(msg, flush=True)) if ctx.main else (lambda msg: None)
+    log = Log(ctx.main)
     if args.data is None and ctx.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the demo's 8×8 convs are too small to split: one thread ran it 5-10× faster
     try:
@@ -630,32 +819,44 @@ def run(argv=None):
             else:
                 pre = None
                 splits = load_data(args.data, args.image_size or 224, args.val_fraction, args.test_fraction, args.seed, args.class_names)
-            # every model is checked against the data and weights before anything trains
-            for s in args.strategies:
-                spec = build_model(args.model, splits.num_classes, splits.in_channels, weights, args.weights or "weights", args.head_hidden)
-                setup_strategy(spec, s, args.order, args.backend)
+            pretrain = pre is not None and weights is None
+            plan = [("full", pre, os.path.join(args.out, "pretrain"))] if pretrain else []
+            plan += [(s, splits, os.path.join(args.out, s)) for s in args.strategies]
+            for strategy, data, out in plan:  # every model, and every checkpoint to resume, before anything trains
+                spec = build_model(args.model, data.num_classes, data.in_channels, weights, args.weights or "weights", args.head_hidden)
+                setup_strategy(spec, strategy, args.order, args.backend)
+                ck = os.path.join(out, "checkpoint.pt")
+                if args.resume and os.path.exists(ck):
+                    check_checkpoint(read_checkpoint(ck), ck, run_config(args, strategy, data, ctx.world), spec.model, strategy)
             del spec
         except (UsageError, DataError, ValueError, TypeError) as e:
             raise SystemExit(f"colora-finetune: error: {e}") from None
+        log.open(os.path.join(args.out, "finetune.log"))
+        log(f"colora-finetune {' '.join(argv if argv is not None else sys.argv[1:])}", console=False)
         log(f"data: {splits.description}")
-        if pre is not None and weights is None:
-            log(f"demo: pre-training {args.model} on {pre.description} for {args.pretrain_epochs} epochs")
-            pre_dir = os.path.join(args.out, "pretrain")
-            run_strategy(args, pre, None, "full", ctx, log, out=pre_dir, epochs=args.pretrain_epochs)
-            if ctx.active:
-                dist.barrier()
-            weights = read_state_dict(os.path.join(pre_dir, "model_final.pt"))
-            log(f"demo: fine-tuning on {splits.description}")
-        results = [run_strategy(args, splits, weights, s, ctx, log) for s in args.strategies]
+        try:
+            if pretrain:
+                log(f"demo: pre-training {args.model} on {pre.description} for {args.pretrain_epochs} epochs")
+                pre_dir = os.path.join(args.out, "pretrain")
+                run_strategy(args, pre, None, "full", ctx, log, out=pre_dir, epochs=args.pretrain_epochs)
+                if ctx.active:
+                    dist.barrier()
+                weights = read_state_dict(os.path.join(pre_dir, "model_final.safetensors"))
+                log(f"demo: fine-tuning on {splits.description}")
+            results = [run_strategy(args, splits, weights, s, ctx, log) for s in args.strategies]
+        except NonFiniteError as e:
+            log(f"error: {e}", console=False)
+            raise SystemExit(f"colora-finetune: error: {e}") from None
         if ctx.main:
             save_json(results, os.path.join(args.out, "summary.json"))
             save_history_csv(results, os.path.join(args.out, "summary.csv"))
         log("\n" + format_table(results))
-        log(f"\noutputs in {os.path.abspath(args.out)}")
+        log(f"\noutputs in {os.path.abspath(args.out)} | {duration(log.elapsed())} elapsed")
         if ctx.active:
             dist.barrier()  # no rank tears gloo/NCCL down while a peer still talks to it
         return results
     finally:
+        log.close()
         if ctx.active:
             dist.destroy_process_group()
 

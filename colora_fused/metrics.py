@@ -13,8 +13,12 @@ classified *correctly into their own class*; the standard true negatives also in
 confused with a third class. The two agree for two classes and differ for more (for
 ``C = [[5,0,0],[0,3,2],[0,1,4]]`` class 0: paper 7/10, standard 10/10, and class 0 has no false
 positives). We implement the standard ``TN / (TN + FP)``.
+
+The plots are written atomically (``serialization.atomic_write``).
 """
 import numpy as np
+
+from .serialization import atomic_write
 
 __all__ = [
     "confusion_matrix",
@@ -181,8 +185,13 @@ def _finite_or_none(v):
     return v if np.isfinite(v) else None
 
 
+def _save_png(fig, path):
+    """Write ``fig`` as a PNG, atomically (a crash never leaves half an image)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
 def plot_confusion_matrix(cm, class_names, path, title="Confusion matrix"):
-    """Write the confusion matrix as a PNG with counts in the cells (rows: true, columns: predicted)."""
+    """Write the confusion matrix as a PNG (atomically) with counts in the cells (rows: true, columns: predicted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,12 +211,12 @@ def plot_confusion_matrix(cm, class_names, path, title="Confusion matrix"):
         for j in range(k):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
     fig.tight_layout()
-    fig.savefig(path)
+    _save_png(fig, path)
     plt.close(fig)
 
 
 def plot_roc_curves(probs, y_true, class_names, path, title="ROC (one vs rest)"):
-    """Write one-vs-rest ROC curves, one per class with its AUC in the legend, as a PNG."""
+    """Write one-vs-rest ROC curves, one per class with its AUC in the legend, as a PNG (atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,5 +234,5 @@ def plot_roc_curves(probs, y_true, class_names, path, title="ROC (one vs rest)")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
+    _save_png(fig, path)
     plt.close(fig)

@@ -12,6 +12,7 @@ import torch
 import colora_fused as cf
 from colora_fused import finetune
 from colora_fused.data import load_digits_task
+from colora_fused.serialization import load_merged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,7 @@ def digits_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     torch.set_num_threads(1)
     finetune.run(["--strategy", "full", "--pretrain-epochs", "6", "--epochs", "0", "--no-progress", "--out", str(out)])
-    return str(out / "pretrain" / "model_final.pt")
+    return str(out / "pretrain" / "model_final.safetensors")
 
 
 def _random_smallcnn(folder, in_channels=1):
@@ -64,7 +65,7 @@ def test_digits_demo_colora_close_to_full_and_above_head(tmp_path, seed):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["strategy"] for r in summary] == ["colora", "full", "head"]
     for s in ("pretrain", "colora", "full", "head"):
-        assert (tmp_path / s / "model_final.pt").exists()
+        assert (tmp_path / s / "model_final.safetensors").exists()
 
 
 def write_npz(path, classes=3, per_class=(20, 6, 6), hw=12):
@@ -100,7 +101,7 @@ def test_data_end_to_end_outputs_and_export(tmp_path, source, extra):
     (result,) = run("--data", data, "--model", "smallcnn", "--strategy", "colora", "--epochs", "2", "--batch-size", "8", "--lr", "3e-3",
                     "--class-names", "a,b,c", *extra, out=out)
     d = out / "colora"
-    for name in ("history.json", "history.csv", "checkpoint.pt", "best.pt", "model_final.pt", "metrics.json", "confusion_matrix.png", "roc.png"):
+    for name in ("history.json", "history.csv", "checkpoint.pt", "best.safetensors", "model_final.safetensors", "metrics.json", "confusion_matrix.png", "roc.png"):
         assert (d / name).exists(), name
     assert (out / "summary.json").exists() and (out / "summary.csv").exists()
     history = json.loads((d / "history.json").read_text())
@@ -108,8 +109,9 @@ def test_data_end_to_end_outputs_and_export(tmp_path, source, extra):
     m = json.loads((d / "metrics.json").read_text())
     assert m["test"]["classes"] == ["a", "b", "c"] and set(m["test"]["per_class"]) == {"recall", "precision", "specificity", "auc"}
     # the exported model is a plain network (no adapters) that reproduces the run's final test accuracy
-    final = torch.load(d / "model_final.pt", weights_only=True)
+    final, meta = load_merged(d / "model_final.safetensors")
     assert not any("pointwise" in k or "depthwise" in k for k in final)
+    assert meta["version"] == cf.__version__ and meta["config"]["strategy"] == "colora" and meta["merged_layers"]
     splits = finetune.load_data(data, 12, class_names=None) if source == "npz" else finetune.load_data(data, 12)
     spec = finetune.build_model("smallcnn", 3, splits.in_channels)
     spec.model.load_state_dict(final)
@@ -133,8 +135,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, digits_weights):
     assert ck["epoch"] == 2 and ck["merges"] == ck["step"] // 7
     run(*common, "--epochs", "3", "--resume", out=tmp_path / "split")
     for s in ("colora", "head"):
-        a = torch.load(tmp_path / "straight" / s / "model_final.pt", weights_only=True)
-        b = torch.load(tmp_path / "split" / s / "model_final.pt", weights_only=True)
+        a = load_merged(tmp_path / "straight" / s / "model_final.safetensors")[0]
+        b = load_merged(tmp_path / "split" / s / "model_final.safetensors")[0]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), s
         ha = json.loads((tmp_path / "straight" / s / "history.json").read_text())
         hb = json.loads((tmp_path / "split" / s / "history.json").read_text())
@@ -227,7 +229,7 @@ def test_torchrun_two_processes_gloo_identical_weights(tmp_path, digits_weights)
     ranks = [torch.load(dump / f"colora_rank{i}.pt", weights_only=True) for i in range(2)]
     assert ranks[0].keys() == ranks[1].keys()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    start = torch.load(digits_weights, weights_only=True)
+    start = load_merged(digits_weights)[0]
     assert not torch.equal(ranks[0]["features.0.weight"], start["features.0.weight"])  # merged updates landed
     history = json.loads((out / "colora" / "history.json").read_text())
     steps = history[-1]["step"]
