@@ -1,4 +1,4 @@
-"""The Triton backward launchers (kernels/conv_bwd.py) against the float64 reference, on the shared case table.
+"""The Triton backward launchers (kernels/conv_bwd_input.py, kernels/conv_bwd_adapters.py) against the float64 reference, on the shared case table.
 
 CPU runs under TRITON_INTERPRET=1 (fp32 and fp16: the interpreter's bf16 dot is broken); CUDA runs fp32 (TF32
 tolerance), fp16 and bf16 when a GPU is present. Every output starts as NaN (COLORA_NAN_FILL=1), so a tile a
@@ -17,7 +17,9 @@ from cases import CASE_PARAMS, CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_
 from colora_fused._conv import f_pad_arg, ntuple, pad_amounts
 
 pytest.importorskip("triton")
-from colora_fused.kernels.conv_bwd import colora_conv_backward_adapters, colora_conv_backward_input  # noqa: E402
+from colora_fused.kernels import _common  # noqa: E402
+from colora_fused.kernels.conv_bwd_adapters import colora_conv_backward_adapters  # noqa: E402
+from colora_fused.kernels.conv_bwd_input import colora_conv_backward_input  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CPU = pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1"))
@@ -192,7 +194,7 @@ class TestBadInput:
 
     def test_cpu_tensors_without_interpreter(self, monkeypatch):
         tensors, grad_out, conv = bad_input_args("cpu")
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        monkeypatch.setattr(_common, "INTERPRET", False)
         with pytest.raises(ValueError, match='triton backend.*CUDA.*backend="torch"'):
             run_input(tensors, grad_out, conv, False)
         with pytest.raises(ValueError, match='triton backend.*CUDA.*backend="torch"'):

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from cases import CASE_PARAMS, CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_close, make_tensors, \
     reference_output
 from colora_fused._conv import f_pad_arg, ntuple, pad_amounts
-from colora_fused.kernels import conv_fwd
+from colora_fused.kernels import _common, conv_fwd
 from colora_fused.kernels.conv_fwd import colora_conv_forward, supports_forward
 from colora_fused.kernels.merge import merge_, merged_weight
 from colora_fused.reference import delta_weight_reference
 
-requires_interpreter = pytest.mark.skipif(not conv_fwd.INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
+requires_interpreter = pytest.mark.skipif(not _common.INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -102,7 +102,7 @@ def test_forward_reads_input_strides(order):
 @pytest.mark.parametrize("case_id", ["2d-k3-pad1", "2d-depthwise", "3d-k3-groups2"])
 def test_forward_int64_offsets(case_id, monkeypatch):
     """The 64-bit indexing path (taken when a tensor spans 2^31 elements) computes the same output."""
-    monkeypatch.setattr(conv_fwd, "_extent", lambda t: 2 ** 31)
+    monkeypatch.setattr(conv_fwd, "extent", lambda t: 2 ** 31)
     check_forward(BY_ID[case_id], "depthwise_first", torch.float32, "cpu")
 
 
@@ -182,7 +182,7 @@ def expect_backend_error(kind, match, fn, *args):
 
 def test_supports_forward():
     t, conv = good_inputs()
-    runnable = DEVICE == "cuda" or conv_fwd.INTERPRET
+    runnable = DEVICE == "cuda" or _common.INTERPRET
     assert (supports_forward(t["x"], t["weight"], conv["groups"]) is None) == runnable
     assert "float64" in supports_forward(t["x"].double(), t["weight"].double(), conv["groups"])
     assert "channel" in supports_forward(t["x"], t["weight"], 2)
@@ -209,7 +209,7 @@ def test_forward_rejects_mismatched_devices():
 
 
 def test_forward_rejects_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(conv_fwd, "INTERPRET", False)
+    monkeypatch.setattr(_common, "INTERPRET", False)
     t = make_tensors(BY_ID["2d-k3-pad1"], "pointwise_first")
     conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, order="pointwise_first")
     expect_backend_error(ValueError, "TRITON_INTERPRET=1", call_forward, t, conv)

@@ -7,54 +7,16 @@
 Conv1d/2d/3d share one kernel over (D, H, W): missing leading spatial dims get size 1 and stride 0, so no
 tensor is copied or reshaped. Every tensor is addressed through its strides (NCHW or channels_last alike).
 """
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._conv import ORDERS, TRITON_DTYPES, conv_output_shape
-
-INTERPRET = triton.knobs.runtime.interpret
-# One fixed config instead of autotuning: always under the interpreter, and on a GPU when COLORA_TRITON_AUTOTUNE=0
-# (the CUDA tests set it: autotuning every tiny test shape would cost more than the tests).
-FIXED_CONFIG = INTERPRET or os.environ.get("COLORA_TRITON_AUTOTUNE") == "0"
-DTYPES = TRITON_DTYPES
-_WAY_OUT = 'use backend="torch" for this case'
-
-
-class TritonBackendError(ValueError):
-    """A case the triton backend does not run; the message says why and how to run it anyway."""
-
-
-class TritonBackendTypeError(TypeError):
-    """A dtype the triton backend does not run; the message says why and how to run it anyway."""
-
-
-def backend_error(reason: str, kind: type = TritonBackendError) -> Exception:
-    return kind(f"colora_fused triton backend: {reason}; {_WAY_OUT}")
-
-
-def device_problem(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
-    """Why these tensors cannot go to a Triton kernel together, or None."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        return f"tensors on different devices {sorted(str(d) for d in devices)}"
-    device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
-        return None
-    if device.type == "cpu":
-        return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
-    return f"device type {device.type!r} is not supported"
-
-
-def dtype_problem(tensors: Sequence[Optional[torch.Tensor]], names: Sequence[str]) -> Optional[str]:
-    for t, name in zip(tensors, names):
-        if t is not None and t.dtype not in DTYPES:
-            return f"{name} has dtype {t.dtype}; supported are float32, float16 and bfloat16"
-    return None
-
+from .._conv import conv_output_shape
+from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, check_conv_tensors,
+                      device_problem, dtype_problem, empty_like_layout, extent, launch, pad3,
+                      prune_by_shared_memory, strides5)
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
     problem = dtype_problem((x, weight), ("x", "weight"))
@@ -78,31 +40,6 @@ def supports_forward(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Opti
     """None if the fused forward runs this conv, otherwise the reason it does not."""
     problem = _forward_problem(x, weight, groups)
     return problem and problem[1]
-
-
-def _pad3(values: Sequence[int], fill: int) -> Tuple[int, ...]:
-    """Per-dim values for (D, H, W): a 1d/2d conv's missing leading dims get `fill`."""
-    return (fill,) * (3 - len(values)) + tuple(values)
-
-
-def _strides5(t: torch.Tensor) -> Tuple[int, ...]:
-    """Strides of an [A, B, *spatial] tensor as [A, B, D, H, W]; missing spatial dims get stride 0."""
-    return tuple(t.stride()[:2]) + _pad3(t.stride()[2:], 0)
-
-
-def _extent(t: torch.Tensor) -> int:
-    """One past the largest element offset the tensor addresses."""
-    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-
-
-def _empty_like_layout(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """An uninitialised tensor of `shape` in x's memory format (channels last when x is channels last)."""
-    channels_last = x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
-    if not channels_last:
-        return torch.empty(shape, dtype=x.dtype, device=x.device)
-    perm = (0, *range(2, len(shape)), 1)
-    return torch.empty([shape[p] for p in perm], dtype=x.dtype, device=x.device).permute(
-        0, len(shape) - 1, *range(1, len(shape) - 1))
 
 
 def forward_configs():
@@ -136,7 +73,8 @@ def fit_channel_tiles(block_n: int, block_k: int, c_out_g: int, c_in_g: int) -> 
 
 
 def _fit_configs(configs, named_args, **kwargs):
-    """The autotuner's early prune: every config with its channel tiles fitted to this conv, duplicates dropped."""
+    """The autotuner's early prune: every config with its channel tiles fitted to this conv, duplicates dropped,
+    then those whose pipeline overflows the device's shared memory (x, K0 and Kp tiles staged per stage)."""
     fitted = {}
     for cfg in configs:
         block_n, block_k = fit_channel_tiles(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"],
@@ -144,7 +82,13 @@ def _fit_configs(configs, named_args, **kwargs):
         kw = {**cfg.kwargs, "BLOCK_N": block_n, "BLOCK_K": block_k}
         key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
         fitted.setdefault(key, triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return list(fitted.values())
+    x = named_args["x_ptr"]
+
+    def stage_bytes(cfg):
+        kw = cfg.kwargs
+        return (kw["BLOCK_K"] * kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * kw["BLOCK_K"]) * x.element_size()
+
+    return prune_by_shared_memory(list(fitted.values()), stage_bytes, x.device)
 
 
 @triton.jit
@@ -259,28 +203,6 @@ _colora_conv_fwd_autotuned = triton.autotune(
 )(_colora_conv_fwd_kernel)
 
 
-def check_conv_tensors(tensors: dict, weight: torch.Tensor, groups: int, order: str) -> None:
-    """Checks shared by the forward and merge launchers: dtypes, one device, the order, and the shapes of
-    bias, pointwise, depthwise and bias_delta (those present in `tensors`, None allowed) against `weight`."""
-    names, values = list(tensors), list(tensors.values())
-    problem = dtype_problem(values, names)
-    if problem:
-        raise backend_error(problem, TritonBackendTypeError)
-    problem = device_problem(values)
-    if problem:
-        raise backend_error(problem)
-    if order not in ORDERS:
-        raise backend_error(f"unknown order {order!r}; choose one of {ORDERS}")
-    c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
-    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
-    expected = {"pointwise": (c_out, c_in_g), "depthwise": (kd_channels, *kernel), "bias": (c_out,),
-                "bias_delta": (c_out,)}
-    for name, shape in expected.items():
-        t = tensors.get(name)
-        if t is not None and tuple(t.shape) != shape:
-            raise backend_error(f"{name} has shape {tuple(t.shape)}, expected {shape} for {order}")
-
-
 def _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
     problem = _forward_problem(x, weight, groups)
     if problem:
@@ -313,7 +235,7 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order)
     shape = output_shape(x, weight, stride, padding, dilation)
     if out is None:
-        out = _empty_like_layout(x, shape)
+        out = empty_like_layout(x, shape)
     elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
         raise backend_error(f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected {shape} {x.dtype} "
                             f"on {x.device}")
@@ -322,19 +244,19 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     c_out = weight.shape[0]
     c_in_g, c_out_g = weight.shape[1], c_out // groups
     m = out.numel() // c_out  # output pixels N·D_OUT·H_OUT·W_OUT
-    d_in, h_in, w_in = _pad3(x.shape[2:], 1)
-    d_out, h_out, w_out = _pad3(shape[2:], 1)
-    kd, kh, kw = _pad3(weight.shape[2:], 1)
-    int64 = max(_extent(x), _extent(out), _extent(weight)) >= 2 ** 31
+    d_in, h_in, w_in = pad3(x.shape[2:], 1)
+    d_out, h_out, w_out = pad3(shape[2:], 1)
+    kd, kh, kw = pad3(weight.shape[2:], 1)
+    int64 = max(extent(x), extent(out), extent(weight)) >= 2 ** 31
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
         weight if bias_delta is None else bias_delta, out,
         m, c_in_g, c_out_g, groups, d_in, h_in, w_in, d_out, h_out, w_out, kd, kh, kw,
-        *_pad3(stride, 1), *_pad3(padding, 0), *_pad3(dilation, 1),
-        *_strides5(x), *_strides5(weight), *pointwise.stride(),
-        depthwise.stride(0), *_pad3(depthwise.stride()[1:], 0),
+        *pad3(stride, 1), *pad3(padding, 0), *pad3(dilation, 1),
+        *strides5(x), *strides5(weight), *pointwise.stride(),
+        depthwise.stride(0), *pad3(depthwise.stride()[1:], 0),
         0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0),
-        *_strides5(out),
+        *strides5(out),
     )
     flags = dict(PW_FIRST=order == "pointwise_first", HAS_BIAS=bias is not None,
                  HAS_BIAS_DELTA=bias_delta is not None, INT64=int64)
@@ -344,9 +266,9 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
     with torch.cuda.device_of(x):
         if FIXED_CONFIG:
-            cfg = _fit_configs([interpreter_config()], {"C_OUT_G": c_out_g, "C_IN_G": c_in_g})[0]
-            _colora_conv_fwd_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages)
+            cfg = _fit_configs([interpreter_config()], {"C_OUT_G": c_out_g, "C_IN_G": c_in_g, "x_ptr": x})[0]
+            launch(_colora_conv_fwd_kernel, grid, *args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages)
         else:
-            _colora_conv_fwd_autotuned[grid](*args, **flags)
+            launch(_colora_conv_fwd_autotuned, grid, *args, **flags)
     return out

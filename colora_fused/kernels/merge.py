@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_fwd import backend_error, check_conv_tensors
+from ._common import backend_error, check_conv_tensors, launch
 
 
 def merge_config():
@@ -86,7 +86,7 @@ def _launch(weight, out, bias, pointwise, depthwise, bias_delta, groups, order):
     block_o, block_r, num_warps = merge_config()
     has_bias = bias is not None and bias_delta is not None
     with torch.cuda.device_of(weight):
-        _merge_kernel[(triton.cdiv(c_out, block_o),)](
+        launch(_merge_kernel, (triton.cdiv(c_out, block_o),),
             weight, out, pointwise, depthwise, bias if has_bias else weight, bias_delta if has_bias else weight,
             c_out, weight.shape[1], c_out // groups, kd, kh, kw,
             *_pad_strides(weight, 2), *_pad_strides(out, 2), *pointwise.stride(), *_pad_strides(depthwise, 1),

@@ -1,0 +1,262 @@
+"""What every kernel family shares: checks of dtypes, devices and adapter shapes, layout helpers, the device
+limits that prune autotune configs, and `launch`, the one place a kernel is started.
+
+`recording(limits)` makes `launch` record each launch (kernel, grid, arguments) instead of running it and lets
+the launchers take `meta` tensors; the static audit (`colora_fused.audit`) drives the real launchers that way,
+so it compiles exactly the specialisations a real launch would, for a GPU this machine does not have.
+"""
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl  # noqa: F401 (Triton requires it in the globals of a @triton.jit helper)
+
+from .._conv import ORDERS, TRITON_DTYPES
+
+INTERPRET = triton.knobs.runtime.interpret
+# One fixed config instead of autotuning: always under the interpreter, and on a GPU when COLORA_TRITON_AUTOTUNE=0
+# (the CUDA tests set it: autotuning every tiny test shape would cost more than the tests).
+FIXED_CONFIG = INTERPRET or os.environ.get("COLORA_TRITON_AUTOTUNE") == "0"
+DTYPES = TRITON_DTYPES
+_WAY_OUT = 'use backend="torch" for this case'
+
+
+class TritonBackendError(ValueError):
+    """A case the triton backend does not run; the message says why and how to run it anyway."""
+
+
+class TritonBackendTypeError(TypeError):
+    """A dtype the triton backend does not run; the message says why and how to run it anyway."""
+
+
+def backend_error(reason: str, kind: type = TritonBackendError) -> Exception:
+    return kind(f"colora_fused triton backend: {reason}; {_WAY_OUT}")
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What a launch may use: streaming multiprocessors, and shared memory per block (opt-in maximum, bytes)."""
+    sm_count: int
+    smem_per_block: int
+
+
+# Under the interpreter nothing limits shared memory; two "SMs" keep the reduction splits CI-sized.
+_INTERPRETER_LIMITS = DeviceLimits(sm_count=2, smem_per_block=2 ** 31)
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: a JITFunction or Autotuner, its grid (a tuple or a callable of the
+    meta-parameters) and the arguments it was given."""
+    kernel: object
+    grid: object
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class _Recorder:
+    limits: DeviceLimits
+    launches: List[Launch] = field(default_factory=list)
+
+
+_STATE = threading.local()
+
+
+def _recorder() -> Optional[_Recorder]:
+    return getattr(_STATE, "recorder", None)
+
+
+@contextlib.contextmanager
+def recording(limits: DeviceLimits) -> Iterator[List[Launch]]:
+    """Within the block, launchers record their launches into the yielded list instead of running them,
+    accept `meta` tensors, and see a device with these `limits` (for the static audit)."""
+    previous = _recorder()
+    _STATE.recorder = _Recorder(limits)
+    try:
+        yield _STATE.recorder.launches
+    finally:
+        _STATE.recorder = previous
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), or a recorded Launch inside `recording`."""
+    recorder = _recorder()
+    if recorder is not None:
+        recorder.launches.append(Launch(kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+def device_limits(device: torch.device) -> DeviceLimits:
+    recorder = _recorder()
+    if recorder is not None:
+        return recorder.limits
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return DeviceLimits(props.multi_processor_count, props.shared_memory_per_block_optin)
+    return _INTERPRETER_LIMITS
+
+
+def prune_by_shared_memory(configs, stage_bytes: Callable[[triton.Config], int], device: torch.device):
+    """The configs whose software pipeline fits the device's shared memory per block.
+
+    `stage_bytes(config)` bounds the bytes one pipeline stage stages (every tile the loop loads, in its load
+    dtype); a config needs num_stages of them. When none fits, the smallest is kept (the kernel then fails
+    with Triton's out-of-resources error, which `auto` turns into the torch path).
+    """
+    limit = device_limits(device).smem_per_block
+    need = {id(c): c.num_stages * stage_bytes(c) for c in configs}
+    kept = [c for c in configs if need[id(c)] <= limit]
+    return kept or [min(configs, key=lambda c: need[id(c)])]
+
+
+def device_problem(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
+    """Why these tensors cannot go to a Triton kernel together, or None."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        return f"tensors on different devices {sorted(str(d) for d in devices)}"
+    device = devices.pop()
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET) or (device.type == "meta" and _recorder()):
+        return None
+    if device.type == "cpu":
+        return ("CPU tensors need a CUDA device, or the Triton interpreter (TRITON_INTERPRET=1 set before triton is "
+                "imported)")
+    return f"device type {device.type!r} is not supported"
+
+
+def dtype_problem(tensors: Sequence[Optional[torch.Tensor]], names: Sequence[str]) -> Optional[str]:
+    for t, name in zip(tensors, names):
+        if t is not None and t.dtype not in DTYPES:
+            return f"{name} has dtype {t.dtype}; supported are float32, float16 and bfloat16"
+    return None
+
+
+def check_conv_tensors(tensors: dict, weight: torch.Tensor, groups: int, order: str) -> None:
+    """Checks shared by the launchers: dtypes, one device, the order, and the shapes of bias, pointwise,
+    depthwise and bias_delta (those present in `tensors`, None allowed) against `weight`."""
+    names, values = list(tensors), list(tensors.values())
+    problem = dtype_problem(values, names)
+    if problem:
+        raise backend_error(problem, TritonBackendTypeError)
+    problem = device_problem(values)
+    if problem:
+        raise backend_error(problem)
+    if order not in ORDERS:
+        raise backend_error(f"unknown order {order!r}; choose one of {ORDERS}")
+    c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
+    expected = {"pointwise": (c_out, c_in_g), "depthwise": (kd_channels, *kernel), "bias": (c_out,),
+                "bias_delta": (c_out,)}
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise backend_error(f"{name} has shape {tuple(t.shape)}, expected {shape} for {order}")
+
+
+def pad3(values: Sequence[int], fill: int) -> Tuple[int, ...]:
+    """Per-dim values for (D, H, W): a 1d/2d conv's missing leading dims get `fill`."""
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
+def strides5(t: torch.Tensor) -> Tuple[int, ...]:
+    """Strides of an [A, B, *spatial] tensor as [A, B, D, H, W]; missing spatial dims get stride 0."""
+    return tuple(t.stride()[:2]) + pad3(t.stride()[2:], 0)
+
+
+def extent(t: torch.Tensor) -> int:
+    """One past the largest element offset the tensor addresses."""
+    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+
+
+def empty_like_layout(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in x's memory format (channels last when x is channels last)."""
+    channels_last = x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+    if not channels_last:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    perm = (0, *range(2, len(shape)), 1)
+    return torch.empty([shape[p] for p in perm], dtype=x.dtype, device=x.device).permute(
+        0, len(shape) - 1, *range(1, len(shape) - 1))
+
+
+def fail(exc: type, message: str):
+    raise backend_error(message, TritonBackendTypeError if exc is TypeError else TritonBackendError)
+
+
+def check_backward_tensors(**tensors: torch.Tensor) -> torch.device:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            fail(TypeError, f"{name} has dtype {t.dtype}; the kernels take float32, float16 or bfloat16")
+        if t.dim() > 1 and sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+            fail(ValueError, f"one sample of {name} {tuple(t.shape)} spans 2³¹ elements or more, past the "
+                  "kernels' int32 per-sample offsets")
+    problem = device_problem(list(tensors.values()))
+    if problem:
+        fail(ValueError, problem)
+    return next(iter(tensors.values())).device
+
+
+def check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order):
+    """Validate hyper-parameters and adapter shapes; return them as 3-tuples over (D, H, W) and the kernel size."""
+    if order not in ORDERS:
+        fail(ValueError, f"unknown order {order!r}; choose one of {ORDERS}")
+    nd = weight.dim() - 2
+    if nd not in (1, 2, 3):
+        fail(ValueError, f"weight must be [C_out, C_in/groups, *k] with 1-3 spatial dims, got {tuple(weight.shape)}")
+    params = {}
+    for name, given, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        value = tuple(given) if isinstance(given, (tuple, list, torch.Size)) else ()
+        if len(value) != nd or not all(isinstance(v, int) and v >= least for v in value):
+            fail(ValueError, f"{name} must be a tuple of {nd} ints >= {least} (symmetric zero padding only), "
+                              f"got {given!r}")
+        params[name] = value
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        fail(ValueError, f"groups={groups!r} must be a positive int dividing C_out={weight.shape[0]}")
+    c_out, c_in_g = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
+    if tuple(pointwise.shape) != (c_out, c_in_g):
+        fail(ValueError, f"pointwise has shape {tuple(pointwise.shape)}, expected {(c_out, c_in_g)}")
+    if tuple(depthwise.shape) != (kd_channels, *kernel):
+        fail(ValueError, f"depthwise has shape {tuple(depthwise.shape)}, expected {(kd_channels, *kernel)} ({order})")
+    unit = 3 - nd
+    return ((1,) * unit + params["stride"], (0,) * unit + params["padding"], (1,) * unit + params["dilation"],
+            (1,) * unit + kernel)
+
+
+def lift(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """View `t` with unit dims inserted after its `lead` leading dims until it has lead + 3 dims (no copy)."""
+    while t.dim() < lead + 3:
+        t = t.unsqueeze(lead)
+    return t
+
+
+def new_tensor(shape, dtype, device, channels_last: bool = False) -> torch.Tensor:
+    """A new tensor (NaN-filled under COLORA_NAN_FILL=1); channels_last puts dim 1 innermost."""
+    if channels_last:
+        t = torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=device).movedim(-1, 1)
+    else:
+        t = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("COLORA_NAN_FILL") == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+def strides(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.stride())
+
+
+@triton.jit
+def decode_position(p, S1, S2, S3):
+    """Flat index p over [N, S1, S2, S3] → (n, i1, i2, i3)."""
+    i3 = p % S3
+    t = p // S3
+    i2 = t % S2
+    t = t // S2
+    return t // S1, t % S1, i2, i3

@@ -1,0 +1,495 @@
+"""Adapter gradients of the fused CoLoRA convolution (DESIGN §5), chosen per layer:
+
+- cheap route (≈ 2F/prod(k)): one grouped 1×1 weight-gradient GEMM for dKp with the depthwise stencil (G =
+  Kd-transpose of dY, or Z1 = Kd ⊛ X) built in its operand prologue; one GEMM + stencil kernel for dKd that forms
+  the 1×1 product (Z1 = Kp ⊛ X, or dZ1 = Kpᵀ ⊛ dY) tile by tile and reduces it against a shifted gather, so
+  neither G nor Z1 is ever written to memory;
+- gradW route (1×1 and 1×2 kernels, F): a weight-gradient GEMM per tap whose tile is folded into dKp and dKd in
+  the epilogue; gradW is never stored.
+
+Tensors are seen as 5-d `[N, C, D, H, W]` with arbitrary strides, as in the input gradient. Reductions over
+positions are split into `SPLIT` programs writing fp32 partials that are summed in a fixed order
+(bit-reproducible); `deterministic=False` accumulates with fp32 atomics instead. With `COLORA_NAN_FILL=1` every
+partial buffer starts as NaN (the tests set it).
+"""
+import contextlib
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._conv import ROUTES, conv_output_shape
+from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, device_limits, fail,
+                      launch, lift, new_tensor, strides)
+
+
+@triton.jit
+def _store_partial(ptr, value, mask, USE_ATOMIC: tl.constexpr):
+    if USE_ATOMIC:
+        tl.atomic_add(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+def _channel_gemm_configs():
+    """BLOCK_K (positions per step), warps and stages; the launcher sets the channel tiles (BLOCK_M, BLOCK_N)."""
+    if FIXED_CONFIG:
+        return [triton.Config({"BLOCK_K": 64})]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4)]]
+
+
+@triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+                 reset_to_zero=["dkp_ptr", "db_ptr"])
+@triton.jit
+def _pointwise_grad_kernel(
+        x_ptr, dy_ptr, kd_ptr, dkp_ptr, db_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_db_s,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dKp[o, c] = Σ_{n, pos} A[n, o, pos] · B[n, c, pos] per group; one operand is a depthwise stencil in registers.
+
+    pointwise_first, pos = input positions [N, D, H, W]:
+        A = G = depthwise_conv_transpose(dY, Kd): G[n, o, d] = Σ_t dY[n, o, (d + PD − td·DD)/SD]·Kd[o, t]
+            (likewise h, w; terms whose quotient is fractional or out of range drop out), B = X.
+    depthwise_first, pos = output positions [N, OD, OH, OW]:
+        A = dY, B = Z1 = depthwise_conv(X, Kd): Z1[n, c, od] = Σ_t X[n, c, od·SD − PD + td·DD]·Kd[c, t];
+        with HAS_BIAS also dΔb[o] = Σ dY[n, o, pos] from the same A tiles.
+    M = C_OUT_G, N = C_IN_G, K = P positions split over SPLIT programs. Grid: (M tiles × N tiles, groups, SPLIT).
+    Writes fp32 partials dkp[s, g·C_OUT_G + o, c] and db[s, o] ([SPLIT, C_out, C_IN_G], [SPLIT, C_out]); with
+    USE_ATOMIC the split strides are 0 and the partials are added atomically.
+    """
+    i_mn, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    i_m, i_n = i_mn // num_n, i_mn % num_n
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < C_OUT_G
+    o_cout = i_g * C_OUT_G + o_m
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_IN_G
+    o_cin = i_g * C_IN_G + o_n
+
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_K) * BLOCK_K
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < end
+        if DEPTHWISE_FIRST:
+            i_b, od, oh, ow = decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
+            p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+            b_a = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
+                          mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+            if HAS_BIAS:
+                acc_b += tl.sum(b_a.to(tl.float32), axis=1)
+            b_b = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            for td in range(KD):
+                d = od * SD - PD + td * DD
+                for th in tl.static_range(KH):
+                    h = oh * SH - PH + th * DH
+                    for tw in tl.static_range(KW):
+                        w = ow * SW - PW + tw * DW
+                        m_tap = m_k & (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                        p_x = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+                        b_x = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
+                                      mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+                        b_kd = tl.load(kd_ptr + o_cin * s_kd_c + td * s_kd_d + th * s_kd_h + tw * s_kd_w,
+                                       mask=m_n, other=0.)  # [BN]
+                        b_b += b_x.to(tl.float32) * b_kd.to(tl.float32)[None, :]
+            acc = tl.dot(b_a, b_b.to(b_a.dtype), acc)
+        else:
+            i_b, d, h, w = decode_position(tl.where(m_k, o_k, 0), D, H, W)
+            p_x = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+            b_b = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
+                          mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            b_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for td in range(KD):
+                ed = d + PD - td * DD + SD * KD * DD
+                od = ed // SD - KD * DD
+                for th in tl.static_range(KH):
+                    eh = h + PH - th * DH + SH * KH * DH
+                    oh = eh // SH - KH * DH
+                    for tw in tl.static_range(KW):
+                        ew = w + PW - tw * DW + SW * KW * DW
+                        ow = ew // SW - KW * DW
+                        m_tap = (m_k & (ed % SD == 0) & (eh % SH == 0) & (ew % SW == 0)
+                                 & (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))
+                        p_dy = (i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h
+                                + ow * s_dy_w)
+                        b_dy = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
+                                       mask=m_m[:, None] & m_tap[None, :], other=0.)  # [BM, BK]
+                        b_kd = tl.load(kd_ptr + o_cout * s_kd_c + td * s_kd_d + th * s_kd_h + tw * s_kd_w,
+                                       mask=m_m, other=0.)  # [BM]
+                        b_a += b_dy.to(tl.float32) * b_kd.to(tl.float32)[:, None]
+            acc = tl.dot(b_a.to(b_b.dtype), b_b, acc)
+
+    _store_partial(dkp_ptr + i_s * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc,
+                   m_m[:, None] & m_n[None, :], USE_ATOMIC)
+    if HAS_BIAS:
+        _store_partial(db_ptr + i_s * s_db_s + o_cout, acc_b, m_m & (i_n == 0), USE_ATOMIC)
+
+
+def _depthwise_grad_configs():
+    """BLOCK_M (positions per row tile), BLOCK_K (the 1×1 GEMM's channel step), warps, stages; the launcher sets
+    BLOCK_N (channels)."""
+    if FIXED_CONFIG:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 16})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]]
+
+
+@triton.autotune(configs=_depthwise_grad_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+                 reset_to_zero=["dkd_ptr"])
+@triton.jit
+def _depthwise_grad_kernel(
+        x_ptr, dy_ptr, kp_ptr, dkd_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkd_s,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_kp_o, s_kp_c,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, T_PAD: tl.constexpr,
+        DEPTHWISE_FIRST: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dKd[ch, t] = Σ_{n, pos} Y[n, ch, pos] · S_t[n, ch, pos]: a grouped 1×1 GEMM per row tile against a gather.
+
+    pointwise_first, pos = input positions, ch = o:
+        Y = Z1 = Kp ⊛ X: Z1[n, o, pos] = Σ_c Kp[o, c]·X[n, g·C_IN_G + c, pos]
+        S_t[n, o, d] = dY[n, o, (d + PD − td·DD)/SD] (likewise h, w; zero where fractional or out of range)
+    depthwise_first, pos = output positions, ch = c:
+        Y = dZ1 = Kpᵀ ⊛ dY: dZ1[n, g·C_IN_G + c, pos] = Σ_o Kp[g·C_OUT_G + o, c]·dY[n, g·C_OUT_G + o, pos]
+        S_t[n, c, od] = X[n, c, od·SD − PD + td·DD]
+    Grid: (channel tiles, groups, SPLIT); a program walks the row tiles of its share of the P positions, keeping
+    [BN, T_PAD] sums, t = (td·KH + th)·KW + tw. Writes fp32 partials dkd[s, ch, t] ([SPLIT, C_out or C_in,
+    KD·KH·KW]); with USE_ATOMIC the split stride is 0 and the partials are added atomically.
+    """
+    i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if DEPTHWISE_FIRST:
+        CH_G = C_IN_G
+        K_G = C_OUT_G
+    else:
+        CH_G = C_OUT_G
+        K_G = C_IN_G
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < CH_G
+    o_ch = i_g * CH_G + o_n
+    T: tl.constexpr = KD * KH * KW
+    o_t = tl.arange(0, T_PAD)
+
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_M) * BLOCK_M
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    acc = tl.zeros((BLOCK_N, T_PAD), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M)
+        m_m = o_m < end
+        if DEPTHWISE_FIRST:
+            i_b, i1, i2, i3 = decode_position(tl.where(m_m, o_m, 0), OD, OH, OW)
+            p_a = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
+        else:
+            i_b, i1, i2, i3 = decode_position(tl.where(m_m, o_m, 0), D, H, W)
+            p_a = i_b.to(tl.int64) * s_x_n + i1.to(tl.int64) * s_x_d + i2.to(tl.int64) * s_x_h + i3 * s_x_w
+
+        b_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_G, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < K_G
+            if DEPTHWISE_FIRST:
+                b_a = tl.load(dy_ptr + p_a[:, None] + ((i_g * C_OUT_G + o_k) * s_dy_c)[None, :],
+                              mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+                b_kp = tl.load(kp_ptr + (i_g * C_OUT_G + o_k)[:, None] * s_kp_o + o_n[None, :] * s_kp_c,
+                               mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            else:
+                b_a = tl.load(x_ptr + p_a[:, None] + ((i_g * C_IN_G + o_k) * s_x_c)[None, :],
+                              mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+                b_kp = tl.load(kp_ptr + o_ch[None, :] * s_kp_o + o_k[:, None] * s_kp_c,
+                               mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            b_y = tl.dot(b_a, b_kp.to(b_a.dtype), b_y)
+
+        for t in range(T):
+            td = t // (KH * KW)
+            th = (t // KW) % KH
+            tw = t % KW
+            if DEPTHWISE_FIRST:
+                d = i1 * SD - PD + td * DD
+                h = i2 * SH - PH + th * DH
+                w = i3 * SW - PW + tw * DW
+                m_tap = m_m & (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                p_s = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+                b_s = tl.load(x_ptr + p_s[:, None] + (o_ch * s_x_c)[None, :],
+                              mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BM, BN]
+            else:
+                ed = i1 + PD - td * DD + SD * KD * DD
+                eh = i2 + PH - th * DH + SH * KH * DH
+                ew = i3 + PW - tw * DW + SW * KW * DW
+                od = ed // SD - KD * DD
+                oh = eh // SH - KH * DH
+                ow = ew // SW - KW * DW
+                m_tap = (m_m & (ed % SD == 0) & (eh % SH == 0) & (ew % SW == 0)
+                         & (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))
+                p_s = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+                b_s = tl.load(dy_ptr + p_s[:, None] + (o_ch * s_dy_c)[None, :],
+                              mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BM, BN]
+            b_r = tl.sum(b_y * b_s.to(tl.float32), axis=0)  # [BN]
+            acc += tl.where(o_t[None, :] == t, b_r[:, None], 0.)
+
+    _store_partial(dkd_ptr + i_s * s_dkd_s + o_ch[:, None] * T + o_t[None, :], acc,
+                   m_n[:, None] & (o_t < T)[None, :], USE_ATOMIC)
+
+
+def _channel_sum_configs():
+    if FIXED_CONFIG:
+        return [triton.Config({"BLOCK_M": 64})]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]]
+
+
+@triton.autotune(configs=_channel_sum_configs(), key=["C_OUT", "P"], reset_to_zero=["db_ptr"])
+@triton.jit
+def _channel_sum_kernel(
+        dy_ptr, db_ptr, OD, OH, OW, C_OUT, P, SPLIT, s_db_s,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        USE_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dΔb[o] = Σ_{n, pos} dY[n, o, pos] over P output positions, split over SPLIT programs.
+
+    Grid: (channel tiles, SPLIT). Writes fp32 partials db[s, o] ([SPLIT, C_out]); atomically with USE_ATOMIC.
+    """
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_OUT
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_M) * BLOCK_M
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M)
+        m_m = o_m < end
+        i_b, od, oh, ow = decode_position(tl.where(m_m, o_m, 0), OD, OH, OW)
+        p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+        b_dy = tl.load(dy_ptr + p_dy[:, None] + (o_n * s_dy_c)[None, :], mask=m_m[:, None] & m_n[None, :], other=0.)
+        acc += tl.sum(b_dy.to(tl.float32), axis=0)
+    _store_partial(db_ptr + i_s * s_db_s + o_n, acc, m_n, USE_ATOMIC)
+
+
+@triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+                 reset_to_zero=["dkp_ptr", "dkd_ptr", "db_ptr"])
+@triton.jit
+def _gradw_adapter_kernel(
+        x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr, db_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile, s_db_s,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, USE_ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Adapter gradients through the weight gradient, folded in the epilogue (the route for prod(k) ≤ 2).
+
+        gradW[o, c, t] = Σ_{n, pos} dY[n, g·C_OUT_G + o, pos] · X[n, g·C_IN_G + c, pos·S − P + t·DIL]
+        dKp[o, c] = Σ_t gradW[o, c, t]·Kd[·, t]                      (Kd[o, t] or Kd[g·C_IN_G + c, t])
+        dKd[o, t] = Σ_c gradW[o, c, t]·Kp[o, c]                      (pointwise_first)
+        dKd[g·C_IN_G + c, t] = Σ_o gradW[o, c, t]·Kp[o, c]           (depthwise_first)
+        dΔb[o] = Σ_{n, pos} dY[n, o, pos]                             (HAS_BIAS)
+    One [BM, BN] gradW tile per tap (M = C_OUT_G, N = C_IN_G, K = P output positions split over SPLIT), never
+    stored. All three are linear in gradW, so each split folds its own partial: fp32 dkp[s, o, c]
+    ([SPLIT, C_out, C_IN_G]), dkd[s, tile, ch, t] where tile is the N tile (pointwise_first, C_out rows) or the
+    M tile (depthwise_first, C_in rows), db[s, o]; with USE_ATOMIC the split/tile strides are 0 and the partials
+    are added atomically.
+    Grid: (M tiles × N tiles, groups, SPLIT).
+    """
+    i_mn, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    i_m, i_n = i_mn // num_n, i_mn % num_n
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < C_OUT_G
+    o_cout = i_g * C_OUT_G + o_m
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_IN_G
+    o_cin = i_g * C_IN_G + o_n
+    m_mn = m_m[:, None] & m_n[None, :]
+    b_kp = tl.load(kp_ptr + o_cout[:, None] * s_kp_o + o_n[None, :] * s_kp_c, mask=m_mn, other=0.).to(tl.float32)
+
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_K) * BLOCK_K
+    start = i_s * chunk
+    end = tl.minimum(start + chunk, P)
+    T: tl.constexpr = KD * KH * KW
+    acc_kp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(T):
+        td = t // (KH * KW)
+        th = (t // KW) % KH
+        tw = t % KW
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(start, end, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < end
+            i_b, od, oh, ow = decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
+            p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+            b_dy = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
+                           mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+            if HAS_BIAS:
+                acc_b += tl.where(t == 0, tl.sum(b_dy.to(tl.float32), axis=1), 0.)
+            d = od * SD - PD + td * DD
+            h = oh * SH - PH + th * DH
+            w = ow * SW - PW + tw * DW
+            m_tap = m_k & (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            p_x = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+            b_x = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
+                          mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BK, BN]
+            acc = tl.dot(b_dy, b_x, acc)
+        p_kd = td * s_kd_d + th * s_kd_h + tw * s_kd_w
+        if DEPTHWISE_FIRST:
+            b_kd = tl.load(kd_ptr + o_cin * s_kd_c + p_kd, mask=m_n, other=0.).to(tl.float32)  # [BN]
+            acc_kp += acc * b_kd[None, :]
+            p_dkd = dkd_ptr + i_s * s_dkd_s + i_m * s_dkd_tile + o_cin * T + t
+            _store_partial(p_dkd, tl.sum(acc * b_kp, axis=0), m_n, USE_ATOMIC)
+        else:
+            b_kd = tl.load(kd_ptr + o_cout * s_kd_c + p_kd, mask=m_m, other=0.).to(tl.float32)  # [BM]
+            acc_kp += acc * b_kd[:, None]
+            p_dkd = dkd_ptr + i_s * s_dkd_s + i_n * s_dkd_tile + o_cout * T + t
+            _store_partial(p_dkd, tl.sum(acc * b_kp, axis=1), m_m, USE_ATOMIC)
+
+    _store_partial(dkp_ptr + i_s * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc_kp, m_mn, USE_ATOMIC)
+    if HAS_BIAS:
+        _store_partial(db_ptr + i_s * s_db_s + o_cout, acc_b, m_m & (i_n == 0), USE_ATOMIC)
+
+
+def _split(tiles: int, positions: int, device: torch.device) -> int:
+    """Programs per tile along the position reduction: about two waves of the device, ≥ 8 row steps each."""
+    min_rows = 32 if device.type == "cpu" else 512
+    return max(1, min(triton.cdiv(2 * device_limits(device).sm_count, tiles), positions // min_rows))
+
+
+def _partials(lead: Tuple[int, ...], shape: Tuple[int, ...], use_atomic: bool, device: torch.device) -> torch.Tensor:
+    """fp32 partial sums [*lead, *shape]; for atomics one zeroed [1, ..., *shape] buffer that every program adds to."""
+    if use_atomic:
+        return torch.zeros((1,) * len(lead) + shape, dtype=torch.float32, device=device)
+    return new_tensor((*lead, *shape), torch.float32, device)
+
+
+def _lead_stride(buf: torch.Tensor, dim: int) -> int:
+    """The kernel's stride along a partial-index dim: 0 where the dim is shared (atomics, or a single split)."""
+    return 0 if buf.shape[dim] == 1 else buf.stride(dim)
+
+
+def _channel_block(channels: int, cap: int = 128) -> int:
+    return min(cap, max(16, triton.next_power_of_2(channels)))
+
+
+def _stencil_gemm_blocks(c_out_g: int, c_in_g: int, dw_first: bool) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the dKp GEMM. Its stencil operand (G over o, or Z1 over c) is rebuilt, on CUDA cores,
+    once per tile of the other channel dim, so that dim's tile spans up to 256 channels; the stencil side stays
+    ≤ 128 and keeps the fp32 accumulator at ≤ 128×128 elements."""
+    wide = _channel_block(c_in_g if not dw_first else c_out_g, 256)
+    narrow = _channel_block(c_out_g if not dw_first else c_in_g, min(128, 128 * 128 // wide))
+    return (wide, narrow) if dw_first else (narrow, wide)
+
+
+def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
+                                  pointwise: torch.Tensor, depthwise: torch.Tensor, stride: Sequence[int],
+                                  padding: Sequence[int], dilation: Sequence[int], groups: int, order: str,
+                                  need_bias_delta: bool, deterministic: bool = True, *, route: Optional[str] = None
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(dKp, dKd, dΔb or None) of `conv(X, K0 + Kp ⊛ Kd, ...) + Δb` given dL/dO = grad_out.
+
+    x: [N, C_in, *in], grad_out: [N, C_out, *out] (one dtype, any strides); dKp in pointwise's dtype, dKd in
+    depthwise's, dΔb ([C_out], only with `need_bias_delta`) in pointwise's.
+
+    `route`: "cheap" (G/Z1 stencils fused into 1×1 GEMMs, ≈ 2F/prod(k)) or "gradw" (weight gradient folded in
+    its epilogue, F); None picks "gradw" for prod(k) ≤ 2, where both cost about F, and "cheap" otherwise.
+    `deterministic=False` trades bit-reproducibility for fp32 atomics instead of split partials.
+    """
+    device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
+    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+    nd = weight.dim() - 2
+    c_out, c_in_g = weight.shape[:2]
+    c_in = c_in_g * groups
+    if x.dim() != nd + 2 or x.shape[1] != c_in:
+        fail(ValueError, f"x has shape {tuple(x.shape)}, which does not fit weight {tuple(weight.shape)} "
+                          f"with groups={groups}")
+    if x.dtype != grad_out.dtype:
+        fail(TypeError, f"x ({x.dtype}) and grad_out ({grad_out.dtype}) must share a dtype")
+    out_spatial = conv_output_shape(x.shape, weight.shape, stride3[3 - nd:], pad3[3 - nd:], dil3[3 - nd:])[2:]
+    if tuple(grad_out.shape) != (x.shape[0], c_out, *out_spatial):
+        fail(ValueError, f"grad_out has shape {tuple(grad_out.shape)}, expected {(x.shape[0], c_out, *out_spatial)}")
+    taps = math.prod(k3)
+    route = route or ("gradw" if taps <= 2 else "cheap")
+    if route not in ROUTES:
+        fail(ValueError, f"unknown route {route!r}; choose one of {ROUTES} or None")
+
+    xs, dy, kd = lift(x, 2), lift(grad_out, 2), lift(depthwise, 1)
+    n, _, d, h, w = xs.shape
+    od, oh, ow = dy.shape[2:]
+    c_out_g = c_out // groups
+    dw_first = order == "depthwise_first"
+    use_atomic = not deterministic
+    conv_args = (*stride3, *pad3, *dil3)
+    io_strides = (*strides(xs), *strides(dy))
+    kd_ch = kd.shape[0]
+    p_out = n * od * oh * ow
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if route == "gradw":
+            bm, bn = _channel_block(c_out_g), _channel_block(c_in_g)
+            gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
+            split = _split(gemm_tiles * groups, p_out, device)
+            dkd_tiles = triton.cdiv(c_out_g, bm) if dw_first else triton.cdiv(c_in_g, bn)
+            dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
+            dkd = _partials((split, dkd_tiles), (kd_ch, taps), use_atomic, device)
+            db = _partials((split,), (c_out,), use_atomic, device) if need_bias_delta else dkp
+            launch(_gradw_adapter_kernel, (gemm_tiles, groups, split),
+                xs, dy, pointwise, kd, dkp, dkd, db,
+                n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_out, split,
+                _lead_stride(dkp, 0), _lead_stride(dkd, 0), _lead_stride(dkd, 1), _lead_stride(db, 0),
+                *conv_args, *io_strides, *strides(pointwise), *strides(kd),
+                KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, HAS_BIAS=need_bias_delta,
+                USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn)
+            dkd = dkd.sum(1)
+        else:
+            p_in = n * d * h * w
+            p_kp = p_out if dw_first else p_in
+            bm, bn = _stencil_gemm_blocks(c_out_g, c_in_g, dw_first)
+            gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
+            split = _split(gemm_tiles * groups, p_kp, device)
+            dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
+            db = _partials((split,), (c_out,), use_atomic, device) if need_bias_delta and dw_first else dkp
+            launch(_pointwise_grad_kernel, (gemm_tiles, groups, split),
+                xs, dy, kd, dkp, db,
+                n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_kp, split, _lead_stride(dkp, 0), _lead_stride(db, 0),
+                *conv_args, *io_strides, *strides(kd),
+                KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, HAS_BIAS=need_bias_delta and dw_first,
+                USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn)
+
+            ch_g = c_in_g if dw_first else c_out_g
+            bc = _channel_block(ch_g)
+            p_kd = p_out if dw_first else p_in
+            split_d = _split(triton.cdiv(ch_g, bc) * groups, p_kd, device)
+            dkd = _partials((split_d,), (kd_ch, taps), use_atomic, device)
+            launch(_depthwise_grad_kernel, (triton.cdiv(ch_g, bc), groups, split_d),
+                xs, dy, pointwise, dkd,
+                n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_kd, split_d, _lead_stride(dkd, 0), *conv_args, *io_strides,
+                *strides(pointwise),
+                KD=k3[0], KH=k3[1], KW=k3[2], T_PAD=triton.next_power_of_2(taps), DEPTHWISE_FIRST=dw_first,
+                USE_ATOMIC=use_atomic, BLOCK_N=bc)
+
+            if need_bias_delta and not dw_first:
+                bo = _channel_block(c_out)
+                split_b = _split(triton.cdiv(c_out, bo), p_out, device)
+                db = _partials((split_b,), (c_out,), use_atomic, device)
+                launch(_channel_sum_kernel, (triton.cdiv(c_out, bo), split_b),
+                    dy, db, od, oh, ow, c_out, p_out, split_b, _lead_stride(db, 0), *strides(dy),
+                    USE_ATOMIC=use_atomic, BLOCK_N=bo)
+
+    d_pointwise = dkp.sum(0).to(pointwise.dtype)
+    d_depthwise = dkd.sum(0).reshape(depthwise.shape).to(depthwise.dtype)
+    d_bias = db.sum(0).to(pointwise.dtype) if need_bias_delta else None
+    return d_pointwise, d_depthwise, d_bias

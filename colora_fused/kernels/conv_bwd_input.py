@@ -1,0 +1,184 @@
+"""Input gradient of the fused CoLoRA convolution: a transposed implicit-GEMM convolution by `K0 + ΔK`, the merged
+tile built in registers from K0, Kp and Kd, split into stride phases so that no stride hole is multiplied.
+
+Every tensor is seen as 5-d `[N, C, D, H, W]` with arbitrary strides (Conv1d/2d arrive as views with unit
+depth/height), so NCHW and channels_last need no copies; offsets that scale with the batch are int64 (one sample
+is assumed below 2³¹ elements). fp16/bf16 operands feed `tl.dot` with fp32 accumulation. With
+`COLORA_NAN_FILL=1` the output starts as NaN, so a tile the kernel fails to write shows up (the tests set it).
+"""
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .._conv import conv_output_shape
+from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, fail, launch, lift,
+                      new_tensor, strides)
+
+
+def _bwd_input_configs():
+    if FIXED_CONFIG:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+            (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 2, 3),
+        ]
+    ]
+
+
+@triton.jit
+def _first_tap(r, P, DIL, S, K: tl.constexpr):
+    """The smallest tap t < K whose offset r + P − t·DIL is a multiple of S (K when there is none)."""
+    first = r * 0 + K
+    for t in range(K):
+        # the S·K·DIL shift keeps the numerator non-negative, so % needs no sign convention
+        hit = (r + P - t * DIL + S * K * DIL) % S == 0
+        first = tl.where(hit & (first == K), t, first)
+    return first
+
+
+@triton.autotune(configs=_bwd_input_configs(), key=["C_IN_G", "C_OUT_G", "M_MAX", "KD", "KH", "KW", "DEPTHWISE_FIRST"])
+@triton.jit
+def _conv_bwd_input_kernel(
+        dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, M_MAX,
+        SD, SH, SW, PD, PH, PW, DD, DH, DW, STEP_D, STEP_H, STEP_W,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_dx_n, s_dx_c, s_dx_d, s_dx_h, s_dx_w,
+        s_w_o, s_w_c, s_w_d, s_w_h, s_w_w,
+        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """dX = conv_transpose(dY, K0 + ΔK), the merged kernel built tile by tile, never stored.
+
+        dX[n, g·C_IN_G + c, d, h, w] = Σ_{o < C_OUT_G, t} dY[n, g·C_OUT_G + o, od, oh, ow] · K[g·C_OUT_G + o, c, t]
+        with d = od·SD − PD + td·DD (likewise h, w) and
+        K[o, c, t] = K0[o, c, t] + Kp[o, c]·Kd[o, t]                    (pointwise_first)
+                   = K0[o, c, t] + Kp[o, c]·Kd[g·C_IN_G + c, t]         (depthwise_first)
+
+    Implicit GEMM per group g and stride phase (d mod SD, h mod SH, w mod SW): M = the phase's input positions
+    [N, ⌈(D−rd)/SD⌉, ...], N = C_IN_G, K = (the phase's taps) × C_OUT_G. Within a phase the taps that land on an
+    output position form the progression first + i·STEP (STEP = S / gcd(S, DIL)), so the K loop visits only them.
+    Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups). dY: [N, C_out, OD, OH, OW], dX: [N, C_in,
+    D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [C_out, C_IN_G], Kd: [C_out or C_in, KD, KH, KW], any strides.
+    """
+    i_mn, i_ph, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rw = i_ph % SW
+    rh = (i_ph // SW) % SH
+    rd = i_ph // (SW * SH)
+    PHD = (D - rd + SD - 1) // SD
+    PHH = (H - rh + SH - 1) // SH
+    PHW = (W - rw + SW - 1) // SW
+    m_phase = N * PHD * PHH * PHW
+
+    num_m = tl.cdiv(M_MAX, BLOCK_M)
+    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (i_mn // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    i_m = first_m + (i_mn % width) % size_m
+    i_n = (i_mn % width) // size_m
+    if i_m * BLOCK_M >= m_phase:
+        return
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < m_phase
+    i_b, jd, jh, jw = decode_position(tl.where(m_m, o_m, 0), PHD, PHH, PHW)
+    p_row = i_b.to(tl.int64) * s_dy_n  # [BM]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C_IN_G
+    o_cin = i_g * C_IN_G + o_n
+
+    td0 = _first_tap(rd, PD, DD, SD, KD)
+    th0 = _first_tap(rh, PH, DH, SH, KH)
+    tw0 = _first_tap(rw, PW, DW, SW, KW)
+    n_td = (KD - td0 + STEP_D - 1) // STEP_D
+    n_th = (KH - th0 + STEP_H - 1) // STEP_H
+    n_tw = (KW - tw0 + STEP_W - 1) // STEP_W
+    n_kc = tl.cdiv(C_OUT_G, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, n_td * n_th * n_tw * n_kc):
+        i_kc = it % n_kc
+        tap = it // n_kc
+        td = td0 + (tap // (n_tw * n_th)) * STEP_D
+        th = th0 + ((tap // n_tw) % n_th) * STEP_H
+        tw = tw0 + (tap % n_tw) * STEP_W
+        od = jd + (rd + PD - td * DD + SD * KD * DD) // SD - KD * DD
+        oh = jh + (rh + PH - th * DH + SH * KH * DH) // SH - KH * DH
+        ow = jw + (rw + PW - tw * DW + SW * KW * DW) // SW - KW * DW
+        m_row = m_m & (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        p_dy = p_row + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow.to(tl.int64) * s_dy_w  # [BM]
+
+        o_k = i_kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_k = o_k < C_OUT_G
+        o_cout = i_g * C_OUT_G + o_k
+        b_dy = tl.load(dy_ptr + p_dy[:, None] + (o_cout * s_dy_c)[None, :],
+                       mask=m_row[:, None] & m_k[None, :], other=0.)  # [BM, BK]
+        m_w = m_k[:, None] & m_n[None, :]
+        p_tap = td * s_w_d + th * s_w_h + tw * s_w_w
+        b_w = tl.load(w_ptr + o_cout[:, None] * s_w_o + o_n[None, :] * s_w_c + p_tap, mask=m_w, other=0.)
+        b_kp = tl.load(kp_ptr + o_cout[:, None] * s_kp_o + o_n[None, :] * s_kp_c, mask=m_w, other=0.)
+        p_kd = td * s_kd_d + th * s_kd_h + tw * s_kd_w
+        if DEPTHWISE_FIRST:
+            b_kd = tl.load(kd_ptr + o_cin * s_kd_c + p_kd, mask=m_n, other=0.)  # [BN]
+            b_k = b_w.to(tl.float32) + b_kp.to(tl.float32) * b_kd.to(tl.float32)[None, :]  # [BK, BN]
+        else:
+            b_kd = tl.load(kd_ptr + o_cout * s_kd_c + p_kd, mask=m_k, other=0.)  # [BK]
+            b_k = b_w.to(tl.float32) + b_kp.to(tl.float32) * b_kd.to(tl.float32)[:, None]  # [BK, BN]
+        acc = tl.dot(b_dy, b_k.to(b_dy.dtype), acc)
+
+    d = rd + jd * SD
+    h = rh + jh * SH
+    w = rw + jw * SW
+    p_dx = i_b.to(tl.int64) * s_dx_n + d.to(tl.int64) * s_dx_d + h.to(tl.int64) * s_dx_h + w.to(tl.int64) * s_dx_w
+    tl.store(dx_ptr + p_dx[:, None] + (o_cin * s_dx_c)[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
+def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor,
+                               depthwise: torch.Tensor, x_shape: Sequence[int], x_channels_last: bool,
+                               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                               order: str) -> torch.Tensor:
+    """dL/dX of `conv(X, K0 + Kp ⊛ Kd, stride, padding, dilation, groups)` given dL/dO = grad_out.
+
+    grad_out: [N, C_out, *out], any strides; stride/padding/dilation: one int per spatial dim (symmetric zero
+    padding). Returns `x_shape` in grad_out's dtype, channels innermost when `x_channels_last`, else contiguous.
+    """
+    device = check_backward_tensors(grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
+    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+    nd = weight.dim() - 2
+    x_shape = tuple(int(s) for s in x_shape)
+    c_out, c_in_g = weight.shape[:2]
+    if len(x_shape) != nd + 2 or x_shape[1] != c_in_g * groups:
+        fail(ValueError, f"x_shape {x_shape} does not fit weight {tuple(weight.shape)} with groups={groups}")
+    out_spatial = conv_output_shape(x_shape, weight.shape, stride3[3 - nd:], pad3[3 - nd:], dil3[3 - nd:])[2:]
+    if tuple(grad_out.shape) != (x_shape[0], c_out, *out_spatial):
+        fail(ValueError, f"grad_out has shape {tuple(grad_out.shape)}, expected {(x_shape[0], c_out, *out_spatial)}")
+
+    grad_x = new_tensor(x_shape, grad_out.dtype, device, channels_last=bool(x_channels_last))
+    if grad_x.numel() == 0:
+        return grad_x
+    dy, dx, w, kd = lift(grad_out, 2), lift(grad_x, 2), lift(weight, 2), lift(depthwise, 1)
+    n, _, d, h, wd = dx.shape
+    od, oh, ow = dy.shape[2:]
+    m_max = n * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
+    steps = tuple(s // math.gcd(s, dl) for s, dl in zip(stride3, dil3))
+
+    def grid(meta):
+        tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_in_g, meta["BLOCK_N"])
+        return tiles, math.prod(stride3), groups
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        launch(_conv_bwd_input_kernel, grid,
+            dy, w, pointwise, kd, dx,
+            n, d, h, wd, od, oh, ow, c_in_g, c_out // groups, m_max,
+            *stride3, *pad3, *dil3, *steps,
+            *strides(dy), *strides(dx), *strides(w), *strides(pointwise), *strides(kd),
+            KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=order == "depthwise_first")
+    return grad_x
