@@ -7,6 +7,7 @@ import time
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -45,9 +46,6 @@ def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optiona
     return supports_forward(x, weight, groups)
 
 
-_FASTEST: Dict[tuple, str] = {}
-
-
 def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call in ms; on CUDA between events recorded around it, after it has finished."""
     if device.type == "cuda":
@@ -68,27 +66,37 @@ def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -
     return sorted(timed_ms(fn, device) for _ in range(repeats))[repeats // 2]
 
 
+_FASTEST: Dict[tuple, str] = {}
+
+
 def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor, stride, padding, dilation,
                     groups: int, order: str, training: bool, candidates: Sequence[str] = ("triton", "torch")) -> str:
     """The candidate backend that runs this (zero-padded) conv fastest, measured once per shape and cached.
 
     With `training`, a forward plus the backward (input and adapter gradients) is timed, else the forward.
+    "torch" is timed on a prebuilt K0 + ΔK, as a layer runs it (its merge is cached across calls); "triton"
+    builds the merged tile in registers. A candidate that fails is never chosen.
     """
-    key = (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
-           groups, x.dtype, x.device, order, training, tuple(candidates))
+    shape = ops.shape_key(x, weight, stride, padding, dilation, groups, order)
+    key = (shape, training, tuple(candidates))
     if key not in _FASTEST:
         with torch.no_grad():
+            merged = ops.merged_weight(weight, pointwise, depthwise, groups, order)
             grad = torch.randn_like(ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation,
-                                             groups, order, "torch"))
+                                             groups, order, "torch", merged))
 
         def step(name):
+            backend, buffer = ("torch", merged) if name == "torch" else ("triton-or-torch", None)
             with torch.no_grad():
-                ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order, name)
+                ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order,
+                         backend, buffer)
                 if training:
                     ops.conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups,
-                                      order, name, True, False, True)
+                                      order, backend, True, False, True, buffer)
 
         times = {name: _time_ms(lambda: step(name), x.device) for name in candidates}
+        if ops.triton_failed(shape):
+            times.pop("triton", None)
         _FASTEST[key] = min(times, key=times.get)
         logger.info("colora_fused: backend %s for x %s, weight %s (%s)", _FASTEST[key], tuple(x.shape),
                     tuple(weight.shape), ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
@@ -103,6 +111,11 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
+def _auto_considers_triton(x: Tensor) -> bool:
+    """Whether `auto` weighs Triton against torch for x: on CUDA only (the interpreter is for tests)."""
+    return x.is_cuda
+
+
 def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str:
     """The backend for a call on these (padded, autocast) tensors: `auto` → COLORA_BACKEND if set, else
     "auto-cuda" where triton runs, else torch.
@@ -112,7 +125,7 @@ def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str
     """
     backend = requested_backend(backend)
     if backend == "auto":
-        if x.is_cuda and triton_unsupported_reason(x, weight, groups) is None:
+        if _auto_considers_triton(x) and triton_unsupported_reason(x, weight, groups) is None:
             return "auto-cuda"
         return "torch"
     if backend == "triton":
@@ -129,15 +142,71 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
-                bias_delta: Optional[Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
-                padding_mode: str = "zeros", order: str = "pointwise_first", backend: str = "auto") -> Tensor:
-    """A CoLoRA convolution O = (K0 + Kp⊛Kd) ⊛ x + b0 + Δb, shaped and padded as `F.conv{1,2,3}d` would.
+def _autocast_target(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype autocast gives a convolution argument: floating tensors other than float64 go to `dtype`."""
+    if dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return dtype
 
-    x: [N, C_in, *spatial] or unbatched [C_in, *spatial]; weight K0: [C_out, C_in/groups, *k];
-    pointwise Kp: [C_out, C_in/groups]; depthwise Kd: [C_out, *k] (pointwise_first) or [C_in, *k]
-    (depthwise_first). Under autocast the tensors are cast as for `F.conv2d`; gradients flow back in the
-    parameters' own dtypes.
+
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """`t` cast as autocast casts a convolution argument (no copy when its dtype stays)."""
+    return t if t is None else t.to(_autocast_target(t, dtype))
+
+
+def _metadata_like(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A tensor with t's shape and device in `dtype`, without copying t: for checks that read only metadata."""
+    return t if t.dtype == dtype else t.new_empty(1, dtype=dtype).expand(t.shape)
+
+
+def check_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
+                  bias_delta: Optional[Tensor], groups: int, order: str, autocast_dtype: Optional[torch.dtype]):
+    """Refuse what would otherwise be silently promoted, moved or broadcast: every tensor strided, on x's device
+    and, after autocast's casts, of x's dtype; the adapters shaped as DESIGN §1 says (Kp [C_out, C_in/groups],
+    Kd [C_out or C_in, *k], Δb [C_out]). Raises TypeError (dtype, layout) or ValueError (device, shape)."""
+    named = dict(x=x, weight=weight, bias=bias, pointwise=pointwise, depthwise=depthwise, bias_delta=bias_delta)
+    dtypes = {name: _autocast_target(t, autocast_dtype) for name, t in named.items() if t is not None}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.layout != torch.strided:
+            raise TypeError(f"colora_conv: {name} has layout {t.layout}; only strided (dense) tensors are supported")
+        if t.device != x.device:
+            raise ValueError(f"colora_conv: {name} is on {t.device} but x is on {x.device}; move them to one device")
+        if dtypes[name] != dtypes["x"]:
+            raise TypeError(f"colora_conv: {name} has dtype {t.dtype} but x has {x.dtype}"
+                            + (f" (under autocast: {dtypes[name]} vs {dtypes['x']})" if autocast_dtype else "")
+                            + "; convert them to one dtype")
+    c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    expected = dict(pointwise=(c_out, c_in_g),
+                    depthwise=(c_out if order == "pointwise_first" else c_in_g * groups, *kernel),
+                    bias=(c_out,), bias_delta=(c_out,))
+    for name, shape in expected.items():
+        if named[name] is not None and tuple(named[name].shape) != shape:
+            raise ValueError(f"colora_conv: {name} has shape {tuple(named[name].shape)}, expected {shape} for "
+                             f"weight {tuple(weight.shape)}, groups={groups}, order={order!r}")
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) or a forward-AD dual level is active.
+
+    The custom op has no rule for either (under forward AD it would give a zero tangent), so such calls take
+    `ops.merged_conv`, the same convolution in aten ops.
+    """
+    return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
+
+
+def _merge_cache_enabled() -> bool:
+    return os.environ.get("COLORA_MERGE_CACHE", "1") != "0"
+
+
+def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode, order,
+          backend):
+    """What `colora_conv` runs, decided before it runs: checks, padding, autocast dtype and the backend.
+
+    Returns (x, stride, padding, dilation, autocast dtype, backend, unbatched) with x padded and cast, the conv
+    arguments as lists for the op, and backend one of "reference", "composite" (`ops.merged_conv`, for
+    torch.func and forward AD) or ops.OP_BACKENDS.
     """
     check_order(order)
     if padding_mode not in PADDING_MODES:
@@ -146,10 +215,10 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)
+    dtype = _autocast_dtype(x.device.type)
+    check_tensors(x, weight, bias, pointwise, depthwise, bias_delta, groups, order, dtype)
     if requested_backend(backend) == "reference":
-        out = colora_conv_reference(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
-                                    groups, padding_mode, order)
-        return out.squeeze(0) if unbatched else out
+        return x, stride, padding, dilation, dtype, "reference", unbatched
 
     stride, dilation = ntuple(stride, nd), ntuple(dilation, nd)
     if padding == "same" and any(s != 1 for s in stride):
@@ -160,23 +229,79 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
         padding = (0,) * nd
     else:
         padding = tuple(before for before, _ in amounts)
-
     # As autocast does for F.conv2d: floating tensors other than float64 run in the autocast dtype. After the
     # padding, which CPU autocast runs in float32.
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is not None:
-        x, weight, bias, pointwise, depthwise, bias_delta = (
-            t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in (x, weight, bias, pointwise, depthwise, bias_delta))
-    backend = resolve_backend(backend, x, weight, groups)
+    x = _cast(x, dtype)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
-    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        if backend == "auto-cuda":
+    if not torch.compiler.is_compiling() and _transforms_active():
+        return x, stride, padding, dilation, dtype, "composite", unbatched
+    backend = resolve_backend(backend, x, _metadata_like(weight, x.dtype), groups)
+    if backend == "auto-cuda":
+        if ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order)):
+            backend = "torch"
+        elif os.environ.get("COLORA_AUTOTUNE", "1") != "0" and not torch.compiler.is_compiling():
+            training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
+            with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+                backend = fastest_backend(x, _cast(weight, dtype), _cast(pointwise, dtype), _cast(depthwise, dtype),
+                                          stride, padding, dilation, groups, order, training)
+        else:
             backend = "triton"
-            if os.environ.get("COLORA_AUTOTUNE", "1") != "0" and not torch.compiler.is_compiling():
-                training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
-                backend = fastest_backend(x, weight, pointwise, depthwise, stride, padding, dilation, groups,
-                                          order, training)
-        out = ops.conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups,
-                       order, backend)
+        if backend == "triton":
+            backend = "triton-or-torch"
+    return x, stride, padding, dilation, dtype, backend, unbatched
+
+
+def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
+                   bias_delta: Optional[Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
+                   padding_mode: str = "zeros", order: str = "pointwise_first", backend: str = "auto") -> str:
+    """The path `colora_conv` with these arguments takes now: "torch" (K0 + ΔK merged, one library conv),
+    "triton" (the fused kernels), "reference" or "composite" (aten ops, under torch.func or forward AD).
+
+    Under `auto` on CUDA this measures the shape if it has not been measured yet, as the call itself would;
+    a shape on which Triton failed reports "torch".
+    """
+    x, stride, padding, dilation, _, name, _ = _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride,
+                                                     padding, dilation, groups, padding_mode, order, backend)
+    if name == "triton-or-torch":
+        failed = ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order))
+        return "torch" if failed else "triton"
+    return name
+
+
+def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
+                bias_delta: Optional[Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
+                padding_mode: str = "zeros", order: str = "pointwise_first", backend: str = "auto", *,
+                merge_cache: Optional[ops.MergedWeightCache] = None) -> Tensor:
+    """A CoLoRA convolution O = (K0 + Kp⊛Kd) ⊛ x + b0 + Δb, shaped and padded as `F.conv{1,2,3}d` would.
+
+    x: [N, C_in, *spatial] or unbatched [C_in, *spatial]; weight K0: [C_out, C_in/groups, *k];
+    pointwise Kp: [C_out, C_in/groups]; depthwise Kd: [C_out, *k] (pointwise_first) or [C_in, *k]
+    (depthwise_first). Every tensor must be strided, on x's device and of x's dtype (after autocast's casts):
+    anything else raises (`check_tensors`). Under autocast the tensors are cast as for `F.conv2d`; gradients
+    flow back in the parameters' own dtypes. All autograd modes work: reverse of any order, forward-mode AD
+    and torch.func transforms (the last two through aten ops, `ops.merged_conv`).
+
+    merge_cache: where the torch backend keeps K0 + ΔK between calls (a layer passes its own); not used under
+    torch.compile, nor when COLORA_MERGE_CACHE=0.
+    """
+    args = (x, weight, bias, pointwise, depthwise, bias_delta)
+    x, stride, padding, dilation, dtype, backend, unbatched = _plan(*args, stride, padding, dilation, groups,
+                                                                   padding_mode, order, backend)
+    if backend == "reference":
+        out = colora_conv_reference(x, *args[1:], stride, padding, dilation, groups, padding_mode, order)
+        return out.squeeze(0) if unbatched else out
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        if backend == "composite":
+            out = ops.merged_conv(x, *(_cast(t, dtype) for t in args[1:]), stride, padding, dilation, groups, order)
+        else:
+            merged = None
+            if (backend == "torch" and merge_cache is not None and _merge_cache_enabled()
+                    and not torch.compiler.is_compiling()):
+                merged = merge_cache.get(weight, pointwise, depthwise, groups, order, x.dtype)
+            # With a prebuilt K0 + ΔK the op reads K0 only for its gradient: no weight-sized cast when frozen.
+            if merged is None or weight.requires_grad:
+                weight = _cast(weight, dtype)
+            bias, pointwise, depthwise, bias_delta = (_cast(t, dtype) for t in (bias, pointwise, depthwise, bias_delta))
+            out = ops.conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups,
+                           order, backend, merged)
     return out.squeeze(0) if unbatched else out

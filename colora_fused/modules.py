@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._conv import check_order
-from .functional import check_backend, colora_conv, triton_available
+from .functional import check_backend, chosen_backend, colora_conv, triton_available
 
 
 class _CoLoRAConvNd:
@@ -15,6 +15,11 @@ class _CoLoRAConvNd:
 
     Constructor as torch's, plus `order` ("pointwise_first" | "depthwise_first"), `train_bias` (None: a Δb
     exists iff the base conv has a bias) and `backend` ("auto" | "triton" | "torch" | "reference").
+
+    Attributes: `disable_adapters` (False; PEFT's name): True makes forward the plain base conv (K0, b0).
+    `cache_merged_weight` (True): the torch backend keeps K0 + ΔK in one buffer per dtype between calls,
+    rebuilt when K0, Kp or Kd changed (`ops.MergedWeightCache`; one weight-sized copy per layer); False merges
+    on every forward and backward instead.
     """
 
     _conv_cls: type
@@ -31,6 +36,9 @@ class _CoLoRAConvNd:
     def _init_adapters(self, order: str, train_bias: Optional[bool], backend: str) -> None:
         self.order = check_order(order)
         self.backend = check_backend(backend)
+        self.disable_adapters = False
+        self.cache_merged_weight = True
+        self._merge_cache = ops.MergedWeightCache()
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -111,6 +119,8 @@ class _CoLoRAConvNd:
             self.weight.add_(self.delta_weight())
             if self.bias_delta is not None:
                 self.bias.add_(self.bias_delta)
+        # Versions already tell the cache that K0 changed; dropping the buffer also frees it until the next forward.
+        self._merge_cache.clear()
         return self.reset_adapter_()
 
     @torch.no_grad()
@@ -132,9 +142,21 @@ class _CoLoRAConvNd:
         return [p for p in (self.pointwise, self.depthwise, self.bias_delta) if p is not None]
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.disable_adapters:
+            return self._conv_cls.forward(self, input)
         return colora_conv(input, self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta,
                            self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.order,
-                           self.backend)
+                           self.backend, merge_cache=self._merge_cache if self.cache_merged_weight else None)
+
+    def chosen_backend(self, input: Tensor) -> str:
+        """The path forward(input) takes now: "torch" (merged K0 + ΔK, one library conv), "triton" (fused
+        kernels), "reference", "composite" (torch.func / forward AD) or "base" (`disable_adapters`); see
+        `functional.chosen_backend`."""
+        if self.disable_adapters:
+            return "base"
+        return chosen_backend(input, self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta,
+                              self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.order,
+                              self.backend)
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.adapter_parameters())

@@ -8,16 +8,29 @@ and no graph break, whichever backend runs them.
 The `torch` backend merges the weight once and runs one cuDNN/oneDNN convolution forward; its backward gets
 the input gradient through the merged weight and the adapter gradients by whichever route of DESIGN §5 costs
 fewer multiply-adds for the layer (`_conv.adapter_grad_route`): for k×k kernels over many channels that is the
-cheap route, which never forms the full weight gradient.
+cheap route, which never forms the full weight gradient. A caller may hand both ops `merged`, a K0 + ΔK it
+keeps between calls (`MergedWeightCache`, one per layer): the torch backend then convolves with it instead of
+merging again.
+
+Every autograd mode: the ops' backward is differentiable again when autograd records it (`create_graph=True`:
+gradient penalties, Hessian-vector products), by a composition of aten ops; `torch.func` transforms and
+forward-mode AD have no rule on a custom op, so `functional` routes them to `merged_conv`, the same convolution
+as plain aten ops.
+
+The backend argument of the ops is "torch", "triton" (a Triton failure raises), or "triton-or-torch" (what
+`auto` passes: a Triton compile or launch failure logs one warning naming the shape and runs the torch path).
 """
+import logging
 import math
 import threading
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._conv import CONV_FNS, adapter_grad_route, conv_output_shape
+
+logger = logging.getLogger(__name__)
 
 
 def _factor_views(pointwise: Tensor, depthwise: Tensor, groups: int, order: str):
@@ -71,14 +84,86 @@ def _merged_weight_workspace(weight: Tensor, pointwise: Tensor, depthwise: Tenso
     return merged_weight(weight, pointwise, depthwise, groups, order, out=buffers[key])
 
 
+class MergedWeightCache:
+    """K0 + ΔK for one layer, one buffer per (dtype, inference mode), rebuilt only when K0, Kp or Kd changed.
+
+    A buffer is valid while the three tensors are the same objects with the same `_version` (every in-place
+    write through autograd's view of a tensor bumps it: optimizer steps, `copy_` in `load_state_dict`,
+    `merge_`, `reset_adapter_`) and the same storage (`.to()`, `.cuda()` and `param.data = t` replace it).
+    A write through `param.data` bumps no version and is invisible here: call `clear()` after one.
+    Under autocast the buffer of the autocast dtype merges the cast factors, as the uncached op would.
+    Costs one weight-sized tensor per dtype; thread-safe.
+    """
+
+    def __init__(self):
+        self._entries: Dict[tuple, Tuple[tuple, Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    # Copies and pickles of a layer start with an empty cache (a lock cannot be copied; the buffers need not be).
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def get(self, weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
+            dtype: torch.dtype) -> Tensor:
+        """K0 + ΔK in `dtype`, from the buffer when none of K0, Kp, Kd has changed since it was built."""
+        stamp = tuple((t, t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in (weight, pointwise, depthwise))
+        slot = (dtype, torch.is_inference_mode_enabled())
+        with self._lock:
+            entry = self._entries.get(slot)
+            if entry is not None and _same_stamp(entry[0], stamp, groups, order):
+                return entry[1]
+            with torch.no_grad():
+                factors = [t.to(dtype) for t in (weight, pointwise, depthwise)]
+                buffer = entry[1] if entry is not None and _rewritable(entry[1], factors[0]) else None
+                buffer = merged_weight(*factors, groups, order, out=buffer if buffer is not None
+                                       else torch.empty_like(factors[0]))
+            self._entries[slot] = ((stamp, groups, order), buffer)
+            return buffer
+
+
+def _same_stamp(old, stamp, groups: int, order: str) -> bool:
+    old_stamp, old_groups, old_order = old
+    return (old_groups == groups and old_order == order
+            and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old_stamp, stamp)))
+
+
+def _rewritable(buffer: Tensor, like: Tensor) -> bool:
+    """Whether the old buffer can be rebuilt in place: same layout, and no one else holds its storage.
+
+    A pending autograd graph saves the buffer; writing into it would make that graph's backward fail (or, were
+    the version not bumped, compute with the new weight), so a buffer still referenced is replaced, not reused.
+    The storage's use count here is 2 when only this cache holds it (the buffer and the temporary storage object).
+    """
+    return (buffer.shape == like.shape and buffer.stride() == like.stride() and buffer.device == like.device
+            and torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2)
+
+
 def _summed_bias(bias: Optional[Tensor], bias_delta: Optional[Tensor]) -> Optional[Tensor]:
     if bias is None:
         return bias_delta
     return bias if bias_delta is None else bias + bias_delta
 
 
-def _torch_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
-    merged = _merged_weight_workspace(weight, pointwise, depthwise, groups, order)
+def merged_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
+                bias_delta: Optional[Tensor], stride, padding, dilation, groups: int, order: str) -> Tensor:
+    """O = (K0 + ΔK) ⊛ x + b0 + Δb as plain aten ops (addcmul, one conv): differentiable in every autograd mode
+    (reverse of any order, forward-mode AD, torch.func transforms), at the cost of autograd's full weight
+    gradient. The route for what the custom op has no rule for."""
+    return CONV_FNS[weight.dim() - 2](x, merged_weight(weight, pointwise, depthwise, groups, order),
+                                      _summed_bias(bias, bias_delta), stride, padding, dilation, groups)
+
+
+def _torch_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order,
+                   merged):
+    if merged is None:
+        merged = _merged_weight_workspace(weight, pointwise, depthwise, groups, order)
     return CONV_FNS[weight.dim() - 2](x, merged, _summed_bias(bias, bias_delta), stride, padding, dilation, groups)
 
 
@@ -150,26 +235,57 @@ def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilatio
     return d_kp.view_as(pointwise), d_kd.view_as(depthwise)
 
 
+def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups: int, order: str, route: str,
+                  grad_weight: Optional[Tensor] = None):
+    """dKp, dKd of the merged-weight path by `route` (DESIGN §5): "gradw" reduces `grad_weight`, the full weight
+    gradient the caller computed next to dx; "cheap" runs the ≈ 2F/prod(k) route.
+
+    The one place that picks how the adapter gradients of the merged path are computed: a one-pass Triton
+    kernel for the cheap route (issue 10, item 3) plugs in here, for the devices and shapes it serves.
+    """
+    if route == "gradw":
+        return _reduce_gradw(grad_weight, pointwise, depthwise, groups, order)
+    return _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
+
+
 def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
-                    need_x, need_weight, need_adapters):
+                    need_x, need_weight, need_adapters, merged):
     """Gradients of x, K0, Kp and Kd for the torch backend, each None when not needed."""
-    gradw_route = need_adapters and adapter_grad_route(x.shape, weight.shape, grad.shape, order) == "gradw"
-    need_gradw = need_weight or gradw_route
+    route = adapter_grad_route(x.shape, weight.shape, grad.shape, order) if need_adapters else None
+    need_gradw = need_weight or route == "gradw"
     grad_x = grad_w = None
     if need_x or need_gradw:
-        merged = _merged_weight_workspace(weight, pointwise, depthwise, groups, order)
+        if merged is None:
+            merged = _merged_weight_workspace(weight, pointwise, depthwise, groups, order)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, merged, None, stride, padding, dilation, False, [0] * (x.dim() - 2), groups,
             [need_x, need_gradw, False])
     d_kp = d_kd = None
-    if gradw_route:
-        d_kp, d_kd = _reduce_gradw(grad_w, pointwise, depthwise, groups, order)
-    elif need_adapters:
-        d_kp, d_kd = _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
+    if need_adapters:
+        d_kp, d_kd = adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order, route,
+                                   grad_w)
     return grad_x, (grad_w if need_weight else None), d_kp, d_kd
 
 
-def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order):
+def _differentiable_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
+                             need_x, need_weight, need_adapters):
+    """The gradients `conv_backward` returns, by aten ops autograd can differentiate again (create_graph=True).
+
+    aten.convolution_backward has a derivative (itself convolutions), and dKp, dKd come from the full weight
+    gradient by the differentiable gradW reduction, so every order of derivative exists.
+    """
+    merged = merged_weight(weight.to(x.dtype), pointwise, depthwise, groups, order)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, merged, None, stride, padding, dilation, False, [0] * (x.dim() - 2), groups,
+        [need_x, need_weight or need_adapters, False])
+    d_kp = d_kd = None
+    if need_adapters:
+        d_kp, d_kd = _reduce_gradw(grad_w, pointwise, depthwise, groups, order)
+    return grad_x, (grad_w if need_weight else None), d_kp, d_kd
+
+
+def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order,
+                    merged):
     from .kernels.conv_fwd import colora_conv_forward
     out = torch.empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation), dtype=x.dtype, device=x.device,
                       memory_format=_memory_format(x))
@@ -178,7 +294,7 @@ def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, p
 
 
 def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
-                     need_x, need_weight, need_adapters):
+                     need_x, need_weight, need_adapters, merged):
     from .kernels.conv_bwd import colora_conv_backward_adapters, colora_conv_backward_input
     grad_x = grad_w = d_kp = d_kd = None
     if need_x:
@@ -197,6 +313,43 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
 
 _FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
 _BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
+OP_BACKENDS = ("torch", "triton", "triton-or-torch")
+# Shapes on which Triton failed under `auto`: the warning was logged once; `auto` runs torch for them from now on.
+_TRITON_FAILURES: Dict[tuple, str] = {}
+
+
+def shape_key(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, order: str) -> tuple:
+    """What identifies a conv for `auto`'s choices: shapes, layout, hyper-parameters, dtype and device."""
+    return (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation), groups,
+            x.dtype, x.device, order)
+
+
+def triton_failed(key: tuple) -> bool:
+    """Whether Triton already failed on this conv (`shape_key`) under `auto`."""
+    return key in _TRITON_FAILURES
+
+
+def _dispatch(table, backend: str, key: tuple, *args):
+    """Run `table[backend]`; for "triton-or-torch" fall back to torch (one warning per shape) if Triton fails."""
+    if backend == "torch":
+        return table["torch"](*args)
+    from .kernels.conv_fwd import TritonBackendError, TritonBackendTypeError
+    if backend == "triton-or-torch" and key in _TRITON_FAILURES:
+        return table["torch"](*args)
+    try:
+        return table["triton"](*args)
+    except Exception as exc:  # a compile, launch or resource failure, whatever Triton raises for it
+        if backend == "triton":
+            if isinstance(exc, (TritonBackendError, TritonBackendTypeError)):
+                raise
+            raise RuntimeError(f"backend='triton' failed on x {list(key[0])}, weight {list(key[2])}: "
+                               f"{type(exc).__name__}: {exc}; backend='torch' (or 'auto') runs this "
+                               "convolution") from exc
+        _TRITON_FAILURES[key] = f"{type(exc).__name__}: {exc}"
+        logger.warning("colora_fused: Triton failed on x %s, weight %s, stride %s, padding %s, dilation %s, "
+                       "groups %d (%s: %s); running the torch backend for this shape instead", list(key[0]),
+                       list(key[2]), list(key[3]), list(key[4]), list(key[5]), key[6], type(exc).__name__, exc)
+        return table["torch"](*args)
 
 # One layout rule for both backends and the fake (meta) functions, so that torch.compile's stride assumptions
 # hold: outputs and dx are channels_last exactly when x is, dK0 follows K0's layout, adapter gradients are
@@ -206,15 +359,21 @@ _BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
 @torch.library.custom_op("colora_fused::conv", mutates_args=())
 def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
          bias_delta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], groups: int,
-         order: str, backend: str) -> Tensor:
-    """O = (K0 + ΔK) ⊛ x + b0 + Δb with symmetric zero padding; `backend` is "torch" or "triton"."""
-    out = _FORWARD[backend](x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
-                            groups, order)
+         order: str, backend: str, merged: Optional[Tensor] = None) -> Tensor:
+    """O = (K0 + ΔK) ⊛ x + b0 + Δb with symmetric zero padding; `backend` one of OP_BACKENDS.
+
+    `merged`, when given, is K0 + ΔK already built by the caller: the torch backend convolves with it (and so
+    does the backward), reading `weight` only for its gradient.
+    """
+    key = shape_key(x, weight, stride, padding, dilation, groups, order)
+    out = _dispatch(_FORWARD, backend, key, x, weight, bias, pointwise, depthwise, bias_delta, stride, padding,
+                    dilation, groups, order, merged)
     return out.contiguous(memory_format=_memory_format(x))
 
 
 @conv.register_fake
-def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend):
+def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend,
+      merged=None):
     return x.new_empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation)).contiguous(
         memory_format=_memory_format(x))
 
@@ -222,18 +381,19 @@ def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilati
 @torch.library.custom_op("colora_fused::conv_backward", mutates_args=())
 def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor,
                   stride: List[int], padding: List[int], dilation: List[int], groups: int, order: str,
-                  backend: str, need_x: bool, need_weight: bool, need_adapters: bool
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  backend: str, need_x: bool, need_weight: bool, need_adapters: bool,
+                  merged: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dK0, dKp, dKd); a gradient not asked for is an empty tensor (custom ops return no None)."""
-    grads = _BACKWARD[backend](grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
-                               need_x, need_weight, need_adapters)
+    key = shape_key(x, weight, stride, padding, dilation, groups, order)
+    grads = _dispatch(_BACKWARD, backend, key, grad, x, weight, pointwise, depthwise, stride, padding, dilation,
+                      groups, order, need_x, need_weight, need_adapters, merged)
     layouts = (_memory_format(x), _memory_format(weight), torch.contiguous_format, torch.contiguous_format)
     return tuple(grad.new_empty(0) if g is None else g.contiguous(memory_format=f) for g, f in zip(grads, layouts))
 
 
 @conv_backward.register_fake
 def _(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend, need_x,
-      need_weight, need_adapters):
+      need_weight, need_adapters, merged=None):
     def like(t, needed):
         return t.new_empty(t.shape).contiguous(memory_format=_memory_format(t)) if needed else grad.new_empty(0)
 
@@ -242,20 +402,28 @@ def _(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend = inputs
-    ctx.save_for_backward(x, weight, pointwise, depthwise)
+    x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend = inputs[:12]
+    merged = inputs[12] if len(inputs) > 12 else None
+    ctx.save_for_backward(x, weight, pointwise, depthwise, merged)
     ctx.conv_args = (stride, padding, dilation, groups, order, backend)
 
 
 def _backward(ctx, grad):
-    x, weight, pointwise, depthwise = ctx.saved_tensors
+    x, weight, pointwise, depthwise, merged = ctx.saved_tensors
     need_x, need_w, need_b, need_kp, need_kd, need_db = ctx.needs_input_grad[:6]
-    grad_x, grad_w, d_kp, d_kd = torch.ops.colora_fused.conv_backward(
-        grad, x, weight, pointwise, depthwise, *ctx.conv_args, need_x, need_w, need_kp or need_kd)
+    needs = (need_x, need_w, need_kp or need_kd)
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the gradients must be differentiable again, which the opaque op is not.
+        stride, padding, dilation, groups, order, _ = ctx.conv_args
+        grad_x, grad_w, d_kp, d_kd = _differentiable_backward(grad, x, weight, pointwise, depthwise, stride, padding,
+                                                              dilation, groups, order, *needs)
+    else:
+        grad_x, grad_w, d_kp, d_kd = torch.ops.colora_fused.conv_backward(
+            grad, x, weight, pointwise, depthwise, *ctx.conv_args, *needs, merged)
     d_bias = grad.sum([0, *range(2, grad.dim())]) if (need_b or need_db) else None
     return (grad_x if need_x else None, grad_w if need_w else None, d_bias if need_b else None,
             d_kp if need_kp else None, d_kd if need_kd else None, d_bias if need_db else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("colora_fused::conv", _backward, setup_context=_setup_context)
@@ -266,17 +434,17 @@ def _register_flop_formulas():
     the backward counts F for dx and dK0 each and its adapter route's cost (DESIGN §5)."""
     from torch.utils.flop_counter import register_flop_formula
 
-    def merged_conv(x_shape, weight_shape, out_shape) -> int:
+    def conv_flops(x_shape, weight_shape, out_shape) -> int:
         return 2 * out_shape[0] * math.prod(out_shape[2:]) * math.prod(weight_shape)
 
     @register_flop_formula(torch.ops.colora_fused.conv)
     def _(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-        return merged_conv(x_shape, weight_shape, out_shape)
+        return conv_flops(x_shape, weight_shape, out_shape)
 
     @register_flop_formula(torch.ops.colora_fused.conv_backward)
     def _(grad_shape, x_shape, weight_shape, pointwise_shape, depthwise_shape, stride, padding, dilation, groups,
-          order, backend, need_x, need_weight, need_adapters, out_shape=None, **kwargs) -> int:
-        f = merged_conv(x_shape, weight_shape, grad_shape)
+          order, backend, need_x, need_weight, need_adapters, merged_shape=None, out_shape=None, **kwargs) -> int:
+        f = conv_flops(x_shape, weight_shape, grad_shape)
         adapters = 0
         if need_adapters:
             route = adapter_grad_route(x_shape, weight_shape, grad_shape, order)
