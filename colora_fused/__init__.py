@@ -2,17 +2,32 @@
 
 A CoLoRA layer keeps a conv's weight K0 frozen and trains a separable residual ΔK = Kp ⊛ Kd (a pointwise
 and a depthwise kernel) plus a bias delta, folded into K0 by `merge_colora` after every epoch.
+
+`CoLoRATrainerCallback` (HF transformers) and `CoLoRALightningCallback` (PyTorch Lightning) are built on first
+access, so that neither framework is needed to import the package.
 """
-from . import functional
+from . import callbacks, functional
+from .callbacks import MergeSchedule
+from .config import CoLoRAConfig
 from .functional import colora_conv
-from .model import (apply_colora, colora_layers, colora_state_dict, count_parameters, load_colora_state_dict,
-                    merge_colora, unapply_colora)
+from .model import (apply_colora, colora_layers, colora_state_dict, count_parameters, disable_colora,
+                    get_colora_model, load_colora_state_dict, merge_and_unload, merge_colora,
+                    print_trainable_parameters, unapply_colora)
 from .modules import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
 
 __version__ = "0.1.0"
 
+_LAZY_CALLBACKS = ("CoLoRALightningCallback", "CoLoRATrainerCallback")
+
 __all__ = [
-    "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "apply_colora", "colora_conv", "colora_layers",
-    "colora_state_dict", "count_parameters", "functional", "load_colora_state_dict", "merge_colora",
-    "unapply_colora",
+    "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "CoLoRALightningCallback",
+    "CoLoRATrainerCallback", "MergeSchedule", "apply_colora", "callbacks", "colora_conv", "colora_layers",
+    "colora_state_dict", "count_parameters", "disable_colora", "functional", "get_colora_model",
+    "load_colora_state_dict", "merge_and_unload", "merge_colora", "print_trainable_parameters", "unapply_colora",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_CALLBACKS:
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

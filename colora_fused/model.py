@@ -1,16 +1,18 @@
-"""Whole-model CoLoRA: wrap, merge, unwrap, save and load adapters, count parameters."""
+"""Whole-model CoLoRA: wrap, merge, unwrap, save and load adapters, count parameters, PEFT-style helpers."""
+import contextlib
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._conv import check_order
+from .config import CoLoRAConfig, Selector
 from .functional import check_backend
 from .modules import CONV_TO_COLORA, _CoLoRAConvNd
 
-Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+ADAPTER_KEYS = ("pointwise", "depthwise", "bias_delta")
 
 
 def _selected(selector: Selector, name: str, module: nn.Module) -> bool:
@@ -32,20 +34,28 @@ def colora_layers(model: nn.Module) -> List[Tuple[str, _CoLoRAConvNd]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _CoLoRAConvNd)]
 
 
-def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector = None,
-                 order: str = "pointwise_first", train_bias: Optional[bool] = None,
-                 backend: str = "auto") -> List[str]:
-    """Replace the selected `nn.Conv1d/2d/3d` of `model`, in place, by CoLoRA layers sharing their weights.
+def _require_layers(model: nn.Module, caller: str) -> List[Tuple[str, _CoLoRAConvNd]]:
+    """`colora_layers(model)`, or ValueError when there is none: a call with nothing to act on is a mistake."""
+    layers = colora_layers(model)
+    if not layers:
+        raise ValueError(f"{caller}: the model has no CoLoRA layer (apply_colora or get_colora_model first)")
+    return layers
 
-    The wrapped convs' base weights and biases are frozen; nothing else is touched. Returns the qualified names
-    replaced. Raises ValueError (and changes nothing) when the selection matches no conv.
+
+def _select_convs(model: nn.Module, include: Selector, exclude: Selector) -> List[Tuple[str, nn.Module]]:
+    """The (name, conv) pairs `include` / `exclude` pick among the model's plain convs, each name once.
+
+    Raises ValueError when the pick is empty, when it holds CoLoRA layers (a model wrapped a second time) or
+    when it is the model itself.
     """
-    check_order(order)
-    check_backend(backend)
     convs = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
-             if type(m) in CONV_TO_COLORA]
+             if type(m) in CONV_TO_COLORA or isinstance(m, _CoLoRAConvNd)]
     chosen = [(n, m) for n, m in convs
               if (include is None or _selected(include, n, m)) and not (exclude is not None and _selected(exclude, n, m))]
+    wrapped = [n for n, m in chosen if isinstance(m, _CoLoRAConvNd)]
+    if wrapped:
+        raise ValueError(f"apply_colora: already CoLoRA layers: {', '.join(wrapped)}; the model is wrapped already "
+                         "(unapply_colora or merge_and_unload first, or select only plain convs)")
     if not chosen:
         available = ", ".join(n for n, _ in convs) or "none"
         raise ValueError(f"apply_colora: include={include!r}, exclude={exclude!r} select no nn.Conv1d/2d/3d; "
@@ -53,6 +63,22 @@ def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector =
     if any(n == "" for n, _ in chosen):
         raise ValueError("apply_colora wraps the convs inside a model; wrap a lone conv with "
                          "CoLoRAConv{1,2,3}d.from_conv(conv)")
+    return chosen
+
+
+def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector = None,
+                 order: str = "pointwise_first", train_bias: Optional[bool] = None,
+                 backend: str = "auto") -> List[str]:
+    """Replace the selected `nn.Conv1d/2d/3d` of `model`, in place, by CoLoRA layers sharing their weights.
+
+    The wrapped convs' base weights and biases are frozen; nothing else is touched: BatchNorm, the classifier
+    and the convs left out stay as trainable as they were. `get_colora_model` instead freezes everything but
+    the adapters and `modules_to_save`, as PEFT does. Returns the qualified names replaced. Raises ValueError
+    (and changes nothing) when the selection matches no plain conv or includes CoLoRA layers already there.
+    """
+    check_order(order)
+    check_backend(backend)
+    chosen = _select_convs(model, include, exclude)
     wrapped: Dict[int, nn.Module] = {}
     for _, conv in chosen:
         if id(conv) not in wrapped:
@@ -62,26 +88,90 @@ def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector =
     return [n for n, _ in chosen]
 
 
+def _modules_to_save(model: nn.Module, names: Optional[List[str]]) -> List[Tuple[str, nn.Module]]:
+    """The modules `names` selects (qualified name equal to a name or ending in "." + name, as in PEFT).
+
+    Raises ValueError naming each name that matches no module.
+    """
+    if not names:
+        return []
+    modules = list(model.named_modules())
+    matches = lambda n, target: n == target or n.endswith("." + target)  # noqa: E731
+    unmatched = [t for t in names if not any(matches(n, t) for n, _ in modules)]
+    if unmatched:
+        raise ValueError(f"get_colora_model: modules_to_save names no module: {', '.join(unmatched)}; "
+                         f"the model's top-level modules are: {', '.join(n for n, _ in model.named_children())}")
+    return [(n, m) for n, m in modules if n and any(matches(n, t) for t in names)]
+
+
+def get_colora_model(model: nn.Module, config: Optional[CoLoRAConfig] = None) -> nn.Module:
+    """Wrap `model` in place as `config` says and freeze, as PEFT does, every parameter but the adapters and
+    those of `config.modules_to_save`; returns `model`.
+
+    Unlike `apply_colora`, BatchNorm's affine parameters, the classifier and the convs left plain end up with
+    `requires_grad=False` unless named in `modules_to_save` (BatchNorm's running statistics still follow the
+    data in training mode). Raises ValueError and changes nothing when the selection matches no conv, when a
+    `modules_to_save` name matches no module, or when a module to save holds a conv that would be wrapped
+    (a module is either adapted or trained whole).
+    """
+    config = CoLoRAConfig() if config is None else config
+    chosen = _select_convs(model, config.target_modules, config.exclude_modules)
+    saved = _modules_to_save(model, config.modules_to_save)
+    chosen_ids = {id(m) for _, m in chosen}
+    overlap = sorted({n for n, m in saved for sub in m.modules() if id(sub) in chosen_ids})
+    if overlap:
+        raise ValueError(f"get_colora_model: modules_to_save {', '.join(overlap)} hold convs that target_modules "
+                         "selects; exclude them from target_modules or drop them from modules_to_save")
+    apply_colora(model, include=[n for n, _ in chosen], order=config.order, train_bias=config.train_bias,
+                 backend=config.backend)
+    keep: Set[int] = {id(p) for _, layer in colora_layers(model) for p in layer.adapter_parameters()}
+    keep |= {id(p) for _, m in saved for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return model
+
+
 def _broadcast_from_rank0(tensors: Iterable[Tensor]) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
             dist.broadcast(t, src=0)
 
 
-@torch.no_grad()
-def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> List[str]:
-    """Fold every CoLoRA layer's ΔK, Δb into its base weights and reset its adapters (eq. 10–13).
-
-    All layers are checked first: if any holds a non-finite delta, ValueError is raised and nothing changes.
-    With `optimizer`, the state of the reset tensors (Adam's moments, step) is cleared. Under
-    torch.distributed the fresh Kp of rank 0 is broadcast so that replicas stay identical.
-    """
-    layers = colora_layers(model)
+def _check_mergeable(layers: List[Tuple[str, _CoLoRAConvNd]], caller: str) -> None:
     for name, layer in layers:
         try:
             layer.check_mergeable()
         except ValueError as err:
-            raise ValueError(f"merge_colora: layer {name!r}: {err}") from None
+            raise ValueError(f"{caller}: layer {name!r}: {err}") from None
+
+
+def _check_optimizer_holds_adapters(layers: List[Tuple[str, _CoLoRAConvNd]],
+                                    optimizer: torch.optim.Optimizer) -> None:
+    """ValueError naming the trainable adapter tensors `optimizer` does not update (its state could not be
+    the one to clear: a wrong optimizer passed, or one built before apply_colora)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [f"{name}.{key}" for name, layer in layers for key in ADAPTER_KEYS
+               if getattr(layer, key) is not None and getattr(layer, key).requires_grad
+               and id(getattr(layer, key)) not in held]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"merge_colora: the optimizer does not hold the trainable adapter tensors {shown} "
+                         "(build it after apply_colora, from the model's trainable parameters); nothing was merged")
+
+
+@torch.no_grad()
+def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> List[str]:
+    """Fold every CoLoRA layer's ΔK, Δb into its base weights and reset its adapters (eq. 10–13).
+
+    All layers are checked first: if any holds a non-finite delta, or `optimizer` does not hold every
+    trainable adapter tensor, ValueError is raised and nothing changes. With `optimizer`, the state of the
+    reset tensors (Adam's moments, step) is cleared. Under torch.distributed the fresh Kp of rank 0 is
+    broadcast so that replicas stay identical. Raises ValueError on a model without CoLoRA layers.
+    """
+    layers = _require_layers(model, "merge_colora")
+    _check_mergeable(layers, "merge_colora")
+    if optimizer is not None:
+        _check_optimizer_holds_adapters(layers, optimizer)
     for _, layer in layers:
         layer.merge_()
         if optimizer is not None:
@@ -92,39 +182,93 @@ def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = 
 
 
 def unapply_colora(model: nn.Module) -> List[str]:
-    """Replace every CoLoRA layer, in place, by a plain conv holding its merged weights. Returns their names."""
-    layers = colora_layers(model)
+    """Replace every CoLoRA layer, in place, by a plain conv holding its merged weights. Returns their names.
+
+    Raises ValueError on a model without CoLoRA layers.
+    """
+    layers = _require_layers(model, "unapply_colora")
     plain = {id(layer): layer.to_conv() for _, layer in layers}
     for name, layer in layers:
         _set_submodule(model, name, plain[id(layer)])
     return [n for n, _ in layers]
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """PEFT's `merge_and_unload`: every CoLoRA layer becomes a plain conv holding K0 + ΔK and b0 + Δb; returns
+    the model (a lone CoLoRA layer gives its plain conv).
+
+    The adapters are checked first: a non-finite ΔK or Δb raises ValueError and nothing changes. So does a
+    model without CoLoRA layers.
+    """
+    if isinstance(model, _CoLoRAConvNd):
+        _check_mergeable([("", model)], "merge_and_unload")
+        return model.to_conv()
+    _check_mergeable(_require_layers(model, "merge_and_unload"), "merge_and_unload")
+    unapply_colora(model)
+    return model
+
+
+@contextlib.contextmanager
+def disable_colora(model: nn.Module) -> Iterator[nn.Module]:
+    """`with disable_colora(model): ...` runs every CoLoRA layer as its plain base conv (K0, b0), by setting
+    each layer's `disable_adapters`; the previous values come back on exit, also after an exception.
+
+    Raises ValueError on a model without CoLoRA layers.
+    """
+    layers = [layer for _, layer in _require_layers(model, "disable_colora")]
+    previous = [getattr(layer, "disable_adapters", False) for layer in layers]
+    try:
+        for layer in layers:
+            layer.disable_adapters = True
+        yield model
+    finally:
+        for layer, value in zip(layers, previous):
+            layer.disable_adapters = value
+
+
 def colora_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     """The adapter tensors (pointwise, depthwise, bias_delta) of every CoLoRA layer, keyed as in model.state_dict()."""
     return {f"{name}.{key}" if name else key: value
             for name, layer in colora_layers(model)
-            for key, value in layer.state_dict().items() if key in ("pointwise", "depthwise", "bias_delta")}
+            for key, value in layer.state_dict().items() if key in ADAPTER_KEYS}
+
+
+def _state_dict_problems(own: Dict[str, Tensor], state_dict: Dict[str, object]) -> List[str]:
+    """Each reason `state_dict` cannot be loaded into the tensors `own`, as "label: keys" lines."""
+    nested = sorted(k for k, v in state_dict.items() if isinstance(v, dict))
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, (Tensor, dict)))
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(tensors) - set(own))
+    common = [k for k in own if k in tensors]
+    misshaped = sorted(f"{k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
+                       for k in common if tensors[k].shape != own[k].shape)
+    wrong_dtype = sorted(f"{k}: {tensors[k].dtype} vs {own[k].dtype}" for k in common
+                         if tensors[k].dtype != own[k].dtype)
+    no_data = sorted(k for k in common if tensors[k].is_meta)
+    non_finite = sorted(k for k in common if not tensors[k].is_meta and tensors[k].is_floating_point()
+                        and not bool(torch.isfinite(tensors[k]).all()))
+    return [f"{label}: {', '.join(keys)}" for label, keys in (
+        ("nested dicts (pass the adapter dict itself, not a checkpoint holding it)", nested),
+        ("not tensors", not_tensors), ("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+        ("wrong dtype", wrong_dtype), ("meta tensors without data", no_data), ("non-finite values", non_finite),
+    ) if keys]
 
 
 @torch.no_grad()
 def load_colora_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
-    """Load adapter tensors, all or nothing: any missing, unexpected or mis-shaped key raises ValueError first."""
-    own = {f"{name}.{key}" if name else key: p
-           for name, layer in colora_layers(model)
-           for key, p in (("pointwise", layer.pointwise), ("depthwise", layer.depthwise),
-                          ("bias_delta", layer.bias_delta)) if p is not None}
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise ValueError(f"load_colora_state_dict: not tensors: {', '.join(not_tensors)} (nothing was loaded)")
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    misshaped = sorted(f"{k}: {tuple(state_dict[k].shape)} vs {tuple(p.shape)}"
-                       for k, p in own.items() if k in state_dict and state_dict[k].shape != p.shape)
-    if missing or unexpected or misshaped:
-        parts = [f"{label}: {', '.join(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise ValueError("load_colora_state_dict: " + "; ".join(parts) + " (nothing was loaded)")
+    """Load adapter tensors, all or nothing.
+
+    Every key is checked first; any nested dict, non-tensor, missing, unexpected or mis-shaped key, any tensor
+    of another dtype than the adapter's, any meta tensor and any NaN/Inf raise ValueError naming the keys, and
+    nothing is loaded. Tensors may sit on another device than the model (a CPU state dict loads into a CUDA
+    model): each is copied to its adapter's device.
+    """
+    own = {f"{name}.{key}" if name else key: getattr(layer, key)
+           for name, layer in colora_layers(model) for key in ADAPTER_KEYS if getattr(layer, key) is not None}
+    problems = _state_dict_problems(own, state_dict)
+    if problems:
+        raise ValueError("load_colora_state_dict: " + "; ".join(problems) + " (nothing was loaded)")
     for key, p in own.items():
         p.copy_(state_dict[key])
 
@@ -138,3 +282,11 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
         "trainable": sum(p.numel() for p in params if p.requires_grad),
         "adapter": sum(p.numel() for p in params if id(p) in adapter_ids),
     }
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line: `trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330`."""
+    counts = count_parameters(model)
+    trainable, total = counts["trainable"], counts["total"]
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+          f"{100 * trainable / total if total else 0.0:.4f}")

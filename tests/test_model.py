@@ -374,3 +374,104 @@ def test_count_parameters_vgg16_frozen_backbone(pristine):
     cf.apply_colora(model)
     adapter = sum(_adapter_size(ci, co, 3, True) for ci, co in VGG16_CONVS)
     assert cf.count_parameters(model) == {"total": total + adapter, "trainable": adapter, "adapter": adapter}
+
+
+def test_apply_colora_twice_names_the_colora_layers_and_changes_nothing(pristine):
+    model = pristine("resnet18")
+    cf.apply_colora(model, include=r"^layer1\.")
+    modules = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"already CoLoRA layers: layer1\.0\.conv1, layer1\.0\.conv2"):
+        cf.apply_colora(model)
+    assert dict(model.named_modules()) == modules
+    with pytest.raises(ValueError, match=r"already CoLoRA layers: layer1\.1\.conv2"):
+        cf.apply_colora(model, include=["layer2.0.conv1", "layer1.1.conv2"])
+    assert dict(model.named_modules()) == modules
+    assert cf.apply_colora(model, include=r"^layer2\.0\.conv") == ["layer2.0.conv1", "layer2.0.conv2"]
+
+
+@pytest.mark.parametrize("call", [cf.merge_colora, cf.unapply_colora, cf.merge_and_unload],
+                         ids=["merge_colora", "unapply_colora", "merge_and_unload"])
+def test_model_without_colora_layers_is_an_error(pristine, call):
+    model = pristine("vgg16")
+    with pytest.raises(ValueError, match=f"{call.__name__}: the model has no CoLoRA layer"):
+        call(model)
+
+
+def test_merge_colora_with_an_optimizer_not_holding_the_adapters_changes_nothing(pristine):
+    model = pristine("resnet18")
+    cf.apply_colora(model, include=r"^layer4\.")
+    randomize_adapters_(model)
+    opt = torch.optim.Adam(model.fc.parameters(), lr=1e-3)
+    F.cross_entropy(model(image("resnet18")), torch.tensor([1])).backward()
+    opt.step()
+    before_state = clone_state(model)
+    before_opt = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"does not hold the trainable adapter tensors layer4\.0\.conv1\.pointwise"):
+        cf.merge_colora(model, opt)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before_state[key]), f"{key} changed"
+    after_opt = opt.state_dict()
+    assert after_opt["param_groups"] == before_opt["param_groups"]
+    for index, state in before_opt["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after_opt["state"][index][key], value)
+
+
+def _loaded_pair(pristine):
+    source, target = pristine("vgg16"), pristine("vgg16")
+    cf.apply_colora(source, include=r"^features\.(0|2)$")
+    cf.apply_colora(target, include=r"^features\.(0|2)$")
+    randomize_adapters_(source, seed=1)
+    randomize_adapters_(target, seed=2)
+    return dict(cf.colora_state_dict(source)), target
+
+
+HOSTILE = {
+    "float64": (lambda sd, k: sd.__setitem__(k, sd[k].double()), "wrong dtype: {key}: torch.float64 vs torch.float32"),
+    "nan": (lambda sd, k: sd[k].view(-1)[3].fill_(float("nan")), "non-finite values: {key}"),
+    "inf": (lambda sd, k: sd[k].view(-1)[0].fill_(float("-inf")), "non-finite values: {key}"),
+    "meta": (lambda sd, k: sd.__setitem__(k, sd[k].to("meta")), "meta tensors without data: {key}"),
+    "extra-nested-key": (lambda sd, k: sd.__setitem__(k + ".extra", torch.zeros(2)), "unexpected: {key}.extra"),
+    "nested-dict": (lambda sd, k: sd.__setitem__("optimizer", {"state": {}, "lr": 0.1}), "nested dicts .*: optimizer"),
+}
+
+
+@pytest.mark.parametrize("problem", list(HOSTILE))
+def test_load_colora_state_dict_hostile_values_change_nothing(pristine, problem):
+    sd, target = _loaded_pair(pristine)
+    spoil, message = HOSTILE[problem]
+    key = "features.2.depthwise"
+    sd = {k: v.clone() for k, v in sd.items()}
+    spoil(sd, key)
+    before = {k: v.clone() for k, v in cf.colora_state_dict(target).items()}
+    with pytest.raises(ValueError, match=message.format(key=key).replace(".", r"\.").replace(r"\.*", ".*")):
+        cf.load_colora_state_dict(target, sd)
+    for k, v in cf.colora_state_dict(target).items():
+        assert torch.equal(v, before[k]), f"{k} was loaded"
+
+
+def test_load_colora_state_dict_of_a_whole_checkpoint_is_refused(pristine):
+    sd, target = _loaded_pair(pristine)
+    before = {k: v.clone() for k, v in cf.colora_state_dict(target).items()}
+    with pytest.raises(ValueError, match=r"nested dicts .*: adapters; .*missing: features\.0\.bias_delta"):
+        cf.load_colora_state_dict(target, {"adapters": sd, "epoch": torch.tensor(3)})
+    for k, v in cf.colora_state_dict(target).items():
+        assert torch.equal(v, before[k])
+
+
+def test_load_colora_state_dict_takes_non_contiguous_tensors(pristine):
+    sd, target = _loaded_pair(pristine)
+    sd = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in sd.items()}
+    assert not sd["features.0.pointwise"].is_contiguous()
+    cf.load_colora_state_dict(target, sd)
+    for k, v in cf.colora_state_dict(target).items():
+        assert torch.equal(v, sd[k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_colora_state_dict_moves_cpu_tensors_to_the_model(pristine):
+    sd, target = _loaded_pair(pristine)
+    target.cuda()
+    cf.load_colora_state_dict(target, sd)
+    for k, v in cf.colora_state_dict(target).items():
+        assert v.is_cuda and torch.equal(v.cpu(), sd[k]), k

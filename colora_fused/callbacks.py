@@ -1,0 +1,146 @@
+"""The periodic merge (paper eq. 12–14) for any training loop: `MergeSchedule`, and callbacks for HF `Trainer`
+and PyTorch Lightning built on it.
+
+The two callbacks subclass their framework's base class, so they are built on first access
+(`colora_fused.CoLoRATrainerCallback`, `colora_fused.CoLoRALightningCallback`); the package imports without
+transformers or lightning installed.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .model import _require_layers, merge_colora
+
+UNITS = ("epoch", "step")
+
+
+class MergeSchedule:
+    """Merge every `every` optimizer steps or epochs: call `.step()` after each `optimizer.step()` and
+    `.epoch_end()` after each epoch; the one matching `unit` counts, and on its `every`-th call runs
+    `merge_colora(model, optimizer)`, which folds ΔK into K0, resets the adapters and clears the optimizer
+    state of the reset tensors.
+
+    `optimizer` may be set later (`schedule.optimizer = ...`), as frameworks build theirs after the callbacks.
+    `merges` lists (epoch, step) — the counts of finished epochs and steps — at each merge.
+    `state_dict()` / `load_state_dict()` carry the counters across a resumed run.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, every: int = 1,
+                 unit: str = "epoch"):
+        if unit not in UNITS:
+            raise ValueError(f"MergeSchedule: unit must be one of {UNITS}, got {unit!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"MergeSchedule: every must be a positive integer, got {every!r}")
+        _require_layers(model, "MergeSchedule")
+        self.model, self.optimizer, self.every, self.unit = model, optimizer, every, unit
+        self.steps = 0
+        self.epochs = 0
+        self.merges: List[Tuple[int, int]] = []
+
+    def step(self) -> bool:
+        """Count one optimizer step; merge when the unit is "step" and it is the `every`-th. True if merged."""
+        self.steps += 1
+        return self._maybe_merge("step", self.steps)
+
+    def epoch_end(self) -> bool:
+        """Count one finished epoch; merge when the unit is "epoch" and it is the `every`-th. True if merged."""
+        self.epochs += 1
+        return self._maybe_merge("epoch", self.epochs)
+
+    def _maybe_merge(self, unit: str, count: int) -> bool:
+        if unit != self.unit or count % self.every:
+            return False
+        merge_colora(self.model, self.optimizer)
+        self.merges.append((self.epochs, self.steps))
+        return True
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"steps": self.steps, "epochs": self.epochs, "merges": [list(m) for m in self.merges]}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.steps, self.epochs = int(state["steps"]), int(state["epochs"])
+        self.merges = [(int(e), int(s)) for e, s in state["merges"]]
+
+
+def _trainer_callback_class():
+    from transformers import TrainerCallback
+
+    class CoLoRATrainerCallback(TrainerCallback):
+        """HF `Trainer` callback: the CoLoRA merge every `every` epochs or optimizer steps (`unit`).
+
+        `Trainer(..., callbacks=[cf.CoLoRATrainerCallback(every=1, unit="epoch")])`. The schedule is built at
+        the start of training from the Trainer's model and optimizer; `.schedule` holds it afterwards.
+        """
+
+        def __init__(self, every: int = 1, unit: str = "epoch"):
+            if unit not in UNITS:
+                raise ValueError(f"CoLoRATrainerCallback: unit must be one of {UNITS}, got {unit!r}")
+            self.every, self.unit = every, unit
+            self.schedule: Optional[MergeSchedule] = None
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.schedule = MergeSchedule(model, optimizer, self.every, self.unit)
+            # A resumed run starts from the checkpoint's counts, so that merges stay on their steps.
+            self.schedule.steps, self.schedule.epochs = state.global_step, int(state.epoch or 0)
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            # Called once per optimizer step (after gradient accumulation), after the update.
+            self.schedule.optimizer = optimizer
+            self.schedule.step()
+
+        def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+            self.schedule.optimizer = optimizer
+            self.schedule.epoch_end()
+
+    return CoLoRATrainerCallback
+
+
+def _lightning_callback_class():
+    from lightning.pytorch import Callback
+
+    class CoLoRALightningCallback(Callback):
+        """PyTorch Lightning callback: the CoLoRA merge every `every` epochs or optimizer steps (`unit`).
+
+        `Trainer(callbacks=[cf.CoLoRALightningCallback(every=1, unit="epoch")])`; the LightningModule must
+        configure exactly one optimizer, which must hold the adapters. `.schedule` holds the schedule.
+        """
+
+        def __init__(self, every: int = 1, unit: str = "epoch"):
+            if unit not in UNITS:
+                raise ValueError(f"CoLoRALightningCallback: unit must be one of {UNITS}, got {unit!r}")
+            self.every, self.unit = every, unit
+            self.schedule: Optional[MergeSchedule] = None
+
+        def on_train_start(self, trainer, pl_module):
+            if len(trainer.optimizers) != 1:
+                raise ValueError(f"CoLoRALightningCallback needs exactly one optimizer, the LightningModule "
+                                 f"configures {len(trainer.optimizers)}")
+            self.schedule = MergeSchedule(pl_module, trainer.optimizers[0], self.every, self.unit)
+            # A resumed run starts from the checkpoint's counts, so that merges stay on their steps.
+            self.schedule.steps, self.schedule.epochs = trainer.global_step, trainer.current_epoch
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # global_step counts optimizer steps: with gradient accumulation, not every batch ends in one.
+            while self.schedule.steps < trainer.global_step:
+                self.schedule.step()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.schedule.epoch_end()
+
+    return CoLoRALightningCallback
+
+
+_LAZY = {"CoLoRATrainerCallback": _trainer_callback_class, "CoLoRALightningCallback": _lightning_callback_class}
+_BUILT: Dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    """Build a framework callback class on first access (PEP 562), importing its framework only then."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _BUILT:
+        cls = _LAZY[name]()
+        cls.__qualname__ = name  # so that pickle and Lightning's callback state keys find it by this name
+        _BUILT[name] = cls
+    return _BUILT[name]

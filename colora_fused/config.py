@@ -1,0 +1,77 @@
+"""`CoLoRAConfig`: what `get_colora_model` wraps and trains, as one object that round-trips through JSON."""
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from torch import nn
+
+from ._conv import check_order
+from .functional import check_backend
+
+Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def _check_selector(field: str, value: Selector) -> Selector:
+    """None, a regex string, a list of qualified names (a tuple becomes a list), or a callable (name, module)."""
+    if value is None or isinstance(value, str) or callable(value):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"CoLoRAConfig.{field}: expected None, a regex string, a list of module names or a callable "
+                    f"(name, module) -> bool; got {value!r}")
+
+
+@dataclasses.dataclass
+class CoLoRAConfig:
+    """The settings of `get_colora_model`, named as in PEFT's `LoraConfig` where the idea is the same.
+
+    - `target_modules`: the convs to wrap — a regex searched in the qualified module name, a list of qualified
+      names, or a callable `(name, module) -> bool`; None wraps every nn.Conv1d/2d/3d (`apply_colora`'s
+      `include`).
+    - `exclude_modules`: the same forms; convs it selects are left plain (`apply_colora`'s `exclude`).
+    - `modules_to_save`: names of modules kept fully trainable (the classifier, say); a module matches when
+      its qualified name equals a name or ends with "." + name, as in PEFT. Everything else is frozen.
+    - `order`, `train_bias`, `backend`: as in `CoLoRAConv2d.from_conv`.
+
+    `to_dict()` gives a JSON-serialisable dict and `from_dict(d)` reads it back; a callable selector has no
+    JSON form, so `to_dict` refuses it (TypeError) instead of writing something that cannot be read back.
+    """
+
+    target_modules: Selector = None
+    exclude_modules: Selector = None
+    modules_to_save: Optional[List[str]] = None
+    order: str = "pointwise_first"
+    train_bias: Optional[bool] = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        self.target_modules = _check_selector("target_modules", self.target_modules)
+        self.exclude_modules = _check_selector("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            names = [self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+                raise TypeError(f"CoLoRAConfig.modules_to_save: expected a list of module names, "
+                                f"got {self.modules_to_save!r}")
+            self.modules_to_save = list(names)
+        check_order(self.order)
+        check_backend(self.backend)
+        if self.train_bias is not None and not isinstance(self.train_bias, bool):
+            raise TypeError(f"CoLoRAConfig.train_bias: expected None, True or False, got {self.train_bias!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as plain JSON values. Raises TypeError when a selector is a callable."""
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(self, field)
+            if callable(value):
+                raise TypeError(f"CoLoRAConfig.{field} is a callable ({getattr(value, '__name__', value)!r}), "
+                                "which has no JSON form; give a regex or a list of module names to save the config")
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "CoLoRAConfig":
+        """The config `to_dict` wrote. Unknown keys raise ValueError naming them (a typo must not be dropped)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"CoLoRAConfig.from_dict: unknown keys {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return cls(**data)
