@@ -295,7 +295,8 @@ def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, p
 
 def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
                      need_x, need_weight, need_adapters, merged):
-    from .kernels.conv_bwd import colora_conv_backward_adapters, colora_conv_backward_input
+    from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
+    from .kernels.conv_bwd_input import colora_conv_backward_input
     grad_x = grad_w = d_kp = d_kd = None
     if need_x:
         channels_last = _memory_format(x) != torch.contiguous_format
@@ -333,7 +334,7 @@ def _dispatch(table, backend: str, key: tuple, *args):
     """Run `table[backend]`; for "triton-or-torch" fall back to torch (one warning per shape) if Triton fails."""
     if backend == "torch":
         return table["torch"](*args)
-    from .kernels.conv_fwd import TritonBackendError, TritonBackendTypeError
+    from .kernels._common import TritonBackendError, TritonBackendTypeError
     if backend == "triton-or-torch" and key in _TRITON_FAILURES:
         return table["torch"](*args)
     try:
