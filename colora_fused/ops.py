@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._conv import CONV_FNS, adapter_grad_route, conv_output_shape
 
@@ -84,20 +85,34 @@ def _merged_weight_workspace(weight: Tensor, pointwise: Tensor, depthwise: Tenso
     return merged_weight(weight, pointwise, depthwise, groups, order, out=buffers[key])
 
 
+_OPTIMIZER_STEPS = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _OPTIMIZER_STEPS
+    _OPTIMIZER_STEPS += 1
+
+
 class MergedWeightCache:
     """K0 + ΔK for one layer, one buffer per (dtype, inference mode), rebuilt only when K0, Kp or Kd changed.
 
     A buffer is valid while the three tensors are the same objects with the same `_version` (every in-place
     write through autograd's view of a tensor bumps it: optimizer steps, `copy_` in `load_state_dict`,
-    `merge_`, `reset_adapter_`) and the same storage (`.to()`, `.cuda()` and `param.data = t` replace it).
+    `merge_`, `reset_adapter_`) and the same storage (`.to()`, `.cuda()` and `param.data = t` replace it), and
+    no `torch.optim` optimizer has stepped since (fused optimizers write parameters without bumping versions).
     A write through `param.data` bumps no version and is invisible here: call `clear()` after one.
     Under autocast the buffer of the autocast dtype merges the cast factors, as the uncached op would.
     Costs one weight-sized tensor per dtype; thread-safe.
     """
 
+    _hooked = False
+
     def __init__(self):
         self._entries: Dict[tuple, Tuple[tuple, Tensor]] = {}
         self._lock = threading.Lock()
+        if not MergedWeightCache._hooked:
+            register_optimizer_step_post_hook(_count_optimizer_step)
+            MergedWeightCache._hooked = True
 
     def clear(self) -> None:
         with self._lock:
@@ -113,7 +128,8 @@ class MergedWeightCache:
     def get(self, weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
             dtype: torch.dtype) -> Tensor:
         """K0 + ΔK in `dtype`, from the buffer when none of K0, Kp, Kd has changed since it was built."""
-        stamp = tuple((t, t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in (weight, pointwise, depthwise))
+        stamp = (_OPTIMIZER_STEPS,) + tuple((t, t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+                                            for t in (weight, pointwise, depthwise))
         slot = (dtype, torch.is_inference_mode_enabled())
         with self._lock:
             entry = self._entries.get(slot)
@@ -130,8 +146,8 @@ class MergedWeightCache:
 
 def _same_stamp(old, stamp, groups: int, order: str) -> bool:
     old_stamp, old_groups, old_order = old
-    return (old_groups == groups and old_order == order
-            and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old_stamp, stamp)))
+    return (old_groups == groups and old_order == order and old_stamp[0] == stamp[0]
+            and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(old_stamp[1:], stamp[1:])))
 
 
 def _rewritable(buffer: Tensor, like: Tensor) -> bool:

@@ -1,15 +1,17 @@
-"""The torch backend's CPU merge buffer is shared by same-shaped layers and kept per thread: concurrent use from
-several threads must give each caller its own correct result."""
+"""Concurrent use from several threads must give each caller its own correct result: with the per-layer merge
+cache, and without it, where the torch backend's CPU merge buffer is shared by same-shaped layers per thread."""
 import threading
 
+import pytest
 import torch
 
 import colora_fused as cf
 
 
-def _layer(seed):
+def _layer(seed, cache):
     torch.manual_seed(seed)
     layer = cf.CoLoRAConv2d(8, 8, 3, padding=1, backend="torch")
+    layer.cache_merged_weight = cache
     with torch.no_grad():
         layer.depthwise.normal_()
     return layer
@@ -23,8 +25,9 @@ def _step(layer, x):
     return out.detach(), x.grad, layer.pointwise.grad.clone(), layer.depthwise.grad.clone()
 
 
-def test_threads_sharing_a_weight_shape_get_their_own_results():
-    layers = [_layer(seed) for seed in range(4)]  # same weight shape: the same buffer key in every thread
+@pytest.mark.parametrize("cache", [True, False], ids=["merge-cache", "per-thread-workspace"])
+def test_threads_sharing_a_weight_shape_get_their_own_results(cache):
+    layers = [_layer(seed, cache) for seed in range(4)]  # same weight shape: the same buffer key in every thread
     inputs = [torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
     expected = [_step(layer, x) for layer, x in zip(layers, inputs)]
     failures = []
