@@ -274,7 +274,7 @@ def run_config(args, strategy, splits, world):
             "merge_every": args.merge_every, "merge_unit": args.merge_unit, "balance": args.balance,
             "train_size": len(training_set(splits.train, args.balance)), "batch_size": args.batch_size, "processes": world,
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "head_hidden": args.head_hidden,
-            "image_size": args.image_size, "skip_nonfinite": args.skip_nonfinite}
+            "image_size": args.image_size}
 
 
 def trained_state(model, strategy, merged):
@@ -693,16 +693,17 @@ def build_parser():
         description="Fine-tune a pretrained CNN with CoLoRA (Rivera & Hoyos 2025), full fine-tuning or head-only training, "
                     "and compare. With no --data: the bundled digits demo (pre-train on 0-4, fine-tune on 5-9). "
                     "Files are written atomically; --resume continues after a crash or kill.")
-    p.add_argument("--data", help="a MedMNIST .npz file or an ImageFolder directory (default: the digits demo)")
+    p.add_argument("--data", metavar="PATH", help="a MedMNIST .npz file or an ImageFolder directory (default: the digits demo)")
     p.add_argument("--model", help="vgg16, resnet50, smallcnn or a torchvision classification model name (default: vgg16; the demo: smallcnn)")
-    p.add_argument("--weights", help="pretrained weights: .pt/.pth (read with torch.load(weights_only=True)) or .safetensors; never "
+    p.add_argument("--weights", metavar="FILE", help="pretrained weights: .pt/.pth (read with torch.load(weights_only=True)) or .safetensors; never "
                                      "downloaded (default: the demo pre-trains its own; otherwise random initialisation)")
     p.add_argument("--strategy", help="comma list of colora, full, head, or 'all' (default: colora; the demo: all)")
-    p.add_argument("--epochs", type=int, help=f"epochs per strategy (default: {data['epochs']}; the demo: {demo['epochs']})")
-    p.add_argument("--batch-size", type=int, help=f"batch size per process (default: {data['batch_size']}; the demo: {demo['batch_size']})")
+    p.add_argument("--epochs", type=int, metavar="N", help=f"epochs per strategy (default: {data['epochs']}; the demo: {demo['epochs']})")
+    p.add_argument("--batch-size", type=int, metavar="N", help=f"batch size per process (default: {data['batch_size']}"
+                   + (f"; the demo: {demo['batch_size']})" if demo["batch_size"] != data["batch_size"] else ")"))
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {data['lr']:g}; the demo: {demo['lr']:g})")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (L2 penalty) on the trained parameters (default: 0)")
-    p.add_argument("--merge-every", type=int,
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="Adam weight decay (L2 penalty) on the trained parameters (default: 0)")
+    p.add_argument("--merge-every", type=int, metavar="N",
                    help=f"merge the CoLoRA adapters into the frozen weights every N merge units; 0: only at the end "
                         f"(default: {data['merge_every']}, the paper; the demo: {demo['merge_every']})")
     p.add_argument("--merge-unit", choices=("epoch", "step"), default="epoch",
@@ -716,19 +717,19 @@ def build_parser():
     p.add_argument("--balance", choices=("none", "sample", "truncate"), default="none",
                    help="class balance of the training split: none, class-weighted sampling, or the paper's "
                         "first-n-per-class truncation (default: none)")
-    p.add_argument("--image-size", type=int, help="resize inputs to this square size (default: 224 for torchvision models, native for smallcnn)")
-    p.add_argument("--head-hidden", type=int, default=128, help="width of the head's first fully connected layer (default: 128)")
-    p.add_argument("--class-names", help="comma-separated class names for reports (default: the folder names, or 0, 1, ...)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of a single ImageFolder directory (default: 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="test share of a single ImageFolder directory (default: 0.1)")
-    p.add_argument("--pretrain-epochs", type=int, default=demo["pretrain_epochs"],
+    p.add_argument("--image-size", type=int, metavar="PIXELS", help="resize inputs to this square size (default: 224 for torchvision models, native for smallcnn)")
+    p.add_argument("--head-hidden", type=int, default=128, metavar="N", help="width of the head's first fully connected layer (default: 128)")
+    p.add_argument("--class-names", metavar="NAMES", help="comma-separated class names for reports (default: the folder names, or 0, 1, ...)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share of a single ImageFolder directory (default: 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share of a single ImageFolder directory (default: 0.1)")
+    p.add_argument("--pretrain-epochs", type=int, default=demo["pretrain_epochs"], metavar="N",
                    help=f"the demo: epochs of pre-training on digits 0-4 (default: {demo['pretrain_epochs']})")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for image folders (default: 4)")
+    p.add_argument("--workers", type=int, default=4, metavar="N", help="DataLoader worker processes for image folders (default: 4)")
     p.add_argument("--amp", action="store_true", help="train and evaluate under bf16 autocast (CUDA)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the initialisation, the data order, the demo's splits and each merge's fresh Kp (default: 0)")
-    p.add_argument("--out", default="finetune-results",
+    p.add_argument("--out", default="finetune-results", metavar="DIR",
                    help="output folder: one sub-folder per strategy, summary files and finetune.log (default: finetune-results)")
     p.add_argument("--resume", action="store_true",
                    help="continue each strategy from <out>/<strategy>/checkpoint.pt when present; a checkpoint that cannot "
@@ -736,7 +737,7 @@ def build_parser():
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip an optimizer step whose loss or gradient is NaN/Inf (as AMP's GradScaler does) instead of "
                         "stopping the run; a skipped step still counts for --merge-unit step")
-    p.add_argument("--log-every", type=float, default=30.0,
+    p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="seconds between progress lines during an epoch when no progress bar is shown (output not a "
                         "terminal, or --no-progress); 0: every step; negative: none (default: 30)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
