@@ -91,3 +91,20 @@ def test_plots_write_png(tmp_path):
     metrics.plot_roc_curves(probs, y, ["a", "b"], tmp_path / "roc.png")
     for name in ("cm.png", "roc.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "roc.png"]  # written via a renamed .partial
+
+
+def test_failed_plot_leaves_the_previous_png(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    path = tmp_path / "cm.png"
+    path.write_bytes(b"previous")
+
+    def broken(self, *args, **kwargs):
+        args[0].write(b"\x89PNG half")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="no space"):
+        metrics.plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], path)
+    assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["cm.png"]
