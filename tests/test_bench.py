@@ -1,15 +1,20 @@
 """colora-bench end to end on CPU at toy sizes: the files it writes parse and hold real, finite measurements;
 layer mode; bad input ends in one error line; a method running out of memory is reported, not fatal."""
 import csv
+import io
 import json
 import math
 import sys
+import time
+import types
 
 import pytest
 import torch
 from torch import nn
 
-from colora_fused import bench
+import colora_fused
+from colora_fused import bench, bench_model, bench_report
+from colora_fused.bench_progress import Progress, duration
 
 # The memory measurement's two steps per method already warm it up.
 TINY = ["--model", "resnet18", "--image-size", "32", "--batch", "2", "--warmup", "0", "--rounds", "2",
@@ -39,7 +44,7 @@ def test_model_mode_writes_results(tmp_path):
     bench.main(TINY + ["--methods", ",".join(methods), "--out", str(tmp_path)])
 
     columns, rows = read_csv(tmp_path / "results.csv")
-    assert tuple(columns) == bench.MODEL_COLUMNS
+    assert tuple(columns) == bench_report.MODEL_COLUMNS
     assert [r["method"] for r in rows] == methods
     by_method = {r["method"]: r for r in rows}
     for r in rows:
@@ -71,16 +76,32 @@ def test_model_mode_writes_results(tmp_path):
     assert env["mode"] == "model" and env["methods"] == methods and env["command"].startswith("colora-bench ")
 
 
-def test_layer_mode_writes_results(tmp_path):
+def test_layer_mode_writes_results(tmp_path, capsys):
     methods = ["conv", "full", "colora-torch"]
-    bench.main(TINY + ["--layers", "--methods", ",".join(methods), "--image-size", "16", "--rounds", "1",
+    argv = [a for a in TINY if a != "--no-progress"]
+    bench.main(argv + ["--layers", "--methods", ",".join(methods), "--image-size", "16", "--rounds", "1",
                        "--sample-ms", "2", "--out", str(tmp_path)])
 
+    err = capsys.readouterr().err
+
     columns, rows = read_csv(tmp_path / "results.csv")
-    assert tuple(columns) == bench.LAYER_COLUMNS
+    assert tuple(columns) == bench_report.LAYER_COLUMNS
     layers = {r["layer"] for r in rows} - {"all convs"}
     assert "64→64 3×3 s1 @4×4" in layers and "3→64 7×7 s2 @16×16" in layers
     assert len(rows) == (len(layers) + 1) * len(methods) * 2
+
+    # stderr is no terminal here: progress comes as lines, one per phase, and all of them in progress.log.
+    lines = [line for line in err.splitlines() if line.startswith("colora-bench: [")]
+    logged = (tmp_path / "progress.log").read_text(encoding="utf-8").splitlines()
+    assert [line.split(" ", 1)[1] for line in logged] == [line[len("colora-bench: "):] for line in lines]
+    n = len(layers)
+    shapes = [line for line in lines if ": building 3 layers" in line]
+    assert len(shapes) == n and f"shape 1/{n} 3→64 7×7 s2 @16×16" in shapes[0]
+    total = n * len(methods) * 2 * 1 * 2  # shapes × methods × modes × rounds × steps per round (no warm-up)
+    assert f"0/{total} steps done, {total} left" in shapes[0]
+    assert any(f"shape {n}/{n} " in line and " step: round 1/1: " in line for line in lines)
+    assert all("about" in line and "to go" in line for line in shapes[1:]), "an estimate once a step is done"
+    assert lines[-1].endswith(f"finished: {total}/{total} steps done")
     for r in rows:
         assert r["status"] == "ok", r
         for key in ("ms", "gflop", "tflops", "ratio_vs_conv", "speedup_vs_full"):
@@ -101,14 +122,14 @@ def test_layer_mode_writes_results(tmp_path):
 
 
 def test_out_of_memory_is_reported(tmp_path, monkeypatch):
-    build = bench.build_method_model
+    build = bench_model.build_method_model
 
     def build_or_oom(base, head, method, cfg, share_frozen):
         if method == "colora-torch":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return build(base, head, method, cfg, share_frozen)
 
-    monkeypatch.setattr(bench, "build_method_model", build_or_oom)
+    monkeypatch.setattr(bench_model, "build_method_model", build_or_oom)
     # SqueezeNet: small, and its classifier is a conv, which the adapter methods must leave alone.
     bench.main(["--model", "squeezenet1_1", "--image-size", "32", "--batch", "2", "--warmup", "0", "--rounds", "1",
                 "--methods", "full,colora-torch,head", "--no-progress", "--out", str(tmp_path)])
@@ -180,16 +201,80 @@ def test_lora_rank_matches_colora_parameter_count():
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 256, 1, bias=False),
                           nn.Conv2d(256, 256, 3, padding=1, groups=32, bias=False))
     convs = dict(model.named_children())
-    colora = sum(bench.colora_adapter_count(c) for c in convs.values())
+    colora = sum(bench_model.colora_adapter_count(c) for c in convs.values())
     assert colora == (64 * 64 + 64 * 9 + 64) + (256 * 64 + 256) + (256 * 8 + 256 * 9)
-    ranks = bench.matched_lora_ranks(convs)
+    ranks = bench_model.matched_lora_ranks(convs)
     assert ranks["0"] == ranks["1"] and ranks["2"] % 32 == 0
 
     def lora(r, grouped_rank):  # A: C_in·prod(k) per rank; B: C_out/groups per rank
         return r * (64 * 9 + 64) + r * (64 + 256) + grouped_rank * (256 * 9 + 256 // 32)
 
-    bench.inject_lora(model, ranks)
+    bench_model.inject_lora(model, ranks)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora(ranks["0"], ranks["2"])
     assert model(torch.randn(1, 64, 5, 5)).shape == (1, 256, 5, 5)
     best = min(abs(lora(r, max(32, round(r / 32) * 32)) - colora) for r in range(1, 1000))
     assert abs(lora(ranks["0"], ranks["2"]) - colora) == best
+
+
+def test_progress_lines_heartbeat_and_log(tmp_path):
+    stream = io.StringIO()  # no terminal: lines, not a bar
+    with Progress(total=4, stream=stream, log_path=str(tmp_path / "progress.log"), interval_s=0.05) as progress:
+        progress.phase("warm-up")
+        progress.advance()
+        time.sleep(0.6)  # one slow step: the heartbeat keeps lines coming meanwhile
+        progress.message("colora-bench: a note")
+        progress.advance(3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "colora-bench: [0s] warm-up: 0/4 steps done, 4 left"
+    beats = [line for line in lines if "warm-up: 1/4 steps done, 3 left, about" in line]
+    assert len(beats) >= 2, lines
+    assert "colora-bench: a note" in lines
+    assert lines[-1] == "colora-bench: [1s] finished: 4/4 steps done"
+    logged = (tmp_path / "progress.log").read_text(encoding="utf-8").splitlines()
+    assert [line.split(" ", 1)[1] for line in logged] == [line.replace("colora-bench: [", "[", 1) for line in lines]
+
+    hidden = io.StringIO()
+    with Progress(total=1, stream=hidden, show=False) as progress:
+        progress.phase("quiet")
+        progress.message("colora-bench: a failure is still shown")
+    assert hidden.getvalue() == "colora-bench: a failure is still shown\n"
+    assert [duration(s) for s in (3, 123, 3723)] == ["3s", "2m03s", "1h02m03s"]
+
+
+def test_help_explains_every_flag_and_gives_each_default_once():
+    parser = bench.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    for action in parser._actions:
+        if "-h" in action.option_strings:
+            continue
+        assert action.help, f"{action.option_strings} has no help"
+        assert action.help.count("default") <= 1, action.help
+        takes_default = (action.default is not None and action.default is not False
+                         or action.dest in (*bench.DEFAULTS["cpu"], "models", "methods", "out", "sample_ms"))
+        assert takes_default == ("(default: " in action.help), action.help
+
+
+def test_audit_flag_runs_the_audit(monkeypatch, capsys):
+    calls = []
+    fake = types.SimpleNamespace(main=lambda argv=None: calls.append(argv) or (3 if "--fail" in argv else 0))
+    monkeypatch.setattr(colora_fused, "audit", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "colora_fused.audit", fake)
+    bench.main(["--audit", "--", "--arch", "sm_90"])
+    assert calls == [["--arch", "sm_90"]]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--audit", "--", "--fail"])
+    assert exit_info.value.code == 3
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", "resnet18", "--", "--arch", "sm_90"])
+    assert exit_info.value.code == 2
+    assert "are for --audit, which was not given" in capsys.readouterr().err
+
+    monkeypatch.delattr(colora_fused, "audit")
+    monkeypatch.setitem(sys.modules, "colora_fused.audit", None)  # makes the import fail, as without audit.py
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--audit"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "colora-bench: error: --audit needs colora_fused.audit, which this installation does not have"
