@@ -88,9 +88,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_ddp_training_and_merge_match_single_process(tmp_path):
-    context = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+def _spawn(worker, out_dir) -> None:
+    """Run ``worker(rank, port, out_dir)`` on WORLD processes; a hang (ranks that disagree) fails the test."""
+    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + TIME_LIMIT_S
     try:
@@ -102,6 +102,14 @@ def test_ddp_training_and_merge_match_single_process(tmp_path):
             if process.is_alive():
                 process.terminate()
                 process.join()
+
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+
+
+@needs_gloo
+def test_ddp_training_and_merge_match_single_process(tmp_path):
+    _spawn(_worker, tmp_path)
 
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for key, value in results[0]["after"].items():
@@ -129,3 +137,64 @@ def test_ddp_training_and_merge_match_single_process(tmp_path):
     initial["4.bias"] = torch.zeros(6)  # the bias-free conv gets a bias from its merged Δb
     for key in ("0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias"):
         assert not torch.equal(single[key], initial[key]), f"{key} did not absorb the adapters"
+
+
+def _nonfinite_worker(rank: int, port: int, out_dir: str) -> None:
+    """colora-finetune's Trainer under DDP with a NaN in rank 1's second batch only: once stopping, once skipping."""
+    from colora_fused import finetune
+    from colora_fused.data import ArrayDataset, Splits
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        g = torch.Generator().manual_seed(0)
+        data = ArrayDataset(torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=g), torch.arange(32) % 3)
+        splits = Splits(data, data, data, num_classes=3)
+        real, calls = finetune.prepare_batch, [0]
+
+        def nan_on_rank1(*args, **kwargs):
+            x = real(*args, **kwargs)
+            calls[0] += 1
+            if rank == 1 and calls[0] == 2:
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+            return x
+
+        finetune.prepare_batch = nan_on_rank1
+        results = {}
+        for skip in (False, True):
+            calls[0] = 0
+            args = finetune.parse_args(["--data", "in-memory", "--model", "smallcnn", "--strategy", "colora", "--epochs", "1",
+                                        "--batch-size", "4", "--lr", "3e-3", "--no-progress", "--log-every", "-1"]
+                                       + (["--skip-nonfinite"] if skip else []))
+            torch.manual_seed(0)
+            spec = finetune.build_model("smallcnn", 3, 1)
+            finetune.setup_strategy(spec, "colora")
+            trainer = finetune.Trainer(args, splits, spec, "colora", out_dir, finetune.Dist(rank, WORLD, torch.device("cpu")))
+            try:
+                trainer.train_epoch(finetune.Log(False))
+                results[skip] = {"skipped": trainer.skipped, "steps": trainer.step,
+                                 "state": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+            except finetune.NonFiniteError as e:
+                results[skip] = {"stopped": str(e), "steps": trainer.step}
+        torch.save(results, os.path.join(out_dir, f"nonfinite{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_gloo
+def test_ddp_ranks_agree_on_a_nonfinite_step(tmp_path):
+    """A NaN on one rank stops (or skips the step on) every rank at the same step, naming the same cause; skipped,
+    the replicas stay identical. Ranks that disagreed would leave one waiting in a collective: a hang, a failure."""
+    _spawn(_nonfinite_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"nonfinite{r}.pt", weights_only=True) for r in range(WORLD)]
+    stopped = [r[False] for r in ranks]
+    assert stopped[0] == stopped[1] and stopped[0]["steps"] == 1, stopped
+    assert "[colora] non-finite loss at epoch 1/1, step 2 (batch 2/4 of the epoch)" in stopped[0]["stopped"]
+    skipped = [r[True] for r in ranks]
+    assert all(s["skipped"] == 1 and s["steps"] == 4 for s in skipped), [(s["skipped"], s["steps"]) for s in skipped]
+    for key, value in skipped[0]["state"].items():
+        assert torch.isfinite(value).all() and torch.equal(skipped[1]["state"][key], value), key
