@@ -50,8 +50,8 @@ def _select_convs(model: nn.Module, include: Selector, exclude: Selector) -> Lis
     """
     convs = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
              if type(m) in CONV_TO_COLORA or isinstance(m, _CoLoRAConvNd)]
-    chosen = [(n, m) for n, m in convs
-              if (include is None or _selected(include, n, m)) and not (exclude is not None and _selected(exclude, n, m))]
+    chosen = [(n, m) for n, m in convs if (include is None or _selected(include, n, m))
+              and not (exclude is not None and _selected(exclude, n, m))]
     wrapped = [n for n, m in chosen if isinstance(m, _CoLoRAConvNd)]
     if wrapped:
         raise ValueError(f"apply_colora: already CoLoRA layers: {', '.join(wrapped)}; the model is wrapped already "

@@ -142,31 +142,17 @@ def test_hf_trainer_callback(tmp_path, every, unit, expected):
                            optimizer)
 
     colora = cf.CoLoRATrainerCallback(every=every, unit=unit)
-    # adamw_torch, not the default adamw_torch_fused: see test_fused_adamw_step_reaches_the_forward.
+    # The default optimizer (adamw_torch_fused in recent transformers) writes parameters without bumping their versions: the merged
+    # weight cache must still see every step, or the output checks around a merge fail.
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=BATCH, learning_rate=1e-2,
-        lr_scheduler_type="constant", optim="adamw_torch", save_strategy="no", logging_strategy="no", report_to=[],
+        lr_scheduler_type="constant", save_strategy="no", logging_strategy="no", report_to=[],
         use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TinyImages(),
                                    callbacks=[Before(), colora, After()])
     trainer.train()
     assert trainer.state.global_step == 2 * STEPS_PER_EPOCH
     assert [step for _, step in colora.schedule.merges] == expected
-
-
-@pytest.mark.xfail(strict=True, reason="ops.MergedWeightCache keys K0 + ΔK on the tensors' _version, which fused "
-                   "optimizers (HF Trainer's default adamw_torch_fused) do not bump: the forward uses stale weights")
-def test_fused_adamw_step_reaches_the_forward():
-    layer = cf.CoLoRAConv2d(4, 6, 3, padding=1, backend="torch")
-    x = torch.randn(2, 4, 8, 8)
-    opt = torch.optim.AdamW(layer.adapter_parameters(), lr=0.1, fused=True)
-    for _ in range(2):
-        opt.zero_grad()
-        layer(x).square().sum().backward()
-        opt.step()
-    with torch.no_grad():
-        expected = F.conv2d(x, layer.weight + layer.delta_weight(), layer.bias + layer.bias_delta, padding=1)
-        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_lightning_callback(tmp_path):

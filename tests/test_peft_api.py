@@ -275,3 +275,20 @@ def test_disable_colora_sets_and_restores_the_flag(resnet18):
     with pytest.raises(ValueError, match="disable_colora: the model has no CoLoRA layer"):
         with cf.disable_colora(resnet18()):
             pass
+
+
+def test_disable_colora_runs_the_base_model(resnet18):
+    base = resnet18()
+    model = cf.get_colora_model(resnet18(), cf.CoLoRAConfig(train_bias=True))
+    randomize_adapters_(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        adapted, expected_base = model(x), base(x)
+        assert not torch.allclose(adapted, expected_base, atol=1e-3), "the adapters must change the output"
+        with cf.disable_colora(model):
+            assert torch.equal(model(x), expected_base)
+        torch.testing.assert_close(model(x), adapted, atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match="inside"):
+            with cf.disable_colora(model):
+                raise RuntimeError("inside")
+        torch.testing.assert_close(model(x), adapted, atol=0, rtol=0)
