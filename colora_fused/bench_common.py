@@ -18,7 +18,9 @@ DEFAULT_MODELS = ("resnet50", "vgg16")
 MODEL_METHODS = ("full", "head", "colora-eager", "colora-torch", "colora-triton", "peft-lora",
                  "colora-eager-kxk", "colora-torch-kxk", "colora-triton-kxk")
 LAYER_METHODS = ("conv", "full", "colora-eager", "colora-torch", "colora-triton", "peft-lora")
-COLORA_BACKENDS = {"colora-eager": "reference", "colora-torch": "torch", "colora-triton": "triton"}
+# colora-auto is no timed method: layer mode builds it to report the path `auto` takes per shape.
+COLORA_BACKENDS = {"colora-eager": "reference", "colora-torch": "torch", "colora-triton": "triton",
+                   "colora-auto": "auto"}
 COMPILE_SUFFIX = "+compile"
 KXK_SUFFIX = "-kxk"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}

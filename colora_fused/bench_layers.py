@@ -157,6 +157,21 @@ def layer_runners(layer: nn.Module, shape: ConvShape, cfg: Config) -> Dict[str, 
     return {"forward": forward, "step": step}
 
 
+def auto_path(shape: ConvShape, mode: str, cfg: Config) -> str:
+    """The path a CoLoRA layer with backend="auto" takes for this shape in this mode (`chosen_backend`): on
+    CUDA whichever of triton and torch measures faster (measured here if not yet), elsewhere torch; "error: ..."
+    when the layer cannot be built or run."""
+    try:
+        layer = build_layer(shape, "colora-auto", cfg)
+        x = torch.randn(cfg.batch, shape.in_channels, *shape.input_size, device=cfg.device)
+        if cfg.channels_last and len(shape.kernel_size) == 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.set_grad_enabled(mode == "step"), cfg.autocast():
+            return layer.chosen_backend(x)
+    except Exception as err:  # reported in its cell; the timings go on
+        return failure_status(err)
+
+
 def repeated(fn: Callable[[], None], cfg: Config) -> Tuple[Callable[[], None], int]:
     """`fn` called back to back often enough that one timed sample lasts about cfg.sample_ms, and that count."""
     fn()
@@ -191,6 +206,7 @@ def bench_layers(model_name: str, cfg: Config, progress: Progress) -> List[dict]
                 status[method] = failure_status(err)
                 progress.message(f"colora-bench: {shape.label} {method}: {status[method]}")
         for mode in ("forward", "step"):
+            auto = auto_path(shape, mode, cfg)
             mode_status = dict(status)
             label = lambda m: f"{model_name} {shape.label} {m} {mode}"  # noqa: E731
             calls, reps = {}, {}
@@ -204,7 +220,7 @@ def bench_layers(model_name: str, cfg: Config, progress: Progress) -> List[dict]
             medians = {m: tuple(v / reps[m] for v in quantiles(t)) for m, t in times.items()}
             for method in cfg.methods:
                 row = dict(model=model_name, layer=shape.label, count=count, method=method, mode=mode,
-                           status=mode_status[method], batch=cfg.batch, in_channels=shape.in_channels,
+                           auto_path=auto, status=mode_status[method], batch=cfg.batch, in_channels=shape.in_channels,
                            out_channels=shape.out_channels, kernel="×".join(map(str, shape.kernel_size)),
                            stride=shape.stride[0], groups=shape.groups,
                            input_size="×".join(map(str, shape.input_size)))

@@ -11,7 +11,7 @@ from .bench_common import Config, device_name, environment, memory_metric, peak_
 
 MODEL_COLUMNS = ("model", "method", "status", "step_ms", "step_ms_p20", "step_ms_p80", "steps", "images_per_s",
                  "speedup_vs_full", "peak_mem_mib", "mem_vs_full", "trainable_params", "total_params", "note")
-LAYER_COLUMNS = ("model", "layer", "count", "method", "mode", "status", "ms", "ms_p20", "ms_p80", "gflop", "tflops",
+LAYER_COLUMNS = ("model", "layer", "count", "method", "mode", "auto_path", "status", "ms", "ms_p20", "ms_p80", "gflop", "tflops",
                  "peak_fraction", "ratio_vs_conv", "speedup_vs_full", "batch", "in_channels", "out_channels",
                  "kernel", "stride", "groups", "input_size")
 
@@ -86,16 +86,17 @@ def layer_markdown(rows: List[dict], cfg: Config) -> str:
         + " · ratio. forward: no autograd, ratio = time / the plain conv's (the floor). step: forward + backward "
         "with the input gradient, ratio = speedup vs full (full's time / this time). FLOP/s count the work the "
         "task needs (DESIGN §5): F forward; per step 2F frozen conv, 3F full, 2F + min(F, 2F/prod(k)) adapters. "
-        "`all convs` sums each shape's time × its count.", ""]
+        "`all convs` sums each shape's time × its count. auto: the path a CoLoRA layer with backend=\"auto\" "
+        "takes for the shape (torch: K0 + ΔK merged, one library conv; triton: the fused kernels).", ""]
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get("mode")))
     for model_name in dict.fromkeys(r["model"] for r in rows):
         for mode, ratio_key in (("forward", "ratio_vs_conv"), ("step", "speedup_vs_full")):
             cells: Dict[Tuple[str, str], str] = {}
-            layers: Dict[str, object] = {}
+            layers: Dict[str, Tuple[object, str]] = {}
             for r in rows:
                 if r["model"] != model_name or r.get("mode") != mode:
                     continue
-                layers.setdefault(r["layer"], r.get("count"))
+                layers.setdefault(r["layer"], (r.get("count"), r.get("auto_path") or ""))
                 if "ms" not in r:
                     cells[(r["layer"], r["method"])] = r["status"]
                     continue
@@ -105,9 +106,9 @@ def layer_markdown(rows: List[dict], cfg: Config) -> str:
                 if r.get(ratio_key) is not None:
                     text += f" · {r[ratio_key]:.2f}×"
                 cells[(r["layer"], r["method"])] = text
-            body = [(layer, _fmt(count, "d")) + tuple(cells.get((layer, m), "") for m in methods)
-                    for layer, count in layers.items()]
-            lines += [f"## {model_name}: {mode}", ""] + _table(("layer", "count") + tuple(methods), body) + [""]
+            body = [(layer, _fmt(count, "d"), auto) + tuple(cells.get((layer, m), "") for m in methods)
+                    for layer, (count, auto) in layers.items()]
+            lines += [f"## {model_name}: {mode}", ""] + _table(("layer", "count", "auto") + tuple(methods), body) + [""]
     skipped = {r["method"]: r["status"] for r in rows if not r.get("mode")}
     lines += [f"- {method}: {status}" for method, status in skipped.items()]
     return "\n".join(lines)

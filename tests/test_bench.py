@@ -107,6 +107,8 @@ def test_layer_mode_writes_results(tmp_path, capsys):
         for key in ("ms", "gflop", "tflops", "ratio_vs_conv", "speedup_vs_full"):
             positive(r[key])
         assert r["peak_fraction"] == ""  # no peak for a CPU
+        paths = ("triton", "torch") if torch.cuda.is_available() else ("torch",)  # off CUDA auto takes torch
+        assert r["auto_path"] in paths if r["layer"] != "all convs" else r["auto_path"] == "", r
     stem = {(r["method"], r["mode"]): r for r in rows if r["layer"] == "3→64 7×7 s2 @16×16"}
     forward_gflop = 2 * 2 * 8 * 8 * 64 * 3 * 49 / 1e9
     assert float(stem["full", "forward"]["gflop"]) == pytest.approx(forward_gflop)
@@ -117,6 +119,8 @@ def test_layer_mode_writes_results(tmp_path, capsys):
     markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "## resnet18: forward" in markdown and "## resnet18: step" in markdown
     assert len(table_rows(markdown, "all convs")) == 2
+    assert "| layer | count | auto | conv | full | colora-torch |" in markdown
+    assert all(cells[2] in paths for cells in table_rows(markdown, "3→64 7×7 s2 @16×16"))
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "env.json").read_text(encoding="utf-8"))["mode"] == "layers"
 
