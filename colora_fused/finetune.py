@@ -305,6 +305,10 @@ def read_checkpoint(path):
     missing = [k for k in CHECKPOINT_KEYS if k not in ck]
     if missing:
         raise UsageError(f"cannot resume from {path}: it lacks {', '.join(missing)}; {_KEPT}")
+    malformed = [k for k, kind in (("config", dict), ("model", dict), ("optimizer", dict), ("history", list)) if not isinstance(ck[k], kind)]
+    malformed += ["model"] * (not malformed and not all(isinstance(v, torch.Tensor) for v in ck["model"].values()))
+    if malformed:
+        raise UsageError(f"cannot resume from {path}: malformed {', '.join(malformed)}; {_KEPT}")
     return ck
 
 
@@ -318,6 +322,15 @@ def check_checkpoint(ck, path, config, model, strategy):
     mismatch = key_mismatch(expected, ck["model"])
     if mismatch:
         raise UsageError(f"cannot resume from {path}: its weights do not fit this model ({mismatch}); {_KEPT}")
+    # the optimizer state: one group over the trained parameters, each state tensor shaped like its parameter
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    groups = [g.get("params") for g in ck["optimizer"].get("param_groups", [])]
+    state = ck["optimizer"].get("state", {})
+    fits = groups == [list(range(len(shapes)))] and all(
+        isinstance(i, int) and 0 <= i < len(shapes) and isinstance(st, dict) and all(t.dim() == 0 or t.shape == shapes[i] for t in st.values() if isinstance(t, torch.Tensor))
+        for i, st in state.items())
+    if not fits:
+        raise UsageError(f"cannot resume from {path}: its optimizer state does not fit this model's {len(shapes)} trained tensors; {_KEPT}")
 
 
 @dataclass

@@ -406,7 +406,16 @@ def test_unusable_checkpoint_is_refused_naming_file_and_reason_and_nothing_chang
     # a checkpoint of a different model: the settings say so
     refused([a if a != "smallcnn" else "resnet18" for a in argv], str(colora_ck), "model: 'smallcnn' vs 'resnet18'")
     refused(argv[:-1] + ["--head-hidden", "32", "--no-progress"], "head_hidden: 128 vs 32")
+    ck = torch.load(colora_ck, weights_only=True)
+    adam = ck["optimizer"]["state"][0]
+    adam["exp_avg"] = adam["exp_avg"][:1]
+    torch.save(ck, colora_ck)
+    refused(argv, str(colora_ck), "optimizer state does not fit this model's")
+    colora_ck.write_bytes(good)
+    torch.save({**torch.load(colora_ck, weights_only=True), "model": [1, 2]}, colora_ck)
+    refused(argv, str(colora_ck), "malformed model")
     # same settings, weights of another shape (another architecture under the same name)
+    colora_ck.write_bytes(good)
     ck = torch.load(colora_ck, weights_only=True)
     ck["model"]["head.fc2.weight"] = torch.zeros(4, 64)
     del ck["model"]["head.fc2.bias"]
