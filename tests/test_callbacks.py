@@ -142,8 +142,8 @@ def test_hf_trainer_callback(tmp_path, every, unit, expected):
                            optimizer)
 
     colora = cf.CoLoRATrainerCallback(every=every, unit=unit)
-    # The default optimizer (adamw_torch_fused in recent transformers) writes parameters without bumping their versions: the merged
-    # weight cache must still see every step, or the output checks around a merge fail.
+    # The default optimizer (adamw_torch_fused in recent transformers) writes parameters without bumping their
+    # versions: the merged-weight cache must still see every step, or the output checks around a merge fail.
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=BATCH, learning_rate=1e-2,
         lr_scheduler_type="constant", save_strategy="no", logging_strategy="no", report_to=[],
