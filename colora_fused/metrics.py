@@ -186,8 +186,13 @@ def _finite_or_none(v):
 
 
 def _save_png(fig, path):
-    """Write ``fig`` as a PNG, atomically (a crash never leaves half an image)."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    """Write ``fig`` as a PNG, atomically (a crash never leaves half an image), and close it, also on failure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion_matrix(cm, class_names, path, title="Confusion matrix"):
@@ -212,7 +217,6 @@ def plot_confusion_matrix(cm, class_names, path, title="Confusion matrix"):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
     fig.tight_layout()
     _save_png(fig, path)
-    plt.close(fig)
 
 
 def plot_roc_curves(probs, y_true, class_names, path, title="ROC (one vs rest)"):
@@ -235,4 +239,3 @@ def plot_roc_curves(probs, y_true, class_names, path, title="ROC (one vs rest)")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     _save_png(fig, path)
-    plt.close(fig)
