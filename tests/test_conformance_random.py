@@ -47,7 +47,7 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
 # Examples per property in CI (derandomized); the whole file stays well under a minute on 2 CPU cores.
-CI_EXAMPLES = {"functional": 150, "layer": 60, "triton": 12}
+CI_EXAMPLES = {"functional": 120, "layer": 50, "triton": 10}
 # Share of --conformance-examples each property runs (the triton interpreter is ~100x slower per example).
 RANDOM_SHARE = {"functional": 1.0, "layer": 0.5, "triton": 0.05}
 
@@ -55,12 +55,16 @@ RANDOM_SHARE = {"functional": 1.0, "layer": 0.5, "triton": 0.05}
 @dataclasses.dataclass(frozen=True)
 class ConvDraw:
     """One drawn case: the conv (`case`; its input layout is `layout`, not `case.channels_last`) and how it is
-    called. `train_bias` as in the layers: Δb exists iff `case.bias` when None, else iff True."""
+    called. `train_bias` as in the layers: Δb exists iff `case.bias` when None, else iff True.
+    `weight_channels_last`: K0 channels-last (a layer: `module.to(memory_format=channels_last[_3d])`, as a
+    channels-last model does); `adapters_transposed`: Kp and Kd with transposed strides (functional only)."""
     case: Case
     order: str = "pointwise_first"
     train_bias: Optional[bool] = None
     unbatched: bool = False
     layout: str = "contiguous"
+    weight_channels_last: bool = False
+    adapters_transposed: bool = False
     x_grad: bool = True
     base_grad: bool = False
     grad_route: str = "auto"
@@ -95,9 +99,9 @@ def _pad_amounts(padding, kernel, dilation) -> Tuple[Tuple[int, int], ...]:
 
 @st.composite
 def conv_draws(draw, dims=(1, 2, 3), max_groups=3, max_per_group=3, max_kernel=4, max_dilation=2, max_pad=2,
-               max_extra_size=3, max_batch=3) -> ConvDraw:
+               max_extra_size=3, max_batch=3, weight_channels_last_dims=(2, 3)) -> ConvDraw:
     """A random `ConvDraw` that torch's own convolution accepts; simplest values first, so shrinking ends at
-    a small, readable case."""
+    a small, readable case. A channels-last K0 is drawn only for convs of `weight_channels_last_dims`."""
     dim = draw(st.sampled_from(dims))
     groups = draw(st.integers(1, max_groups))
     c_in = groups * draw(st.integers(1, max_per_group))
@@ -130,7 +134,8 @@ def conv_draws(draw, dims=(1, 2, 3), max_groups=3, max_per_group=3, max_kernel=4
     case = Case("drawn", dim, c_in, c_out, tuple(size), kernel, stride=stride, padding=padding, dilation=dilation,
                 groups=groups, bias=draw(st.booleans()), padding_mode=padding_mode, batch=batch)
     return ConvDraw(case, order=draw(st.sampled_from(ORDERS)), train_bias=draw(st.sampled_from([None, True, False])),
-                    unbatched=unbatched, layout=layout, x_grad=draw(st.booleans()), base_grad=draw(st.booleans()),
+                    unbatched=unbatched, layout=layout, weight_channels_last=dim in weight_channels_last_dims and draw(st.booleans()),
+                    adapters_transposed=draw(st.booleans()), x_grad=draw(st.booleans()), base_grad=draw(st.booleans()),
                     grad_route=draw(st.sampled_from(GRAD_ROUTES)), from_conv=draw(st.booleans()),
                     seed=draw(st.integers(0, 2 ** 16)))
 
@@ -160,6 +165,11 @@ def drawn_tensors(d: ConvDraw, dtype: torch.dtype, device="cpu") -> Dict[str, Op
                                                                                                     device=device)
     x = t["x"][0] if d.unbatched else t["x"]
     t["x"] = relayout(x, d.layout, channel_dim=0 if d.unbatched else 1)
+    if d.weight_channels_last:
+        t["weight"] = relayout(t["weight"], "channels_innermost", channel_dim=1)
+    if d.adapters_transposed:
+        t["pointwise"] = t["pointwise"].t().contiguous().t()
+        t["depthwise"] = relayout(t["depthwise"], "channels_innermost", channel_dim=0)
     grads = {"x": d.x_grad, "weight": d.base_grad, "bias": d.base_grad}
     return {k: (None if v is None else v.requires_grad_(grads.get(k, True))) for k, v in t.items()}
 
@@ -239,6 +249,8 @@ def check_layer(d: ConvDraw, dtype: torch.dtype = torch.float64) -> None:
         for key in ("weight", "bias") + ADAPTER_KEYS:
             if t[key] is not None:
                 getattr(layer, key).copy_(t[key])
+    if d.weight_channels_last:
+        layer.to(memory_format=torch.channels_last if c.dim == 2 else torch.channels_last_3d)
     layer_tensors = {"x": t["x"], **{key: getattr(layer, key) for key in ("weight", "bias") + ADAPTER_KEYS}}
     with grad_route(d.grad_route):
         out = layer(t["x"])
@@ -276,11 +288,21 @@ def test_functional_torch_backend_matches_reference(conformance_budget):
 
 
 def test_layers_match_reference(conformance_budget):
-    @given(d=conv_draws())
+    # 3d layers are left out of module.to(memory_format=channels_last_3d): test_layer3d_channels_last_3d.
+    @given(d=conv_draws(weight_channels_last_dims=(2,)))
     def prop(d):
         check_layer(d)
 
     run_property(conformance_budget, "layer", prop)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "bug in modules.py: Module.to(memory_format=torch.channels_last_3d) converts CoLoRAConv3d's 4-D depthwise "
+    "Kd [C, kd, kh, kw] like the 5-D weight and raises 'required rank 5 tensor to use channels_last_3d format', "
+    "where a model of plain nn.Conv3d converts"))
+def test_layer3d_channels_last_3d():
+    check_layer(ConvDraw(Case("3d-channels-last", 3, 2, 4, (4, 5, 4), (3, 3, 3), padding=1),
+                         layout="channels_innermost", weight_channels_last=True))
 
 
 def test_triton_backend_matches_reference(conformance_budget):
