@@ -394,7 +394,8 @@ class Log:
     """
 
     def __init__(self, enabled):
-        self.enabled, self.file, self.start = enabled, None, time.perf_counter()
+        self.enabled, self.file = enabled, None
+        self.start = self.last = time.perf_counter()
 
     def open(self, path):
         if self.enabled:
@@ -409,9 +410,14 @@ class Log:
     def elapsed(self):
         return time.perf_counter() - self.start
 
+    def quiet_for(self):
+        """Seconds since the last line."""
+        return time.perf_counter() - self.last
+
     def __call__(self, msg, console=True):
         if not self.enabled:
             return
+        self.last = time.perf_counter()
         if console:
             print(msg, flush=True)
         if self.file is not None:
@@ -522,7 +528,6 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"{self.strategy} epoch {self.epoch + 1}/{a.epochs}", leave=False, disable=None if self.ctx.main and a.progress else True, dynamic_ncols=True)  # None: off when not a terminal
         lines = bar.disable  # no bar to watch: progress lines every --log-every seconds instead
         steps, skipped, start = len(self.train_loader), 0, time.perf_counter()
-        last_line = start
         for i, (images, labels) in enumerate(bar, 1):
             x = prepare_batch(images, self.spec, self.image_size, self.ctx.device, self.channels_last)
             y = labels.to(self.ctx.device, non_blocking=True)
@@ -545,10 +550,8 @@ class Trainer:
                 skipped += 1
                 log(f"{self.tag} non-finite {bad} at {where}: step skipped (--skip-nonfinite)")
             self.step += 1
-            now = time.perf_counter()
-            if lines and a.log_every >= 0 and now - last_line >= a.log_every:
-                last_line = now
-                per_step = (now - start) / i
+            if lines and self._line_due(log):
+                per_step = (time.perf_counter() - start) / i
                 left = per_step * ((steps - i) + (a.epochs - self.epoch - 1) * steps)
                 log(f"{self.tag} epoch {self.epoch + 1}/{a.epochs} step {i}/{steps}  loss {loss.item():.4f} | "
                     f"{duration(log.elapsed())} elapsed, ~{duration(left)} of training left")
@@ -578,14 +581,21 @@ class Trainer:
             raise NonFiniteError(f"{self.tag} parameters {', '.join(bad[:3])} became non-finite in epoch {self.epoch + 1} "
                                  f"(by step {self.step}); {self._kept()}")
 
+    def _line_due(self, log):
+        """Whether a progress line is due (rank 0): ``--log-every`` seconds since the last line of any kind."""
+        return self.ctx.main and self.args.log_every >= 0 and log.quiet_for() >= self.args.log_every
+
     @torch.no_grad()
-    def predict(self, dataset):
+    def predict(self, dataset, log, name):
         """Logits and labels of the whole ``dataset`` (each rank scores a shard; every rank gets all)."""
         self.model.eval()
         shard = list(range(self.ctx.rank, len(dataset), self.ctx.world))
         loader = make_loader(dataset, shard, self.args.batch_size * 2, self.args.workers)
         out, ys = [], []
-        for images, labels in loader:
+        for i, (images, labels) in enumerate(loader, 1):
+            if self._line_due(log):  # no bar here: a large split on a CPU can take minutes
+                log(f"{self.tag} epoch {self.epoch}/{self.args.epochs} evaluating {name}: batch {i}/{len(loader)} | "
+                    f"{duration(log.elapsed())} elapsed")
             x = prepare_batch(images, self.spec, self.image_size, self.ctx.device, self.channels_last)
             with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
                 out.append(self.model(x).float().cpu())
@@ -600,8 +610,8 @@ class Trainer:
             labels = torch.cat([p[2] for p in parts])[order]
         return logits, labels
 
-    def evaluate(self, dataset):
-        logits, labels = self.predict(dataset)
+    def evaluate(self, dataset, log, name):
+        logits, labels = self.predict(dataset, log, name)
         loss = F.cross_entropy(logits, labels).item()
         return loss, (logits.argmax(1) == labels).double().mean().item(), logits.softmax(1), labels
 
@@ -652,8 +662,8 @@ class Trainer:
             train_loss, train_acc, skipped = self.train_epoch(log)
             dt = time.perf_counter() - t0
             self.train_time += dt
-            val_loss, val_acc, _, _ = self.evaluate(self.splits.val)
-            test_loss, test_acc, test_probs, test_labels = self.evaluate(self.splits.test)
+            val_loss, val_acc, _, _ = self.evaluate(self.splits.val, log, "val")
+            test_loss, test_acc, test_probs, test_labels = self.evaluate(self.splits.test, log, "test")
             row = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "merges": self.merges, "skipped_steps": skipped,
                    "epoch_time_s": dt}

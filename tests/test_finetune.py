@@ -351,6 +351,9 @@ def test_progress_lines_and_log_file_when_stdout_is_not_a_terminal(straight_run)
     lines = stdout.splitlines()
     step = re.compile(r"^\[colora\] epoch 2/6 step (\d)/8  loss \d+\.\d{4} \| \d+s elapsed, ~\d+s of training left$")
     assert [int(m.group(1)) for m in map(step.match, lines) if m] == list(range(1, 9))  # --log-every 0: every step
+    for split in ("val", "test"):  # evaluation has no bar: lines there too
+        assert [ln.split(" | ")[0] for ln in lines if ln.startswith(f"[head] epoch 3/6 evaluating {split}")] == \
+            [f"[head] epoch 3/6 evaluating {split}: batch {i}/2" for i in (1, 2)]
     for phase in ("data: d.npz", "[colora] training epochs 1-6, 8 steps each", "[colora] writing the final model",
                   "[colora] done: test acc", "[head] training epochs 1-6", "[head] done", "outputs in"):
         assert sum(ln.startswith(phase) for ln in lines) == 1, phase
