@@ -487,7 +487,7 @@ class Trainer:
             try:
                 cf.merge_colora(self.model, self.optimizer)
             except ValueError as e:  # merge_colora checks every layer first: nothing was merged
-                raise NonFiniteError(f"{self.tag} merge at epoch {self.epoch}, step {self.step} refused: {e}; {self._kept()}") from None
+                raise NonFiniteError(f"{self.tag} the merge after step {self.step} was refused: {e}; {self._kept()}") from None
         self.merges += 1
 
     def _merge_due(self, unit):

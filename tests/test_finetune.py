@@ -549,3 +549,23 @@ def test_help_states_each_default_once_and_explains_every_flag(monkeypatch):
     assert "Adam weight decay" in by_flag["--weight-decay"] and "epochs or optimizer steps" in by_flag["--merge-unit"]
     assert "pointwise_first" in by_flag["--order"] and "reference" in by_flag["--backend"] and "seed of" in by_flag["--seed"]
     assert "(default: the digits demo)" in by_flag["--data"] and "default" not in by_flag["--no-progress"]
+
+
+def test_merge_of_a_nonfinite_delta_is_refused_and_stops(tmp_path, monkeypatch):
+    real_merge = cf.merge_colora
+
+    def poisoned(model, optimizer=None):  # an adapter gone to Inf just before the first merge
+        with torch.no_grad():
+            model.features[2].depthwise[0, 0, 0] = float("inf")
+        base = model.features[2].weight.clone()
+        try:
+            return real_merge(model, optimizer)
+        finally:
+            assert torch.equal(model.features[2].weight, base)  # refused: K0 unchanged
+
+    monkeypatch.setattr(cf, "merge_colora", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run("--data", write_npz(tmp_path / "d.npz"), *NPZ_RUN, "--epochs", "2", out=tmp_path / "out")
+    message = str(e.value.code)
+    assert "[colora] the merge after step 5 was refused: merge_colora: layer 'features.2'" in message and "non-finite" in message
+    assert not (tmp_path / "out" / "colora" / "checkpoint.pt").exists()
