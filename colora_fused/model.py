@@ -213,7 +213,9 @@ def disable_colora(model: nn.Module) -> Iterator[nn.Module]:
     """`with disable_colora(model): ...` runs every CoLoRA layer as its plain base conv (K0, b0), by setting
     each layer's `disable_adapters`; the previous values come back on exit, also after an exception.
 
-    Raises ValueError on a model without CoLoRA layers.
+    Unlike PEFT's `disable_adapter`, the modules of `modules_to_save` keep their trained weights (they are not
+    copies here), and so do base weights into which earlier merges have folded adapters. Raises ValueError on a
+    model without CoLoRA layers.
     """
     layers = [layer for _, layer in _require_layers(model, "disable_colora")]
     previous = [getattr(layer, "disable_adapters", False) for layer in layers]
