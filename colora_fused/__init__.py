@@ -19,11 +19,12 @@ __version__ = "0.1.0"
 
 _LAZY_CALLBACKS = ("CoLoRALightningCallback", "CoLoRATrainerCallback")
 
+# The lazy callback names stay out of __all__: `from colora_fused import *` must work without their frameworks.
 __all__ = [
-    "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "CoLoRALightningCallback",
-    "CoLoRATrainerCallback", "MergeSchedule", "apply_colora", "callbacks", "colora_conv", "colora_layers",
-    "colora_state_dict", "count_parameters", "disable_colora", "functional", "get_colora_model",
-    "load_colora_state_dict", "merge_and_unload", "merge_colora", "print_trainable_parameters", "unapply_colora",
+    "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "apply_colora", "callbacks",
+    "colora_conv", "colora_layers", "colora_state_dict", "count_parameters", "disable_colora", "functional",
+    "get_colora_model", "load_colora_state_dict", "merge_and_unload", "merge_colora", "print_trainable_parameters",
+    "unapply_colora",
 ]
 
 

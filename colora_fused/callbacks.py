@@ -131,7 +131,9 @@ def _lightning_callback_class():
     return CoLoRALightningCallback
 
 
-_LAZY = {"CoLoRATrainerCallback": _trainer_callback_class, "CoLoRALightningCallback": _lightning_callback_class}
+# name → (builder, the package it needs)
+_LAZY = {"CoLoRATrainerCallback": (_trainer_callback_class, "transformers"),
+         "CoLoRALightningCallback": (_lightning_callback_class, "lightning")}
 _BUILT: Dict[str, type] = {}
 
 
@@ -140,7 +142,11 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name not in _BUILT:
-        cls = _LAZY[name]()
+        build, package = _LAZY[name]
+        try:
+            cls = build()
+        except ImportError as err:
+            raise ImportError(f"colora_fused.{name} needs {package} (pip install {package}): {err}") from err
         cls.__qualname__ = name  # so that pickle and Lightning's callback state keys find it by this name
         _BUILT[name] = cls
     return _BUILT[name]

@@ -1,6 +1,8 @@
 """MergeSchedule from a hand-written loop, and the HF Trainer and Lightning callbacks in real two-epoch fits:
 merges happen on the scheduled steps, leave the model's output unchanged and clear the adapters' optimizer
 state (and only theirs)."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,18 @@ def test_merge_schedule_in_a_plain_loop():
     restored = cf.MergeSchedule(model, opt, every=2, unit="step")
     restored.load_state_dict(by_step.state_dict())
     assert (restored.steps, restored.epochs, restored.merges) == (6, 2, by_step.merges)
+
+
+@pytest.mark.parametrize("name, package", [("CoLoRATrainerCallback", "transformers"),
+                                           ("CoLoRALightningCallback", "lightning")])
+def test_callback_without_its_framework_is_a_clear_import_error(monkeypatch, name, package):
+    monkeypatch.setattr(cf.callbacks, "_BUILT", {})
+    for module in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail, as when it is not installed
+    with pytest.raises(ImportError, match=f"colora_fused.{name} needs {package} \\(pip install {package}\\)"):
+        getattr(cf, name)
+    assert cf.MergeSchedule is cf.callbacks.MergeSchedule, "the rest of the package works without it"
 
 
 def test_merge_schedule_refuses_bad_arguments():
