@@ -169,7 +169,12 @@ def test_hf_trainer_callback(tmp_path, every, unit, expected):
     assert [step for _, step in colora.schedule.merges] == expected
 
 
-def test_lightning_callback(tmp_path):
+@pytest.mark.parametrize("every, unit, accumulate, expected", [
+    (1, "epoch", 1, [(1, 3), (2, 6)]),
+    # 3 batches an epoch, 2 accumulated per optimizer step: steps end at batches 2 and 3 (the epoch's rest).
+    (1, "step", 2, [(0, 1), (0, 2), (1, 3), (1, 4)]),
+], ids=["every-epoch", "every-step-accumulating-2"])
+def test_lightning_callback(tmp_path, every, unit, accumulate, expected):
     pl = pytest.importorskip("lightning.pytorch")
 
     net = colora_net()
@@ -192,19 +197,29 @@ def test_lightning_callback(tmp_path):
     observer = Observer(net)
 
     class Before(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            records["batch"] = observer.snapshot(trainer.optimizers[0])
+
         def on_train_epoch_end(self, trainer, pl_module):
-            records[trainer.current_epoch] = observer.snapshot(trainer.optimizers[0])
+            records["epoch"] = observer.snapshot(trainer.optimizers[0])
 
     class After(pl.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            observer.check(records[trainer.current_epoch], observer.snapshot(trainer.optimizers[0]), True,
+        last_step = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            stepped, self.last_step = trainer.global_step != self.last_step, trainer.global_step
+            observer.check(records["batch"], observer.snapshot(trainer.optimizers[0]), unit == "step" and stepped,
                            trainer.optimizers[0])
 
-    colora = cf.CoLoRALightningCallback(every=1, unit="epoch")
+        def on_train_epoch_end(self, trainer, pl_module):
+            observer.check(records["epoch"], observer.snapshot(trainer.optimizers[0]), unit == "epoch",
+                           trainer.optimizers[0])
+
+    colora = cf.CoLoRALightningCallback(every=every, unit=unit)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                         callbacks=[Before(), colora, After()])
+                         accumulate_grad_batches=accumulate, callbacks=[Before(), colora, After()])
     loader = torch.utils.data.DataLoader(TinyImages(), batch_size=BATCH)
     trainer.fit(Module(), loader)
-    assert trainer.global_step == 2 * STEPS_PER_EPOCH
-    assert colora.schedule.merges == [(1, STEPS_PER_EPOCH), (2, 2 * STEPS_PER_EPOCH)]
+    assert colora.schedule.merges == expected
+    assert trainer.global_step == expected[-1][1]
