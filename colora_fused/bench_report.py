@@ -12,8 +12,8 @@ from .bench_common import Config, device_name, environment, memory_metric, peak_
 MODEL_COLUMNS = ("model", "method", "status", "step_ms", "step_ms_p20", "step_ms_p80", "steps", "images_per_s",
                  "speedup_vs_full", "peak_mem_mib", "mem_vs_full", "trainable_params", "total_params", "note")
 LAYER_COLUMNS = ("model", "layer", "count", "method", "mode", "auto_path", "status", "ms", "ms_p20", "ms_p80",
-                 "gflop", "tflops", "peak_fraction", "ratio_vs_conv", "speedup_vs_full", "batch", "in_channels", "out_channels",
-                 "kernel", "stride", "groups", "input_size")
+                 "gflop", "tflops", "peak_fraction", "ratio_vs_conv", "speedup_vs_full", "batch", "in_channels",
+                 "out_channels", "kernel", "stride", "groups", "input_size")
 
 
 def write_csv(path: str, rows: List[dict], columns: Sequence[str]) -> None:
