@@ -261,10 +261,10 @@ def test_help_explains_every_flag_and_gives_each_default_once():
 
 def test_audit_flag_runs_the_audit(monkeypatch, capsys):
     calls = []
-    fake = types.SimpleNamespace(main=lambda argv=None: calls.append(argv) or (3 if "--fail" in argv else 0))
+    fake = types.SimpleNamespace(main=lambda argv=None: calls.append(argv) or (3 if "--fail" in argv else [{}]))
     monkeypatch.setattr(colora_fused, "audit", fake, raising=False)
     monkeypatch.setitem(sys.modules, "colora_fused.audit", fake)
-    bench.main(["--audit", "--", "--arch", "sm_90"])
+    bench.main(["--audit", "--", "--arch", "sm_90"])  # returning its results, not a status: success
     assert calls == [["--arch", "sm_90"]]
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--audit", "--", "--fail"])
