@@ -12,8 +12,10 @@ in float64 and float32, and a few tiny cases go through `backend="triton"` in fl
 TRITON_INTERPRET=1 on CPU, it is slow). The layers run in float64 through a drawn sequence of what training
 does to them between forwards (`LAYER_ACTIONS`: optimizer steps, in-place writes, merges, resets,
 `load_state_dict`, `disable_adapters`, dtype round trips, no-grad and inference-mode forwards), checked after
-each: the layer caches K0 + ΔK, and a stale cache would be a silent wrong answer. Tolerances are the suite's
-`cases.TOLERANCE`. Two known failures are strict xfails here (their reasons say whose file).
+each: the layer caches K0 + ΔK, and a stale cache would be a silent wrong answer. Forward-mode AD
+(`torch.func.jvp`) and a Hessian-vector product (double backward) of the `torch` backend are checked in
+float64 too. Tolerances are the suite's `cases.TOLERANCE`. Two known failures are strict xfails here (their
+reasons say whose file).
 
 Budget. By default (CI) each property runs a fixed number of examples, derandomized and without an example
 database, so every run draws the same cases. A larger random run:
@@ -48,13 +50,15 @@ LAYERS = {1: cf.CoLoRAConv1d, 2: cf.CoLoRAConv2d, 3: cf.CoLoRAConv3d}
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 ADAPTER_KEYS = ("pointwise", "depthwise", "bias_delta")
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# torch's own note that it pads a copy for 'same' with an even kernel: expected, the draws ask for it.
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+# torch's own notes: it pads a copy for 'same' with an even kernel (the draws ask for it), and its forward-AD
+# decompositions, loaded by the first torch.func.jvp, still use torch.jit.script.
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
 
 # Examples per property in CI (derandomized); the whole file stays well under a minute on 2 CPU cores.
-CI_EXAMPLES = {"functional": 120, "layer": 50, "triton": 10}
+CI_EXAMPLES = {"functional": 80, "layer": 30, "higher_order": 30, "triton": 8}
 # Share of --conformance-examples each property runs (the triton interpreter is ~100x slower per example).
-RANDOM_SHARE = {"functional": 1.0, "layer": 0.5, "triton": 0.05}
+RANDOM_SHARE = {"functional": 1.0, "layer": 0.5, "higher_order": 0.25, "triton": 0.05}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +250,42 @@ def check_functional(d: ConvDraw, backend: str, dtype: torch.dtype, device="cpu"
     check_gradients(d, out, t, dtype, tol)
 
 
+def check_higher_order(d: ConvDraw, backend: str = "torch") -> None:
+    """Forward-mode AD (`torch.func.jvp`) and a Hessian-vector product (double backward of <∇L, v> with
+    L = <out, grad_out>) of `colora_conv` on `backend` against the reference's, in float64. The tangent v is
+    one random direction for every input that requires grad (x as drawn, the adapters)."""
+    t = drawn_tensors(dataclasses.replace(d, base_grad=False), torch.float64)
+    keys = [k for k in ("x",) + ADAPTER_KEYS if t[k] is not None and t[k].requires_grad]
+    primals = tuple(t[k].detach() for k in keys)
+    g = torch.Generator().manual_seed(d.seed + 4)
+    tangents = tuple(torch.randn(p.shape, generator=g, dtype=p.dtype) for p in primals)
+
+    def conv(name):
+        def fn(*inputs):
+            a = dict(t, **dict(zip(keys, inputs)))
+            return cf.functional.colora_conv(a["x"], a["weight"], a["bias"], a["pointwise"], a["depthwise"],
+                                             a["bias_delta"], order=d.order, backend=name, **d.case.conv_kwargs())
+        return fn
+
+    def hvp(name):
+        inputs = [p.clone().requires_grad_(True) for p in primals]
+        out = conv(name)(*inputs)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(d.seed + 5), dtype=out.dtype)
+        with grad_route(d.grad_route):
+            grads = torch.autograd.grad(out, inputs, grad_out, create_graph=True)
+            inner = sum((gr * v).sum() for gr, v in zip(grads, tangents))
+            second = (torch.autograd.grad(inner, inputs, allow_unused=True) if inner.requires_grad
+                      else [None] * len(inputs))
+        return [torch.zeros_like(p) if s is None else s for p, s in zip(primals, second)]
+
+    (out, tangent_out), (expected, expected_tangent) = (torch.func.jvp(conv(name), primals, tangents)
+                                                        for name in (backend, "reference"))
+    assert_matches(out, expected, torch.float64, "jvp primal out")
+    assert_matches(tangent_out, expected_tangent, torch.float64, "jvp tangent out")
+    for key, actual, wanted in zip(keys, hvp(backend), hvp("reference")):
+        assert_matches(actual, wanted, torch.float64, f"hvp {key}")
+
+
 def build_layer(d: ConvDraw, dtype: torch.dtype = torch.float64) -> nn.Module:
     """The draw's `CoLoRAConvNd` (built directly or by `from_conv`, backend="torch") holding its tensors."""
     c = d.case
@@ -365,6 +405,14 @@ def test_functional_torch_backend_matches_reference(conformance_budget):
         check_functional(d, "torch", dtype)
 
     run_property(conformance_budget, "functional", prop)
+
+
+def test_higher_order_torch_backend_matches_reference(conformance_budget):
+    @given(d=conv_draws())
+    def prop(d):
+        check_higher_order(d)
+
+    run_property(conformance_budget, "higher_order", prop)
 
 
 def test_layers_match_reference(conformance_budget):
