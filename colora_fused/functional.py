@@ -151,7 +151,7 @@ def _autocast_target(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
 
 def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     """`t` cast as autocast casts a convolution argument (no copy when its dtype stays)."""
-    return t if t is None else t.to(_autocast_target(t, dtype))
+    return t if dtype is None or t is None else t.to(_autocast_target(t, dtype))
 
 
 def _metadata_like(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -302,6 +302,8 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
             if merged is None or weight.requires_grad:
                 weight = _cast(weight, dtype)
             bias, pointwise, depthwise, bias_delta = (_cast(t, dtype) for t in (bias, pointwise, depthwise, bias_delta))
-            out = ops.conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups,
-                           order, backend, merged)
+            # The registered op for torch.compile to trace; its eager twin (same body, less dispatch) otherwise.
+            conv = ops.conv if torch.compiler.is_compiling() else ops.conv_eager
+            out = conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order,
+                       backend, merged)
     return out.squeeze(0) if unbatched else out

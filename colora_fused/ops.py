@@ -66,23 +66,28 @@ def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: 
 _WORKSPACES = threading.local()
 
 
-def _merged_weight_workspace(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int,
-                             order: str) -> Tensor:
-    """K0 + ΔK for the torch backend.
+def _workspace(like: Tensor, purpose: str) -> Optional[Tensor]:
+    """On CPU, a buffer shaped and laid out like `like`, kept per purpose, shape, layout and dtype, per thread;
+    None elsewhere (CUDA's caching allocator makes fresh buffers cheap).
 
-    On CPU it is written into a buffer kept per weight shape, layout and dtype (and per thread): a fresh
-    weight-sized allocation every forward and backward costs page faults that exceed the merge itself. Sharing
-    the buffer between layers is safe because it is fully rewritten before each use and consumed at once.
+    A fresh weight-sized allocation on CPU costs page faults that exceed the arithmetic done in it. Sharing a
+    buffer between layers is safe because each use rewrites it fully and consumes it at once.
     """
-    if weight.device.type != "cpu":
-        return merged_weight(weight, pointwise, depthwise, groups, order)
+    if like.device.type != "cpu":
+        return None
     buffers = getattr(_WORKSPACES, "buffers", None)
     if buffers is None:
         buffers = _WORKSPACES.buffers = {}
-    key = (tuple(weight.shape), weight.stride(), weight.dtype)
+    key = (purpose, tuple(like.shape), like.stride(), like.dtype)
     if key not in buffers:
-        buffers[key] = torch.empty_like(weight)
-    return merged_weight(weight, pointwise, depthwise, groups, order, out=buffers[key])
+        buffers[key] = torch.empty_like(like)
+    return buffers[key]
+
+
+def _merged_weight_workspace(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int,
+                             order: str) -> Tensor:
+    """K0 + ΔK for the torch backend when the caller keeps no merged weight: in a workspace on CPU."""
+    return merged_weight(weight, pointwise, depthwise, groups, order, out=_workspace(weight, "merged"))
 
 
 _OPTIMIZER_STEPS = 0
@@ -183,14 +188,22 @@ def _torch_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, pa
     return CONV_FNS[weight.dim() - 2](x, merged, _summed_bias(bias, bias_delta), stride, padding, dilation, groups)
 
 
-def _reduce_gradw(grad_weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str):
-    """dKp, dKd from the full weight gradient gradW = ∂L/∂(K0 + ΔK) (the route for 1×1 and 1×2 kernels).
+def _reduce_gradw(grad_weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
+                  owned: bool = False):
+    """dKp, dKd from the full weight gradient gradW = ∂L/∂(K0 + ΔK) (the route for 1×1 and 1×2 kernels);
+    `owned`: gradW is a temporary of the caller, which may be overwritten.
 
     Broadcast multiply-and-sum rather than einsum: with one or two taps, einsum's batched GEMMs cost more than
-    the arithmetic.
+    the arithmetic. These are weight-sized passes, which is what a 1×1 layer's step costs beyond the convs.
     """
     c_out, c_in_g = pointwise.shape
     taps = depthwise[0].numel()
+    if taps == 1 and order == "pointwise_first" and owned:
+        # ΔK = Kp·Kd elementwise. dKd first (its product in a workspace), then dKp = gradW·Kd in gradW's own
+        # memory: on CPU every fresh weight-sized buffer costs page faults, about what the arithmetic costs.
+        gw = grad_weight.reshape(c_out, c_in_g)
+        d_kd = torch.mul(gw, pointwise, out=_workspace(gw, "product")).sum(1).view_as(depthwise)
+        return gw.mul_(depthwise.reshape(c_out, 1)), d_kd
     if order == "pointwise_first":
         gw = grad_weight.reshape(c_out, c_in_g, taps)
         kd = depthwise.reshape(c_out, 1, taps)
@@ -252,15 +265,16 @@ def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilatio
 
 
 def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups: int, order: str, route: str,
-                  grad_weight: Optional[Tensor] = None):
+                  grad_weight: Optional[Tensor] = None, grad_weight_owned: bool = False):
     """dKp, dKd of the merged-weight path by `route` (DESIGN §5): "gradw" reduces `grad_weight`, the full weight
-    gradient the caller computed next to dx; "cheap" runs the ≈ 2F/prod(k) route.
+    gradient the caller computed next to dx (and may be overwritten when `grad_weight_owned`); "cheap" runs the
+    ≈ 2F/prod(k) route.
 
     The one place that picks how the adapter gradients of the merged path are computed: a one-pass Triton
     kernel for the cheap route (issue 10, item 3) plugs in here, for the devices and shapes it serves.
     """
     if route == "gradw":
-        return _reduce_gradw(grad_weight, pointwise, depthwise, groups, order)
+        return _reduce_gradw(grad_weight, pointwise, depthwise, groups, order, grad_weight_owned)
     return _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
 
 
@@ -279,7 +293,7 @@ def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dila
     d_kp = d_kd = None
     if need_adapters:
         d_kp, d_kd = adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order, route,
-                                   grad_w)
+                                   grad_w, grad_weight_owned=not need_weight)
     return grad_x, (grad_w if need_weight else None), d_kp, d_kd
 
 
@@ -373,6 +387,23 @@ def _dispatch(table, backend: str, key: tuple, *args):
 # contiguous.
 
 
+def _conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend,
+          merged=None):
+    key = shape_key(x, weight, stride, padding, dilation, groups, order)
+    out = _dispatch(_FORWARD, backend, key, x, weight, bias, pointwise, depthwise, bias_delta, stride, padding,
+                    dilation, groups, order, merged)
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+def _conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend,
+                   need_x, need_weight, need_adapters, merged=None):
+    key = shape_key(x, weight, stride, padding, dilation, groups, order)
+    grads = _dispatch(_BACKWARD, backend, key, grad, x, weight, pointwise, depthwise, stride, padding, dilation,
+                      groups, order, need_x, need_weight, need_adapters, merged)
+    layouts = (_memory_format(x), _memory_format(weight), torch.contiguous_format, torch.contiguous_format)
+    return tuple(grad.new_empty(0) if g is None else g.contiguous(memory_format=f) for g, f in zip(grads, layouts))
+
+
 @torch.library.custom_op("colora_fused::conv", mutates_args=())
 def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
          bias_delta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], groups: int,
@@ -382,10 +413,8 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, d
     `merged`, when given, is K0 + ΔK already built by the caller: the torch backend convolves with it (and so
     does the backward), reading `weight` only for its gradient.
     """
-    key = shape_key(x, weight, stride, padding, dilation, groups, order)
-    out = _dispatch(_FORWARD, backend, key, x, weight, bias, pointwise, depthwise, bias_delta, stride, padding,
-                    dilation, groups, order, merged)
-    return out.contiguous(memory_format=_memory_format(x))
+    return _conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order,
+                 backend, merged)
 
 
 @conv.register_fake
@@ -401,11 +430,8 @@ def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pointwise: Tensor, de
                   backend: str, need_x: bool, need_weight: bool, need_adapters: bool,
                   merged: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dK0, dKp, dKd); a gradient not asked for is an empty tensor (custom ops return no None)."""
-    key = shape_key(x, weight, stride, padding, dilation, groups, order)
-    grads = _dispatch(_BACKWARD, backend, key, grad, x, weight, pointwise, depthwise, stride, padding, dilation,
-                      groups, order, need_x, need_weight, need_adapters, merged)
-    layouts = (_memory_format(x), _memory_format(weight), torch.contiguous_format, torch.contiguous_format)
-    return tuple(grad.new_empty(0) if g is None else g.contiguous(memory_format=f) for g, f in zip(grads, layouts))
+    return _conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend,
+                          need_x, need_weight, need_adapters, merged)
 
 
 @conv_backward.register_fake
@@ -425,7 +451,8 @@ def _setup_context(ctx, inputs, output):
     ctx.conv_args = (stride, padding, dilation, groups, order, backend)
 
 
-def _backward(ctx, grad):
+def _gradients(ctx, grad, conv_backward_fn):
+    """The gradients of every input of `conv`, the adapters' by `conv_backward_fn` (the op or its body)."""
     x, weight, pointwise, depthwise, merged = ctx.saved_tensors
     need_x, need_w, need_b, need_kp, need_kd, need_db = ctx.needs_input_grad[:6]
     needs = (need_x, need_w, need_kp or need_kd)
@@ -435,15 +462,41 @@ def _backward(ctx, grad):
         grad_x, grad_w, d_kp, d_kd = _differentiable_backward(grad, x, weight, pointwise, depthwise, stride, padding,
                                                               dilation, groups, order, *needs)
     else:
-        grad_x, grad_w, d_kp, d_kd = torch.ops.colora_fused.conv_backward(
-            grad, x, weight, pointwise, depthwise, *ctx.conv_args, *needs, merged)
+        grad_x, grad_w, d_kp, d_kd = conv_backward_fn(grad, x, weight, pointwise, depthwise, *ctx.conv_args, *needs,
+                                                      merged)
     d_bias = grad.sum([0, *range(2, grad.dim())]) if (need_b or need_db) else None
     return (grad_x if need_x else None, grad_w if need_w else None, d_bias if need_b else None,
             d_kp if need_kp else None, d_kd if need_kd else None, d_bias if need_db else None,
             None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("colora_fused::conv", _backward, setup_context=_setup_context)
+torch.library.register_autograd("colora_fused::conv",
+                                lambda ctx, grad: _gradients(ctx, grad, torch.ops.colora_fused.conv_backward),
+                                setup_context=_setup_context)
+
+
+class _EagerConv(torch.autograd.Function):
+    """`conv` for eager mode: the same body, saved context and gradients, without the custom-op dispatch and its
+    autograd wrapper (about 60 µs a forward and more a backward, several % of a small CPU training step).
+    torch.compile must see the registered op instead (`functional` picks)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        # Context set here rather than in a setup_context, whose apply() binds arguments by inspect.signature.
+        out = _conv(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gradients(ctx, grad, _conv_backward)
+
+
+def conv_eager(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups: int,
+               order: str, backend: str, merged: Optional[Tensor] = None) -> Tensor:
+    """What `torch.ops.colora_fused.conv` computes, with its gradients, at less overhead; not traceable."""
+    return _EagerConv.apply(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups,
+                            order, backend, merged)
 
 
 def _register_flop_formulas():
