@@ -173,3 +173,19 @@ def test_autocast_bf16_single_layer_dtype(order):
     assert layer.pointwise.grad.dtype == torch.float32 and layer.depthwise.grad.dtype == torch.float32
     assert layer.bias_delta.grad.dtype == torch.float32
     assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_opcheck_with_a_prebuilt_merged_weight(order):
+    """The ops' optional `merged` (a layer's cached K0 + ΔK): schema, fake, autograd and compile consistency."""
+    from colora_fused import ops
+    x, weight, b, kp, kd, db = _sample(order, torch.float32)
+    merged = ops.merged_weight(weight, kp, kd, 1, order)
+    for t in (x, kp, kd, db):
+        t.requires_grad_(True)
+    args = (x, weight, b, kp, kd, db, [1, 1], [1, 1], [1, 1], 1, order, "torch", merged)
+    torch.library.opcheck(torch.ops.colora_fused.conv.default, args)
+    grad = torch.randn(2, 6, 7, 6)
+    torch.library.opcheck(torch.ops.colora_fused.conv_backward.default,
+                          (grad, x.detach(), weight, kp.detach(), kd.detach(), [1, 1], [1, 1], [1, 1], 1, order,
+                           "torch", True, False, True, merged))
