@@ -143,8 +143,10 @@ class MergedWeightCache:
             with torch.no_grad():
                 factors = [t.to(dtype) for t in (weight, pointwise, depthwise)]
                 buffer = entry[1] if entry is not None and _rewritable(entry[1], factors[0]) else None
-                buffer = merged_weight(*factors, groups, order, out=buffer if buffer is not None
-                                       else torch.empty_like(factors[0]))
+                if buffer is None:
+                    buffer = torch.empty_like(factors[0])
+                # The buffer itself, not merged_weight's reshaped view of it: _rewritable reads its use count.
+                merged_weight(*factors, groups, order, out=buffer)
             self._entries[slot] = ((stamp, groups, order), buffer)
             return buffer
 
@@ -156,14 +158,14 @@ def _same_stamp(old, stamp, groups: int, order: str) -> bool:
 
 
 def _rewritable(buffer: Tensor, like: Tensor) -> bool:
-    """Whether the old buffer can be rebuilt in place: same layout, and no one else holds its storage.
+    """Whether the old buffer can be rebuilt in place: same layout, and nothing but this cache holds it.
 
-    A pending autograd graph saves the buffer; writing into it would make that graph's backward fail (or, were
-    the version not bumped, compute with the new weight), so a buffer still referenced is replaced, not reused.
-    The storage's use count here is 2 when only this cache holds it (the buffer and the temporary storage object).
+    A pending autograd graph saves the buffer; writing into it would make that graph's backward fail, so a buffer
+    still referenced (by a saved tensor, a view, an op in flight) is replaced rather than reused. The tensor's
+    C++ use count is 1 when only its Python object (kept here) holds it.
     """
     return (buffer.shape == like.shape and buffer.stride() == like.stride() and buffer.device == like.device
-            and torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2)
+            and buffer._use_count() == 1)
 
 
 def _summed_bias(bias: Optional[Tensor], bias_delta: Optional[Tensor]) -> Optional[Tensor]:

@@ -227,3 +227,32 @@ def test_disable_adapters_runs_the_base_conv():
     assert layer.chosen_backend(x) == "base"
     layer.disable_adapters = False
     _assert_current(layer, x, "re-enabling the adapters")
+
+
+def test_a_training_loop_rebuilds_in_place():
+    """After a step the merged weight is rewritten in the same buffer (a fresh weight-sized buffer per step
+    costs page faults on CPU), since the previous graph has released it."""
+    layer, x = _layer(), _x()
+    opt = torch.optim.SGD(layer.adapter_parameters(), lr=0.1)
+    pointers = set()
+    for _ in range(3):
+        _train_step(layer, x, opt)
+        pointers.add(layer._merge_cache._entries[(torch.float32, False)][1].data_ptr())
+    assert len(pointers) == 1
+    _assert_current(layer, x, "in-place rebuilds")
+
+
+def test_unfrozen_base_weight_with_the_cache():
+    layer, x = _layer(), _x()
+    layer.weight.requires_grad_(True)
+    opt = torch.optim.SGD([layer.weight, *layer.adapter_parameters()], lr=0.05)
+    for step in range(2):
+        _train_step(layer, x, opt)
+        _assert_current(layer, x, f"a step on K0 and the adapters ({step})")
+    ref = {n: p.detach().double().requires_grad_(True) for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    colora_conv_reference(x.double(), ref["weight"], ref["bias"], ref["pointwise"], ref["depthwise"],
+                          ref["bias_delta"], 1, 1, 1, 1).square().sum().backward()
+    for n in ("weight", "pointwise", "depthwise", "bias_delta"):
+        torch.testing.assert_close(getattr(layer, n).grad.double(), ref[n].grad, atol=1e-4, rtol=1e-4)
