@@ -120,7 +120,7 @@ class _CoLoRAConvNd:
             if self.bias_delta is not None:
                 self.bias.add_(self.bias_delta)
         # Versions already tell the cache that K0 changed; dropping the buffer also frees it until the next forward.
-        self._merge_cache.clear()
+        self.clear_merged_cache()
         return self.reset_adapter_()
 
     @torch.no_grad()
@@ -147,6 +147,11 @@ class _CoLoRAConvNd:
         return colora_conv(input, self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta,
                            self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.order,
                            self.backend, merge_cache=self._merge_cache if self.cache_merged_weight else None)
+
+    def clear_merged_cache(self) -> None:
+        """Drop the cached K0 + ΔK (it is rebuilt at the next forward): needed only after writes through
+        `param.data`, which bypass the version counters the cache watches."""
+        self._merge_cache.clear()
 
     def chosen_backend(self, input: Tensor) -> str:
         """The path forward(input) takes now: "torch" (merged K0 + ΔK, one library conv), "triton" (fused

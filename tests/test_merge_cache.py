@@ -256,3 +256,12 @@ def test_unfrozen_base_weight_with_the_cache():
                           ref["bias_delta"], 1, 1, 1, 1).square().sum().backward()
     for n in ("weight", "pointwise", "depthwise", "bias_delta"):
         torch.testing.assert_close(getattr(layer, n).grad.double(), ref[n].grad, atol=1e-4, rtol=1e-4)
+
+
+def test_writes_through_data_need_clear_merged_cache():
+    """`.data` writes bypass version counters (documented); clear_merged_cache() makes the layer current again."""
+    layer, x = _layer(), _x()
+    _assert_current(layer, x, "construction")
+    layer.depthwise.data.mul_(2.0)
+    layer.clear_merged_cache()
+    _assert_current(layer, x, "a .data write and clear_merged_cache()")
