@@ -23,6 +23,10 @@ INTERPRET = triton.knobs.runtime.interpret
 FIXED_CONFIG = INTERPRET or os.environ.get("COLORA_TRITON_AUTOTUNE") == "0"
 DTYPES = TRITON_DTYPES
 _WAY_OUT = 'use backend="torch" for this case'
+# Hopper's wgmma multiplies 64-row tiles per warpgroup: a tl.dot whose M tile is narrower (or that runs on fewer
+# than 4 warps) falls back to mma.sync on sm_90. Channel tiles on a dot's M side are therefore kept at 64 or more
+# on a GPU once a group has 16 channels.
+WGMMA_ROWS = 64
 
 
 class TritonBackendError(ValueError):
@@ -100,6 +104,26 @@ def device_limits(device: torch.device) -> DeviceLimits:
         props = torch.cuda.get_device_properties(device)
         return DeviceLimits(props.multi_processor_count, props.shared_memory_per_block_optin)
     return _INTERPRETER_LIMITS
+
+
+def fit_configs(configs, fit: Callable[[dict], dict]):
+    """`configs` with their meta-parameters passed through `fit` (e.g. tiles shrunk to a small conv), duplicates
+    dropped, order kept."""
+    fitted = {}
+    for cfg in configs:
+        kw = fit(dict(cfg.kwargs))
+        key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
+        fitted.setdefault(key, triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return list(fitted.values())
+
+
+def prune_by_registers(configs, tile_elements: Callable[[triton.Config], int], per_thread: int):
+    """The configs whose tiles, `tile_elements(config)` elements spread over the CTA's threads, stay within
+    `per_thread` elements a thread; the smallest when none does. The budgets are the largest the static audit
+    (`colora_fused.audit`) finds spill-free for sm_90."""
+    load = {id(c): tile_elements(c) / (32 * c.num_warps) for c in configs}
+    kept = [c for c in configs if load[id(c)] <= per_thread]
+    return kept or [min(configs, key=lambda c: load[id(c)])]
 
 
 def prune_by_shared_memory(configs, stage_bytes: Callable[[triton.Config], int], device: torch.device):

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._conv import ROUTES, conv_output_shape
 from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, device_limits, fail,
-                      launch, lift, new_tensor, strides)
+                      launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides, WGMMA_ROWS)
 
 
 @triton.jit
@@ -41,8 +41,37 @@ def _channel_gemm_configs():
             for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4)]]
 
 
+def _prune_pointwise_grad(configs, named_args, **kwargs):
+    """Configs whose pipeline fits the device's shared memory: per stage the plain operand's [BK, BN] or [BM, BK]
+    tile and, for the stencil operand, one tile per tap."""
+    taps = kwargs["KD"] * kwargs["KH"] * kwargs["KW"]
+    bm, bn, x = kwargs["BLOCK_M"], kwargs["BLOCK_N"], named_args["x_ptr"]
+
+    def stage_bytes(cfg):
+        bk = cfg.kwargs["BLOCK_K"]
+        plain, stencil = (bm * bk, bk * bn) if kwargs["DEPTHWISE_FIRST"] else (bk * bn, bm * bk)
+        return (plain + taps * stencil) * x.element_size()
+
+    return prune_by_shared_memory(configs, stage_bytes, x.device)
+
+
+def _prune_gradw(configs, named_args, **kwargs):
+    """Configs whose two fp32 [BM, BN] accumulators stay in registers and whose pipeline fits shared memory.
+
+    A thread may hold 128 accumulator elements with one tap, 64 with several (the per-tap fold into dKd needs
+    registers beside them): the largest that compile spill-free for sm_90 (see `colora_fused.audit`).
+    """
+    bm, bn, x = kwargs["BLOCK_M"], kwargs["BLOCK_N"], named_args["x_ptr"]
+    one_tap = kwargs["KD"] * kwargs["KH"] * kwargs["KW"] == 1
+    configs = prune_by_registers(configs, lambda c: 2 * bm * bn, 128 if one_tap else 64)
+    if not one_tap:
+        # Several taps at 4 warps: a 64-deep pipeline of 3 stages spills even on 16×16 tiles.
+        configs = [c for c in configs if c.num_warps > 4 or c.kwargs["BLOCK_K"] * c.num_stages <= 128] or configs
+    return prune_by_shared_memory(configs, lambda c: (bm + bn) * c.kwargs["BLOCK_K"] * x.element_size(), x.device)
+
+
 @triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
-                 reset_to_zero=["dkp_ptr", "db_ptr"])
+                 reset_to_zero=["dkp_ptr", "db_ptr"], prune_configs_by={"early_config_prune": _prune_pointwise_grad})
 @triton.jit
 def _pointwise_grad_kernel(
         x_ptr, dy_ptr, kd_ptr, dkp_ptr, db_ptr,
@@ -144,11 +173,22 @@ def _depthwise_grad_configs():
     if FIXED_CONFIG:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_K": 16})]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3)]]
+            for bm, bk, w, s in [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)]]
 
 
-@triton.autotune(configs=_depthwise_grad_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
-                 reset_to_zero=["dkd_ptr"])
+def _prune_depthwise_grad(configs, named_args, **kwargs):
+    """Configs whose pipeline (the 1×1 GEMM's [BM, BK] and [BK, BN] tiles per stage) fits shared memory; with
+    NCHW operands (gathered across channels) only those whose two tiles stay within 24 elements a thread."""
+    bn, x = kwargs["BLOCK_N"], named_args["x_ptr"]
+    if named_args["s_x_c"] != 1:
+        configs = prune_by_registers(configs, lambda c: (c.kwargs["BLOCK_M"] + bn) * c.kwargs["BLOCK_K"], 24)
+    return prune_by_shared_memory(
+        configs, lambda c: (c.kwargs["BLOCK_M"] + bn) * c.kwargs["BLOCK_K"] * x.element_size(), x.device)
+
+
+@triton.autotune(configs=_depthwise_grad_configs(),
+                 key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
+                 reset_to_zero=["dkd_ptr"], prune_configs_by={"early_config_prune": _prune_depthwise_grad})
 @triton.jit
 def _depthwise_grad_kernel(
         x_ptr, dy_ptr, kp_ptr, dkd_ptr,
@@ -280,7 +320,7 @@ def _channel_sum_kernel(
 
 
 @triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
-                 reset_to_zero=["dkp_ptr", "dkd_ptr", "db_ptr"])
+                 reset_to_zero=["dkp_ptr", "dkd_ptr", "db_ptr"], prune_configs_by={"early_config_prune": _prune_gradw})
 @triton.jit
 def _gradw_adapter_kernel(
         x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr, db_ptr,
@@ -316,7 +356,6 @@ def _gradw_adapter_kernel(
     m_n = o_n < C_IN_G
     o_cin = i_g * C_IN_G + o_n
     m_mn = m_m[:, None] & m_n[None, :]
-    b_kp = tl.load(kp_ptr + o_cout[:, None] * s_kp_o + o_n[None, :] * s_kp_c, mask=m_mn, other=0.).to(tl.float32)
 
     chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_K) * BLOCK_K
     start = i_s * chunk
@@ -346,6 +385,9 @@ def _gradw_adapter_kernel(
             b_x = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
                           mask=m_tap[:, None] & m_n[None, :], other=0.)  # [BK, BN]
             acc = tl.dot(b_dy, b_x, acc)
+        # Kp is reloaded per tap (a [BM, BN] tile from L2, once per T·P/SPLIT positions) rather than held: three
+        # fp32 [BM, BN] tiles live across the loop would spill.
+        b_kp = tl.load(kp_ptr + o_cout[:, None] * s_kp_o + o_n[None, :] * s_kp_c, mask=m_mn, other=0.).to(tl.float32)
         p_kd = td * s_kd_d + th * s_kd_h + tw * s_kd_w
         if DEPTHWISE_FIRST:
             b_kd = tl.load(kd_ptr + o_cin * s_kd_c + p_kd, mask=m_n, other=0.).to(tl.float32)  # [BN]
@@ -381,16 +423,20 @@ def _lead_stride(buf: torch.Tensor, dim: int) -> int:
     return 0 if buf.shape[dim] == 1 else buf.stride(dim)
 
 
-def _channel_block(channels: int, cap: int = 128) -> int:
-    return min(cap, max(16, triton.next_power_of_2(channels)))
+def _channel_block(channels: int, cap: int = 128, rows: bool = False, device: Optional[torch.device] = None) -> int:
+    """A power-of-two channel tile of at least 16 (tl.dot's minimum), at most `cap`. `rows`: the tile is a dot's
+    M side, kept at WGMMA_ROWS or more on a GPU for groups of 16 channels or more (wgmma instead of mma.sync)."""
+    floor = WGMMA_ROWS if rows and channels >= 16 and device is not None and device.type != "cpu" else 16
+    return min(cap, max(floor, triton.next_power_of_2(channels)))
 
 
-def _stencil_gemm_blocks(c_out_g: int, c_in_g: int, dw_first: bool) -> Tuple[int, int]:
+def _stencil_gemm_blocks(c_out_g: int, c_in_g: int, dw_first: bool, device: torch.device) -> Tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the dKp GEMM. Its stencil operand (G over o, or Z1 over c) is rebuilt, on CUDA cores,
     once per tile of the other channel dim, so that dim's tile spans up to 256 channels; the stencil side stays
-    ≤ 128 and keeps the fp32 accumulator at ≤ 128×128 elements."""
-    wide = _channel_block(c_in_g if not dw_first else c_out_g, 256)
-    narrow = _channel_block(c_out_g if not dw_first else c_in_g, min(128, 128 * 128 // wide))
+    ≤ 128 and keeps the fp32 accumulator at ≤ 128×128 elements. BLOCK_M (over C_out) is the dot's M side."""
+    wide = _channel_block(c_in_g if not dw_first else c_out_g, 256, rows=dw_first, device=device)
+    narrow = _channel_block(c_out_g if not dw_first else c_in_g, min(128, 128 * 128 // wide), rows=not dw_first,
+                            device=device)
     return (wide, narrow) if dw_first else (narrow, wide)
 
 
@@ -439,14 +485,17 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
 
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if route == "gradw":
-            bm, bn = _channel_block(c_out_g), _channel_block(c_in_g)
+            # Two fp32 [BM, BN] accumulators live across the loop: 128×64 at most keeps them in registers.
+            bm = _channel_block(c_out_g, rows=True, device=device)
+            bn = _channel_block(c_in_g, min(128, 128 * 64 // bm))
             gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
             split = _split(gemm_tiles * groups, p_out, device)
             dkd_tiles = triton.cdiv(c_out_g, bm) if dw_first else triton.cdiv(c_in_g, bn)
             dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
             dkd = _partials((split, dkd_tiles), (kd_ch, taps), use_atomic, device)
             db = _partials((split,), (c_out,), use_atomic, device) if need_bias_delta else dkp
-            launch(_gradw_adapter_kernel, (gemm_tiles, groups, split),
+            launch(
+                _gradw_adapter_kernel, (gemm_tiles, groups, split),
                 xs, dy, pointwise, kd, dkp, dkd, db,
                 n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_out, split,
                 _lead_stride(dkp, 0), _lead_stride(dkd, 0), _lead_stride(dkd, 1), _lead_stride(db, 0),
@@ -457,12 +506,13 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
         else:
             p_in = n * d * h * w
             p_kp = p_out if dw_first else p_in
-            bm, bn = _stencil_gemm_blocks(c_out_g, c_in_g, dw_first)
+            bm, bn = _stencil_gemm_blocks(c_out_g, c_in_g, dw_first, device)
             gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
             split = _split(gemm_tiles * groups, p_kp, device)
             dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
             db = _partials((split,), (c_out,), use_atomic, device) if need_bias_delta and dw_first else dkp
-            launch(_pointwise_grad_kernel, (gemm_tiles, groups, split),
+            launch(
+                _pointwise_grad_kernel, (gemm_tiles, groups, split),
                 xs, dy, kd, dkp, db,
                 n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_kp, split, _lead_stride(dkp, 0), _lead_stride(db, 0),
                 *conv_args, *io_strides, *strides(kd),
@@ -474,7 +524,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
             p_kd = p_out if dw_first else p_in
             split_d = _split(triton.cdiv(ch_g, bc) * groups, p_kd, device)
             dkd = _partials((split_d,), (kd_ch, taps), use_atomic, device)
-            launch(_depthwise_grad_kernel, (triton.cdiv(ch_g, bc), groups, split_d),
+            launch(
+                _depthwise_grad_kernel, (triton.cdiv(ch_g, bc), groups, split_d),
                 xs, dy, pointwise, dkd,
                 n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_kd, split_d, _lead_stride(dkd, 0), *conv_args, *io_strides,
                 *strides(pointwise),
@@ -485,7 +536,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
                 bo = _channel_block(c_out)
                 split_b = _split(triton.cdiv(c_out, bo), p_out, device)
                 db = _partials((split_b,), (c_out,), use_atomic, device)
-                launch(_channel_sum_kernel, (triton.cdiv(c_out, bo), split_b),
+                launch(
+                    _channel_sum_kernel, (triton.cdiv(c_out, bo), split_b),
                     dy, db, od, oh, ow, c_out, p_out, split_b, _lead_stride(db, 0), *strides(dy),
                     USE_ATOMIC=use_atomic, BLOCK_N=bo)
 

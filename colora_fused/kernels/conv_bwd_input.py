@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .._conv import conv_output_shape
-from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, fail, launch, lift,
-                      new_tensor, strides)
+from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, fail, fit_configs,
+                      launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides)
 
 
 def _bwd_input_configs():
@@ -25,10 +25,34 @@ def _bwd_input_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-            (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 2, 3),
+            (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
+            (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 32, 32, 4, 3),
         ]
     ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: channel tiles shrunk to the group's channels (down to tl.dot's 16),
+    duplicates dropped, then the configs whose pipeline (dY, K0 and Kp tiles per stage) overflows the device's
+    shared memory."""
+    def fit(kw):
+        kw["BLOCK_N"] = min(kw["BLOCK_N"], max(16, triton.next_power_of_2(named_args["C_IN_G"])))
+        kw["BLOCK_K"] = min(kw["BLOCK_K"], max(16, triton.next_power_of_2(named_args["C_OUT_G"])))
+        return kw
+
+    dy = named_args["dy_ptr"]
+    configs = fit_configs(configs, fit)
+    if named_args["s_dy_c"] != 1:
+        # NCHW dY is gathered across channels: its [BM, BK] tile and the [BK, BN] merged tile then spill beyond
+        # 32 elements a thread.
+        configs = prune_by_registers(
+            configs, lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]), 32)
+
+    def stage_bytes(cfg):
+        kw = cfg.kwargs
+        return (kw["BLOCK_M"] * kw["BLOCK_K"] + 2 * kw["BLOCK_K"] * kw["BLOCK_N"]) * dy.element_size()
+
+    return prune_by_shared_memory(configs, stage_bytes, dy.device)
 
 
 @triton.jit
@@ -42,7 +66,8 @@ def _first_tap(r, P, DIL, S, K: tl.constexpr):
     return first
 
 
-@triton.autotune(configs=_bwd_input_configs(), key=["C_IN_G", "C_OUT_G", "M_MAX", "KD", "KH", "KW", "DEPTHWISE_FIRST"])
+@triton.autotune(configs=_bwd_input_configs(), key=["C_IN_G", "C_OUT_G", "M_MAX", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_dy_c"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _conv_bwd_input_kernel(
         dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr,
@@ -175,7 +200,8 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
         return tiles, math.prod(stride3), groups
 
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        launch(_conv_bwd_input_kernel, grid,
+        launch(
+            _conv_bwd_input_kernel, grid,
             dy, w, pointwise, kd, dx,
             n, d, h, wd, od, oh, ow, c_in_g, c_out // groups, m_max,
             *stride3, *pad3, *dil3, *steps,

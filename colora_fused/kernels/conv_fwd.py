@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .._conv import conv_output_shape
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, check_conv_tensors,
-                      device_problem, dtype_problem, empty_like_layout, extent, launch, pad3,
-                      prune_by_shared_memory, strides5)
+                      device_problem, dtype_problem, empty_like_layout, extent, fit_configs, launch,
+                      pad3, prune_by_shared_memory, strides5, WGMMA_ROWS)
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
     problem = dtype_problem((x, weight), ("x", "weight"))
@@ -60,14 +60,15 @@ def interpreter_config():
 def fit_channel_tiles(block_n: int, block_k: int, c_out_g: int, c_in_g: int) -> Tuple[int, int]:
     """(BLOCK_N, BLOCK_K) shrunk to the per-group channel counts.
 
-    tl.dot needs tiles of at least 16. When padding both channel tiles up to 16 would waste 16× or more
+    tl.dot needs tiles of at least 16 (64 rows for wgmma, see WGMMA_ROWS). When padding both channel tiles up to 16 would waste 16× or more
     (depthwise and other thin groups) — about what tensor cores gain over FMAs — the tiles take the exact
     power-of-two sizes instead and the kernel takes its broadcast-FMA path, with BLOCK_N·BLOCK_K ≤ 64 so that
     its [BN, BK, BM] product stays in registers.
     """
     n2, k2 = triton.next_power_of_2(c_out_g), triton.next_power_of_2(c_in_g)
     if max(1, 16 // n2) * max(1, 16 // k2) < 16:
-        return min(block_n, max(16, n2)), min(block_k, max(16, k2))
+        # BLOCK_N is the M side of the transposed dot: not below WGMMA_ROWS for groups of 16 channels or more.
+        return min(block_n, max(16, n2) if n2 < 16 else max(WGMMA_ROWS, n2)), min(block_k, max(16, k2))
     block_n = min(block_n, n2)
     return block_n, min(block_k, k2, max(1, 64 // block_n))
 
@@ -75,20 +76,18 @@ def fit_channel_tiles(block_n: int, block_k: int, c_out_g: int, c_in_g: int) -> 
 def _fit_configs(configs, named_args, **kwargs):
     """The autotuner's early prune: every config with its channel tiles fitted to this conv, duplicates dropped,
     then those whose pipeline overflows the device's shared memory (x, K0 and Kp tiles staged per stage)."""
-    fitted = {}
-    for cfg in configs:
-        block_n, block_k = fit_channel_tiles(cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"],
-                                             named_args["C_OUT_G"], named_args["C_IN_G"])
-        kw = {**cfg.kwargs, "BLOCK_N": block_n, "BLOCK_K": block_k}
-        key = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
-        fitted.setdefault(key, triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    def fit(kw):
+        kw["BLOCK_N"], kw["BLOCK_K"] = fit_channel_tiles(kw["BLOCK_N"], kw["BLOCK_K"], named_args["C_OUT_G"],
+                                                         named_args["C_IN_G"])
+        return kw
+
     x = named_args["x_ptr"]
 
     def stage_bytes(cfg):
         kw = cfg.kwargs
         return (kw["BLOCK_K"] * kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * kw["BLOCK_K"]) * x.element_size()
 
-    return prune_by_shared_memory(list(fitted.values()), stage_bytes, x.device)
+    return prune_by_shared_memory(fit_configs(configs, fit), stage_bytes, x.device)
 
 
 @triton.jit

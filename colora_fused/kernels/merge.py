@@ -32,38 +32,36 @@ def _merge_kernel(
     """out[o, c, t] = w[o, c, t] + Kp[o, c] · Kd[·, t] in fp32; with HAS_BIAS also b[o] += db[o].
 
     w, out: [C_OUT, C_IN_G, KD, KH, KW] by strides (out may be w: an in-place merge; each element is read and
-    written by one program). Program i owns output channels [i·BLOCK_O, (i+1)·BLOCK_O) and loops over the
-    R = C_IN_G·KD·KH·KW reduction-free positions of those rows in blocks of BLOCK_R.
+    written by one program). Program (i, j) owns the [BLOCK_O, BLOCK_R] block of rows [i·BLOCK_O, (i+1)·BLOCK_O)
+    and flat positions r = c·KD·KH·KW + t in [j·BLOCK_R, (j+1)·BLOCK_R), so the grid grows with the weight and
+    fills the GPU; the programs with j = 0 also fold the bias.
     """
     i_o = (tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)  # [BO]
+    r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
     m_o = i_o < C_OUT
     if HAS_BIAS:
-        b_b = tl.load(b_ptr + i_o * s_b, mask=m_o).to(tl.float32)  # [BO]
-        b_b += tl.load(db_ptr + i_o * s_db, mask=m_o).to(tl.float32)
-        tl.store(b_ptr + i_o * s_b, b_b.to(b_ptr.dtype.element_ty), mask=m_o)
+        m_b = m_o & (tl.program_id(1) == 0)
+        b_b = tl.load(b_ptr + i_o * s_b, mask=m_b).to(tl.float32)  # [BO]
+        b_b += tl.load(db_ptr + i_o * s_db, mask=m_b).to(tl.float32)
+        tl.store(b_ptr + i_o * s_b, b_b.to(b_ptr.dtype.element_ty), mask=m_b)
     n_taps = KD * KH * KW
+    c = r // n_taps
+    tap = r % n_taps
+    t_d = tap // (KH * KW)
+    t_h = (tap // KW) % KH
+    t_w = tap % KW
+    m = m_o[:, None] & (r < C_IN_G * n_taps)[None, :]  # [BO, BR]
+    b_w = tl.load(w_ptr + i_o[:, None] * sw_o + (c * sw_c + t_d * sw_d + t_h * sw_h + t_w * sw_w)[None, :],
+                  mask=m, other=0.0).to(tl.float32)  # [BO, BR]
+    b_p = tl.load(kp_ptr + i_o[:, None] * sp_o + (c * sp_c)[None, :], mask=m, other=0.0).to(tl.float32)
+    kd_tap = t_d * sk_d + t_h * sk_h + t_w * sk_w  # [BR]
     if PW_FIRST:
-        kd_row = i_o * sk_c  # [BO] Kd[o]
+        b_d = tl.load(kd_ptr + (i_o * sk_c)[:, None] + kd_tap[None, :], mask=m, other=0.0).to(tl.float32)
     else:
         kd_row = (i_o // C_OUT_G) * C_IN_G * sk_c  # [BO] Kd[g(o)·C_IN_G]
-    for r0 in range(0, C_IN_G * n_taps, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # [BR]
-        c = r // n_taps
-        tap = r % n_taps
-        t_d = tap // (KH * KW)
-        t_h = (tap // KW) % KH
-        t_w = tap % KW
-        m = m_o[:, None] & (r < C_IN_G * n_taps)[None, :]  # [BO, BR]
-        b_w = tl.load(w_ptr + i_o[:, None] * sw_o + (c * sw_c + t_d * sw_d + t_h * sw_h + t_w * sw_w)[None, :],
-                      mask=m, other=0.0).to(tl.float32)  # [BO, BR]
-        b_p = tl.load(kp_ptr + i_o[:, None] * sp_o + (c * sp_c)[None, :], mask=m, other=0.0).to(tl.float32)
-        kd_tap = t_d * sk_d + t_h * sk_h + t_w * sk_w  # [BR]
-        if PW_FIRST:
-            b_d = tl.load(kd_ptr + kd_row[:, None] + kd_tap[None, :], mask=m, other=0.0).to(tl.float32)
-        else:
-            b_d = tl.load(kd_ptr + kd_row[:, None] + (c * sk_c + kd_tap)[None, :], mask=m, other=0.0).to(tl.float32)
-        p_o = out_ptr + i_o[:, None] * so_o + (c * so_c + t_d * so_d + t_h * so_h + t_w * so_w)[None, :]
-        tl.store(p_o, (b_w + b_p * b_d).to(out_ptr.dtype.element_ty), mask=m)  # [BO, BR]
+        b_d = tl.load(kd_ptr + kd_row[:, None] + (c * sk_c + kd_tap)[None, :], mask=m, other=0.0).to(tl.float32)
+    p_o = out_ptr + i_o[:, None] * so_o + (c * so_c + t_d * so_d + t_h * so_h + t_w * so_w)[None, :]
+    tl.store(p_o, (b_w + b_p * b_d).to(out_ptr.dtype.element_ty), mask=m)  # [BO, BR]
 
 
 def _pad_strides(t: torch.Tensor, lead: int):
@@ -86,7 +84,9 @@ def _launch(weight, out, bias, pointwise, depthwise, bias_delta, groups, order):
     block_o, block_r, num_warps = merge_config()
     has_bias = bias is not None and bias_delta is not None
     with torch.cuda.device_of(weight):
-        launch(_merge_kernel, (triton.cdiv(c_out, block_o),),
+        grid = (triton.cdiv(c_out, block_o), triton.cdiv(weight[0].numel(), block_r))
+        launch(
+            _merge_kernel, grid,
             weight, out, pointwise, depthwise, bias if has_bias else weight, bias_delta if has_bias else weight,
             c_out, weight.shape[1], c_out // groups, kd, kh, kw,
             *_pad_strides(weight, 2), *_pad_strides(out, 2), *pointwise.stride(), *_pad_strides(depthwise, 1),

@@ -1,0 +1,579 @@
+"""Static audit of every Triton kernel for a GPU this machine need not have (sm_90 H100, sm_80 A100).
+
+Each kernel family's real launcher is driven with `meta` tensors of representative conv shapes inside
+`kernels._common.recording`, so the launches it records carry exactly the arguments, grids and autotune configs
+(after pruning, for the target's SM count and shared memory) of a real launch. Every recorded launch is compiled
+by Triton for the target, and the audit reads what the compiler made: registers, spills and wgmma serialisation
+from ptxas, shared memory from Triton, and the main loop from the SASS (cuobjdump).
+
+The estimate (an issue-slot model, not a timing). The main loop is the innermost loop of the SASS that holds a
+tensor-core instruction. Per loop iteration a CTA of W warps issues I·W instructions (I: the loop's SASS
+instructions, NOPs left out) on the SM's 4 schedulers, one per cycle each: `issue = I·W/4` cycles. Its MMAs
+do `mma_flops` floating-point operations (HGMMA m×n×k per warpgroup, HMMA per warp), which the SM's tensor cores
+retire at a peak rate per cycle (dense: sm_90 4096 bf16/fp16 and 2048 tf32 FLOP/cycle; sm_80 half that):
+`tensor = mma_flops / rate` cycles. The estimated tensor-core share of the loop is `tensor / max(tensor, issue)`:
+an upper bound (memory stalls and latency are not modelled; loops nested around the main loop are not counted).
+
+Run `python -m colora_fused.audit` (or `colora-audit`, `colora-bench --audit`); `--help` lists the options.
+Writes results.md, results.csv and env.json to `--out` (default benchmarks/results/audit-sm90).
+"""
+import argparse
+import concurrent.futures as futures
+import contextlib
+import csv
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as triton_compile, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import create_function_from_signature
+
+from ._conv import conv_output_shape
+from .kernels import _common
+from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
+from .kernels.conv_bwd_input import colora_conv_backward_input
+from .kernels.conv_fwd import colora_conv_forward
+from .kernels.merge import merged_weight
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A target GPU: compute capability, SMs, shared memory per block (opt-in) and per SM, and the dense tensor
+    FLOP/cycle/SM by operand type."""
+    name: str
+    capability: int
+    sm_count: int
+    smem_per_block: int
+    smem_per_sm: int
+    mma_rate: Dict[str, int]
+
+
+ARCHS = {
+    "sm90": Arch("H100 SXM (sm_90)", 90, 132, 232448, 233472, {"BF16": 4096, "F16": 4096, "TF32": 2048}),
+    "sm80": Arch("A100 (sm_80)", 80, 108, 166912, 167936, {"BF16": 2048, "F16": 2048, "TF32": 1024}),
+}
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_CTAS_PER_SM = 32
+ISSUE_PER_CYCLE = 4  # warp schedulers per SM, one instruction each per cycle
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A conv to audit: input [N, C_in, *spatial], weight [C_out, C_in/groups, *k], hyper-parameters."""
+    name: str
+    x: Tuple[int, ...]
+    weight: Tuple[int, ...]
+    stride: int = 1
+    padding: int = 1
+    groups: int = 1
+    bias: bool = False
+
+
+SHAPES = (
+    Shape("r50-3x3-256@14", (64, 256, 14, 14), (256, 256, 3, 3)),
+    Shape("vgg16-3x3-512@28", (64, 512, 28, 28), (512, 512, 3, 3), bias=True),
+    Shape("r50-1x1-1024>256@14", (64, 1024, 14, 14), (256, 1024, 1, 1), padding=0),
+    Shape("r50-3x3-128-s2@56", (64, 128, 56, 56), (128, 128, 3, 3), stride=2),
+    Shape("r50-3x3-512@7", (64, 512, 7, 7), (512, 512, 3, 3)),
+    Shape("dw-3x3-256@14", (64, 256, 14, 14), (256, 1, 3, 3), groups=256),
+)
+QUICK_SHAPES = (
+    Shape("q-3x3-64@8", (8, 64, 8, 8), (64, 64, 3, 3), bias=True),
+    Shape("q-1x1-64>32@8", (8, 64, 8, 8), (32, 64, 1, 1), padding=0),
+    Shape("q-dw-3x3-32@8", (8, 32, 8, 8), (32, 1, 3, 3), groups=32),
+)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = ("channels_last", "nchw")
+FAMILIES = ("forward", "input_grad", "adapters_cheap", "adapters_gradw", "merge")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing to record: a kernel family's launcher on one shape, layout, dtype and target."""
+    family: str
+    shape: Shape
+    layout: str
+    dtype: str
+    arch: str
+
+
+def _tensor(shape: Sequence[int], dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last and t.dim() in (4, 5):
+        t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t
+
+
+def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config]]]]:
+    """The launches the family's launcher makes for this unit (nothing runs), each with the configs it may run."""
+    s, arch = unit.shape, ARCHS[unit.arch]
+    dtype, cl = DTYPES[unit.dtype], unit.layout == "channels_last"
+    nd = len(s.weight) - 2
+    stride, padding, dilation = [s.stride] * nd, [s.padding] * nd, [1] * nd
+    out_shape = conv_output_shape(s.x, s.weight, stride, padding, dilation)
+    x, w = _tensor(s.x, dtype, cl), _tensor(s.weight, dtype)
+    kp, kd = _tensor(s.weight[:2], dtype), _tensor((s.weight[0], *s.weight[2:]), dtype)
+    bias = _tensor(s.weight[:1], dtype) if s.bias else None
+    conv = (stride, padding, dilation, s.groups, "pointwise_first")
+    with _common.recording(_common.DeviceLimits(arch.sm_count, arch.smem_per_block)) as launches:
+        if unit.family == "forward":
+            colora_conv_forward(x, w, bias, kp, kd, bias, *conv)
+        elif unit.family == "input_grad":
+            colora_conv_backward_input(_tensor(out_shape, dtype, cl), w, kp, kd, s.x, cl, *conv)
+        elif unit.family.startswith("adapters_"):
+            colora_conv_backward_adapters(x, _tensor(out_shape, dtype, cl), w, kp, kd, *conv, s.bias,
+                                          route=unit.family[len("adapters_"):])
+        else:
+            merged_weight(w, kp, kd, s.groups, "pointwise_first")
+        # The autotuners prune for the device they see: the target, inside the recording.
+        return [(launch, configs_of(launch)) for launch in launches]
+
+
+def _jit_fn(kernel):
+    return kernel.fn if isinstance(kernel, Autotuner) else kernel
+
+
+def configs_of(launch: _common.Launch) -> List[Optional[triton.Config]]:
+    """The configs this launch may run: the autotuner's after its early prune, or the launch's own (None)."""
+    kernel = launch.kernel
+    if not isinstance(kernel, Autotuner):
+        return [None]
+    if kernel.early_config_prune is None:
+        return list(kernel.configs)
+    nargs = dict(zip(kernel.arg_names, launch.args))
+    return list(kernel.early_config_prune(kernel.configs, nargs, **launch.kwargs))
+
+
+def _launch_kwargs(launch: _common.Launch, config: Optional[triton.Config]) -> dict:
+    return {**launch.kwargs, **(config.all_kwargs() if config else {})}
+
+
+def grid_size(launch: _common.Launch, config: Optional[triton.Config]) -> int:
+    grid = launch.grid
+    if callable(grid):
+        fn = _jit_fn(launch.kernel)
+        meta = {**dict(zip(fn.arg_names, launch.args)), **_launch_kwargs(launch, config)}
+        grid = grid(meta)
+    return math.prod(grid)
+
+
+@dataclass
+class Compiled:
+    """What the compiler made of one specialisation."""
+    regs: int
+    spill_bytes: int  # spill stores + spill loads, per thread (ptxas)
+    smem: int
+    num_warps: int
+    num_stages: int
+    serialized: bool  # ptxas: "wgmma.mma_async instructions are serialized"
+    mma: str  # wgmma / mma.sync / none
+    loop_instrs: int  # the main loop's SASS instructions (0 without a tensor-core loop)
+    loop_mmas: int
+    loop_mma_flops: int  # per CTA and iteration
+    loop_waits: int  # wgmma waits for zero pending groups inside the loop
+    mma_type: str  # BF16 / F16 / TF32 or ""
+    outer_instrs: int = 0  # instructions of the enclosing loop outside the main loop (0: not nested)
+    error: str = ""
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def parse_sass(sass: str) -> List[Tuple[int, str, str]]:
+    """(address, opcode, operands) of every instruction of the (single) kernel in a cuobjdump listing."""
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_SASS_LINE.search, sass.splitlines()) if m]
+
+
+def _is_mma(opcode: str) -> bool:
+    return opcode.startswith(("HGMMA", "HMMA"))
+
+
+def _mma_flops(opcode: str, num_warps: int) -> Tuple[int, str]:
+    """(FLOPs per CTA, operand type) of one instruction as it appears in each warp's stream."""
+    kind = next((t for t in ("BF16", "TF32", "F16") if f".{t}" in opcode), "")
+    if opcode.startswith("HGMMA"):
+        m, n, k = map(int, re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode).groups())
+        return 2 * m * n * k * max(1, num_warps // 4), kind
+    digits = re.match(r"HMMA\.(\d+)", opcode).group(1)
+    m, n, k = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "16832": (16, 8, 32)}[digits]
+    return 2 * m * n * k * num_warps, kind
+
+
+def main_loop(instrs: List[Tuple[int, str, str]], num_warps: int) -> dict:
+    """The innermost backward-branch loop holding a tensor-core instruction, what it issues, and the
+    instructions of the loop around it (if any) outside it."""
+    loops = []
+    for addr, op, operands in instrs:
+        if op.startswith("BRA"):
+            target = _BRANCH_TARGET.search(operands)
+            if target and int(target.group(1), 16) <= addr:
+                loops.append((int(target.group(1), 16), addr))
+
+    def body(loop):
+        return [(op, operands) for a, op, operands in instrs if loop[0] <= a <= loop[1] and op != "NOP"]
+
+    with_mma = [loop for loop in loops if any(_is_mma(op) for op, _ in body(loop))]
+    if not with_mma:
+        any_mma = next((op for _, op, _ in instrs if _is_mma(op)), None)
+        mma = "none" if any_mma is None else ("wgmma" if any_mma.startswith("HGMMA") else "mma.sync")
+        return dict(mma=mma, loop_instrs=0, loop_mmas=0, loop_mma_flops=0, loop_waits=0, mma_type="",
+                    outer_instrs=0)
+    main = min(with_mma, key=lambda loop: len(body(loop)))
+    best = body(main)
+    around = [loop for loop in loops if loop != main and loop[0] <= main[0] and main[1] <= loop[1]]
+    outer = len(body(min(around, key=lambda loop: len(body(loop))))) - len(best) if around else 0
+    mmas = [op for op, _ in best if _is_mma(op)]
+    flops = [_mma_flops(op, num_warps) for op in mmas]
+    waits = sum(1 for op, operands in best if op.startswith("WARPGROUP.DEPBAR") and operands.strip().endswith("0x0"))
+    return dict(mma="wgmma" if mmas[0].startswith("HGMMA") else "mma.sync", loop_instrs=len(best),
+                loop_mmas=len(mmas), loop_mma_flops=sum(f for f, _ in flops), loop_waits=waits,
+                mma_type=flops[0][1], outer_instrs=outer)
+
+
+def _nvidia_tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _ptxas_figures(log: str) -> Tuple[int, int, bool]:
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else -1, int(spills.group(1)) + int(spills.group(2)) if spills else -1,
+            "instructions are serialized" in log)
+
+
+def compile_launch(launch: _common.Launch, config: Optional[triton.Config], arch: str) -> Compiled:
+    """Compile one launch with one config for the target, as the JIT would for a real launch there."""
+    target = GPUTarget("cuda", ARCHS[arch].capability, 32)
+    backend = make_backend(target)
+    fn = _jit_fn(launch.kernel)
+    kwargs = _launch_kwargs(launch, config)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    log = io.StringIO()
+    # Compile even when Triton's cache has the kernel: the figures come from ptxas's log of this compilation.
+    knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+    except Exception as exc:  # a config the compiler rejects is a finding, not a crash of the audit
+        first = str(exc).strip().splitlines()
+        return Compiled(-1, -1, -1, options.num_warps, options.num_stages, False, "none", 0, 0, 0, 0, "",
+                        error=f"{type(exc).__name__}: {first[0] if first else ''}"[:200])
+    finally:
+        knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = False
+    regs, spills, serialized = _ptxas_figures(log.getvalue())
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    loop = main_loop(parse_sass(sass), kernel.metadata.num_warps)
+    return Compiled(regs, spills, kernel.metadata.shared, kernel.metadata.num_warps, kernel.metadata.num_stages,
+                    serialized, **loop)
+
+
+def compile_key(launch: _common.Launch, config: Optional[triton.Config], arch: str) -> tuple:
+    """What decides the compiled code: the kernel, its specialisation (types, divisibility, constexprs), the
+    options and the target. Launches with equal keys compile to the same binary."""
+    backend = make_backend(GPUTarget("cuda", ARCHS[arch].capability, 32))
+    fn = _jit_fn(launch.kernel)
+    kwargs = _launch_kwargs(launch, config)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    _, specialization, options = binder(*launch.args, **kwargs)
+    return fn.fn.__qualname__, repr(specialization), repr(sorted(backend.parse_options(kwargs).__dict__.items())), arch
+
+
+def occupancy(c: Compiled, arch: Arch) -> int:
+    """CTAs resident per SM, limited by registers (allocated per warp in units of 256), warps, shared memory."""
+    if c.regs <= 0:
+        return 0
+    regs_per_warp = math.ceil(c.regs * 32 / 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * c.num_warps)
+    by_smem = arch.smem_per_sm // (c.smem + 1024)
+    return max(0, min(MAX_CTAS_PER_SM, MAX_WARPS_PER_SM // c.num_warps, by_regs, by_smem))
+
+
+def estimate(c: Compiled, arch: Arch) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+    """(issue cycles, tensor cycles, estimated tensor-core share) of one main-loop iteration, or Nones."""
+    if not c.loop_mmas or c.mma_type not in arch.mma_rate:
+        return None, None, None
+    issue = c.loop_instrs * c.num_warps / ISSUE_PER_CYCLE
+    tensor = c.loop_mma_flops / arch.mma_rate[c.mma_type]
+    return issue, tensor, tensor / max(tensor, issue)
+
+
+CSV_FIELDS = ("family", "kernel", "shape", "layout", "dtype", "arch", "config", "grid", "sms", "ctas_per_sm", "waves",
+              "regs", "spill_bytes", "smem", "smem_limit", "mma", "loop_instrs", "loop_mmas", "instrs_per_mma",
+              "loop_waits", "outer_instrs", "wgmma_serialized", "issue_cycles", "tensor_cycles", "est_tensor_share",
+              "error")
+
+
+def _config_text(launch: _common.Launch, config: Optional[triton.Config], c: Compiled) -> str:
+    kw = _launch_kwargs(launch, config)
+    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_O", "BLOCK_R") if k in kw)
+    return f"{blocks} w{c.num_warps} s{c.num_stages}"
+
+
+def row(unit: Unit, launch: _common.Launch, config: Optional[triton.Config], c: Compiled) -> dict:
+    arch = ARCHS[unit.arch]
+    grid = grid_size(launch, config)
+    ctas = occupancy(c, arch)
+    issue, tensor, share = estimate(c, arch)
+    return dict(
+        family=unit.family, kernel=_jit_fn(launch.kernel).fn.__name__.strip("_"), shape=unit.shape.name,
+        layout=unit.layout, dtype=unit.dtype, arch=unit.arch, config=_config_text(launch, config, c), grid=grid,
+        sms=arch.sm_count, ctas_per_sm=ctas, waves=round(grid / (arch.sm_count * ctas), 2) if ctas else "",
+        regs=c.regs, spill_bytes=c.spill_bytes, smem=c.smem, smem_limit=arch.smem_per_block, mma=c.mma,
+        loop_instrs=c.loop_instrs or "", loop_mmas=c.loop_mmas or "",
+        instrs_per_mma=round(c.loop_instrs / c.loop_mmas, 1) if c.loop_mmas else "", loop_waits=c.loop_waits,
+        outer_instrs=c.outer_instrs,
+        wgmma_serialized=int(c.serialized), issue_cycles=round(issue) if issue else "",
+        tensor_cycles=round(tensor) if tensor else "", est_tensor_share=round(share, 2) if share else "",
+        error=c.error)
+
+
+# --- the parallel driver --------------------------------------------------------------------------------------
+
+_WORKER_CACHE: Dict[Unit, list] = {}
+
+
+def _worker_compile(job: Tuple[Unit, int, int]) -> Tuple[Tuple[Unit, int, int], Compiled]:
+    """Compile launch `li`, config `ci` of `unit` (re-recorded here: launches do not pickle)."""
+    unit, li, ci = job
+    if unit not in _WORKER_CACHE:
+        _WORKER_CACHE[unit] = record(unit)
+    launch, configs = _WORKER_CACHE[unit][li]
+    return job, compile_launch(launch, configs[ci], unit.arch)
+
+
+def plan_units(shapes: Sequence[Shape], dtypes: Sequence[str], layouts: Sequence[str], archs: Sequence[str],
+           families: Sequence[str]) -> List[Unit]:
+    units = []
+    for arch in archs:
+        for shape in shapes:
+            for dtype in dtypes:
+                for family in families:
+                    # The merge reads weights only: the activation layout does not reach it.
+                    for layout in (layouts[:1] if family == "merge" else layouts):
+                        units.append(Unit(family, shape, "-" if family == "merge" else layout, dtype, arch))
+    return units
+
+
+class Progress:
+    """A line at most every `every` seconds (and at the end) with done/total, elapsed and an estimate of what
+    remains; plain lines, so they show in a terminal, a pipe and a log file alike."""
+
+    def __init__(self, total: int, stream=sys.stderr, every: float = 10.0):
+        self.total, self.stream, self.every = total, stream, every
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def step(self, label: str = "") -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            elapsed = now - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            print(f"[audit] {self.done}/{self.total} compiled, {elapsed:.0f} s elapsed, about {left:.0f} s left"
+                  f"{'  (' + label + ')' if label else ''}", file=self.stream, flush=True)
+
+
+def run_audit(units: Sequence[Unit], workers: int = 0, stream=sys.stderr) -> List[dict]:
+    """Record every unit, compile each distinct specialisation once (in `workers` processes), return the rows."""
+    if _common.INTERPRET:
+        raise RuntimeError("colora_fused.audit compiles the kernels for a GPU: run it without TRITON_INTERPRET=1 "
+                           "(under the interpreter the kernels are not compiled)")
+    recorded = []
+    jobs: Dict[tuple, Tuple[Unit, int, int]] = {}
+    for unit in units:
+        for li, (launch, configs) in enumerate(record(unit)):
+            for ci, config in enumerate(configs):
+                key = compile_key(launch, config, unit.arch)
+                jobs.setdefault(key, (unit, li, ci))
+                recorded.append((unit, launch, config, key))
+    print(f"[audit] {len(units)} launch sets, {len(recorded)} (launch, config) pairs, {len(jobs)} distinct "
+          f"compilations", file=stream, flush=True)
+    progress = Progress(len(jobs), stream)
+    results: Dict[tuple, Compiled] = {}
+    by_job = {job: key for key, job in jobs.items()}
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        for key, job in jobs.items():
+            results[key] = _worker_compile(job)[1]
+            progress.step(job[0].family)
+    else:
+        context = multiprocessing.get_context("fork")
+        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for job, compiled in pool.map(_worker_compile, jobs.values(), chunksize=1):
+                results[by_job[job]] = compiled
+                progress.step(job[0].family)
+    return [row(unit, launch, config, results[key]) for unit, launch, config, key in recorded]
+
+
+# --- reports ---------------------------------------------------------------------------------------------------
+
+HEADLINE = dict(layout="channels_last", dtype="bf16", arch="sm90")
+
+
+def summary(rows: Sequence[dict]) -> List[dict]:
+    """Per kernel and shape (bf16, channels_last, sm_90): the config with the best estimated share, and the worst
+    spills and shared memory over all configs."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        if r["family"] == "merge" or all(r[k] == v for k, v in HEADLINE.items()):
+            if r["dtype"] == "bf16" and r["arch"] == "sm90":
+                groups.setdefault((r["family"], r["kernel"], r["shape"]), []).append(r)
+    out = []
+    for (family, kernel, shape), rs in groups.items():
+        best = max(rs, key=lambda r: (r["est_tensor_share"] or 0, -(r["instrs_per_mma"] or 0)))
+        out.append(dict(family=family, kernel=kernel, shape=shape, configs=len(rs), best_config=best["config"],
+                        grid=best["grid"], waves=best["waves"], mma=best["mma"],
+                        instrs_per_mma=best["instrs_per_mma"], loop_waits=best["loop_waits"],
+                        outer_instrs=best["outer_instrs"],
+                        est_tensor_share=best["est_tensor_share"], regs=best["regs"],
+                        max_spill=max(r["spill_bytes"] for r in rs), max_smem=max(r["smem"] for r in rs)))
+    return out
+
+
+def _markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def problems(rows: Sequence[dict]) -> List[str]:
+    """What breaks the rules the CI tests hold the kernels to (for the report)."""
+    found = []
+    for r in rows:
+        where = f"{r['kernel']} {r['shape']} {r['layout']} {r['dtype']} {r['arch']} {r['config']}"
+        if r["error"]:
+            found.append(f"{where}: compile error {r['error']}")
+        elif r["smem"] > r["smem_limit"]:
+            found.append(f"{where}: shared memory {r['smem']} B over the {r['smem_limit']} B per block")
+        elif r["spill_bytes"] > 0:
+            found.append(f"{where}: {r['spill_bytes']} B of spills")
+    return found
+
+
+def write_reports(rows: Sequence[dict], out: str, env: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out, "env.json"), "w") as f:
+        json.dump(env, f, indent=2)
+        f.write("\n")
+    summary_cols = ("family", "kernel", "shape", "configs", "best_config", "grid", "waves", "mma", "instrs_per_mma",
+                    "loop_waits", "outer_instrs", "est_tensor_share", "regs", "max_spill", "max_smem")
+    found = problems(rows)
+    text = [
+        "# Static audit of the Triton kernels (compile-time estimates, not timings)",
+        "",
+        f"Command: `{env['command']}`. Compiled on {env['host']} for {', '.join(env['targets'])} with Triton "
+        f"{env['triton']}; no GPU ran anything. Model: `colora_fused/audit.py` (docstring). The estimated "
+        "tensor-core share is an upper bound from issue slots: `tensor / max(tensor, issue)` per main-loop "
+        "iteration, with `issue = loop SASS instructions × warps / 4` and `tensor = MMA FLOPs / peak FLOP per "
+        "cycle per SM`.",
+        "",
+        "## Summary: bf16, channels_last, sm_90, best config per kernel and shape",
+        "",
+        _markdown_table(summary(rows), summary_cols),
+        "",
+        "`loop_waits`: wgmma waits for zero pending groups inside the main loop (each serialises the tensor core "
+        "behind the loop's other work). `max_spill` / `max_smem`: the worst over every config the autotuner may "
+        "launch for that shape.",
+        "",
+        "## Findings: spills, shared memory over the per-block limit, compile errors (every row)",
+        "",
+        "\n".join(f"- {p}" for p in found) if found else "None.",
+        "",
+        f"All {len(rows)} rows (every kernel, config, shape, layout, dtype and target) are in `results.csv`.",
+        "",
+    ]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(text))
+
+
+def environment(argv: Sequence[str], archs: Sequence[str], seconds: float) -> dict:
+    return dict(command="python -m colora_fused.audit " + " ".join(argv), host=platform.processor() or
+                platform.machine(), cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+                triton=triton.__version__, targets=[ARCHS[a].name for a in archs],
+                archs={a: asdict(ARCHS[a]) for a in archs}, seconds=round(seconds))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="colora-audit", description=__doc__.split("\n\n")[0] + " Results are compile-time estimates.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "audit-sm90"),
+                   help="folder for results.md, results.csv and env.json")
+    p.add_argument("--arch", action="append", choices=tuple(ARCHS),
+                   help="target(s); default: sm90, and sm80 in bf16 and channels_last")
+    p.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="dtype(s); default: all three")
+    p.add_argument("--layout", action="append", choices=LAYOUTS, help="activation layout(s); default: both")
+    p.add_argument("--family", action="append", choices=FAMILIES, help="kernel families; default: all")
+    p.add_argument("--shape", action="append", metavar="NAME",
+                   help="shape name(s) from the table: " + ", ".join(s.name for s in SHAPES + QUICK_SHAPES))
+    p.add_argument("--quick", action="store_true", help="the small CI shapes instead of the model shapes")
+    p.add_argument("--workers", type=int, default=0, help="compile processes (0: one per CPU)")
+    return p
+
+
+def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    """The audit as the command line asks for it; writes the reports and returns the rows."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    table = QUICK_SHAPES if args.quick else SHAPES
+    known = {s.name: s for s in SHAPES + QUICK_SHAPES}
+    unknown = [n for n in args.shape or () if n not in known]
+    if unknown:
+        raise SystemExit(f"colora-audit: unknown shape(s) {unknown}; choose from {sorted(known)}")
+    shapes = [known[n] for n in args.shape] if args.shape else table
+    dtypes, layouts, families = args.dtype or list(DTYPES), args.layout or list(LAYOUTS), args.family or FAMILIES
+    if args.arch:
+        archs, units = args.arch, plan_units(shapes, dtypes, layouts, args.arch, families)
+    else:
+        # By default sm_80 (no wgmma) is audited in bf16 and channels_last only, which keeps the run within
+        # 10 minutes on 2 cores; `--arch sm80` audits it in full.
+        archs = list(ARCHS)
+        sm80_dtypes = [d for d in dtypes if d == "bf16"]
+        sm80_layouts = [lay for lay in layouts if lay == "channels_last"]
+        units = (plan_units(shapes, dtypes, layouts, ["sm90"], families)
+                 + plan_units(shapes, sm80_dtypes, sm80_layouts, ["sm80"], families))
+    start = time.monotonic()
+    rows = run_audit(units, args.workers)
+    write_reports(rows, args.out, environment(argv, archs, time.monotonic() - start))
+    print(_markdown_table(summary(rows), ("kernel", "shape", "best_config", "grid", "mma", "instrs_per_mma",
+                                          "est_tensor_share", "max_spill", "max_smem")))
+    print(f"\n{len(problems(rows))} finding(s); wrote {args.out}/results.md, results.csv, env.json")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The `colora-audit` command."""
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()
