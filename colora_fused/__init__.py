@@ -14,6 +14,7 @@ from .model import (apply_colora, colora_layers, colora_state_dict, count_parame
                     get_colora_model, load_colora_state_dict, merge_and_unload, merge_colora,
                     print_trainable_parameters, unapply_colora)
 from .modules import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
+from .serialization import load_merged, save_merged
 
 __version__ = "0.1.0"
 
@@ -23,8 +24,8 @@ _LAZY_CALLBACKS = ("CoLoRALightningCallback", "CoLoRATrainerCallback")
 __all__ = [
     "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "apply_colora", "callbacks",
     "colora_conv", "colora_layers", "colora_state_dict", "count_parameters", "disable_colora", "functional",
-    "get_colora_model", "load_colora_state_dict", "merge_and_unload", "merge_colora", "print_trainable_parameters",
-    "unapply_colora",
+    "get_colora_model", "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora",
+    "print_trainable_parameters", "save_merged", "unapply_colora",
 ]
 
 
