@@ -177,3 +177,19 @@ def test_triton_second_order_in_the_interpreter(order):
     tol = (1e-3, 1e-2) if device == "cuda" else TOLERANCE[torch.float32]
     for i, (a, e) in enumerate(zip(results["triton"], results["reference"])):
         assert_close(a, e, torch.float32, f"second-order grad [{i}]", tol)
+
+
+def test_chosen_backend_names_the_path():
+    layer = cf.CoLoRAConv2d(3, 4, 3, padding=1, backend="torch")
+    x = torch.randn(1, 3, 5, 5)
+    seen = []
+
+    def f(inp):
+        seen.append(layer.chosen_backend(inp))
+        return layer(inp).sum()
+
+    grad(f)(x)
+    assert seen == ["composite"]
+    assert layer.chosen_backend(x) == "torch"
+    layer.backend = "reference"
+    assert layer.chosen_backend(x) == "reference"
