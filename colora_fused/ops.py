@@ -26,6 +26,7 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -391,6 +392,10 @@ def _dispatch(table, backend: str, key: tuple, *args):
 
 def _conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend,
           merged=None):
+    if forward_ad._current_level >= 0:
+        # Reached only by calling the op directly: it has no forward-AD rule and would return a zero tangent.
+        raise RuntimeError("colora_fused::conv has no forward-mode AD rule; call colora_fused.colora_conv (or a "
+                           "CoLoRA layer), which runs forward-mode AD through aten ops")
     key = shape_key(x, weight, stride, padding, dilation, groups, order)
     out = _dispatch(_FORWARD, backend, key, x, weight, bias, pointwise, depthwise, bias_delta, stride, padding,
                     dilation, groups, order, merged)

@@ -193,3 +193,13 @@ def test_chosen_backend_names_the_path():
     assert layer.chosen_backend(x) == "torch"
     layer.backend = "reference"
     assert layer.chosen_backend(x) == "reference"
+
+
+def test_the_raw_op_refuses_forward_ad():
+    """Only a direct call of the registered op can meet a dual tensor; it raises instead of a zero tangent."""
+    t = _inputs(CASE_PW, "pointwise_first", True)
+    with fwAD.dual_level():
+        x = fwAD.make_dual(t["x"], torch.ones_like(t["x"]))
+        with pytest.raises(RuntimeError, match="no forward-mode AD rule"):
+            torch.ops.colora_fused.conv(x, t["weight"], t["bias"], t["pointwise"], t["depthwise"], t["bias_delta"],
+                                        [1, 1], [1, 1], [1, 1], 1, "pointwise_first", "torch")
