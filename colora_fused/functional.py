@@ -237,15 +237,16 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
         return x, stride, padding, dilation, dtype, "composite", unbatched
     backend = resolve_backend(backend, x, _metadata_like(weight, x.dtype), groups)
     if backend == "auto-cuda":
-        if ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order)):
+        # Under torch.compile nothing is measured or looked up: the op itself still falls back at run time.
+        if torch.compiler.is_compiling() or os.environ.get("COLORA_AUTOTUNE", "1") == "0":
+            backend = "triton"
+        elif ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order)):
             backend = "torch"
-        elif os.environ.get("COLORA_AUTOTUNE", "1") != "0" and not torch.compiler.is_compiling():
+        else:
             training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
             with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
                 backend = fastest_backend(x, _cast(weight, dtype), _cast(pointwise, dtype), _cast(depthwise, dtype),
                                           stride, padding, dilation, groups, order, training)
-        else:
-            backend = "triton"
         if backend == "triton":
             backend = "triton-or-torch"
     return x, stride, padding, dilation, dtype, backend, unbatched
