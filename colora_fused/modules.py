@@ -185,6 +185,11 @@ class CoLoRAConv3d(_CoLoRAConvNd, nn.Conv3d):
 
     _conv_cls = nn.Conv3d
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=torch.channels_last_3d) gives that format to every 4-d and 5-d tensor, and torch
+        # refuses it for 4-d ones: Kd [C, kd, kh, kw] (and its grad) goes through `fn` as a 5-d view instead.
+        return super()._apply(lambda t: fn(t.unsqueeze(0)).squeeze(0) if t.dim() == 4 else fn(t), recurse)
+
 
 COLORA_LAYERS = (CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d)
 CONV_TO_COLORA = {nn.Conv1d: CoLoRAConv1d, nn.Conv2d: CoLoRAConv2d, nn.Conv3d: CoLoRAConv3d}

@@ -265,3 +265,19 @@ def test_writes_through_data_need_clear_merged_cache():
     layer.depthwise.data.mul_(2.0)
     layer.clear_merged_cache()
     _assert_current(layer, x, "a .data write and clear_merged_cache()")
+
+
+def test_conv3d_to_channels_last_3d():
+    """Module.to(memory_format=channels_last_3d) converts K0 and leaves the 4-d Kd usable (as for nn.Conv3d)."""
+    torch.manual_seed(0)
+    layer = cf.CoLoRAConv3d(3, 4, 3, padding=1, backend="torch", dtype=torch.float64)
+    with torch.no_grad():
+        layer.depthwise.normal_()
+    x = torch.randn(2, 3, 4, 5, 4, dtype=torch.float64)
+    expected = layer(x)
+    layer.to(memory_format=torch.channels_last_3d)
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert layer.depthwise.shape == (4, 3, 3, 3)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last_3d)), expected)
+    layer.float()
+    assert layer.depthwise.dtype == torch.float32 and isinstance(layer.depthwise, nn.Parameter)
