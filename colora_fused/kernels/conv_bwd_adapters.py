@@ -38,7 +38,7 @@ def _channel_gemm_configs():
     if FIXED_CONFIG:
         return [triton.Config({"BLOCK_K": 64})]
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4)]]
+            for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4), (16, 4, 2)]]
 
 
 def _prune_pointwise_grad(configs, named_args, **kwargs):
@@ -46,6 +46,10 @@ def _prune_pointwise_grad(configs, named_args, **kwargs):
     tile and, for the stencil operand, one tile per tap."""
     taps = kwargs["KD"] * kwargs["KH"] * kwargs["KW"]
     bm, bn, x = kwargs["BLOCK_M"], kwargs["BLOCK_N"], named_args["x_ptr"]
+    if named_args["s_x_c"] != 1:
+        # NCHW operands are gathered across channels: the accumulator and both tiles then spill beyond 128
+        # elements a thread (4 warps on these tiles).
+        configs = prune_by_registers(configs, lambda c: bm * bn + c.kwargs["BLOCK_K"] * (bm + bn), 128)
 
     def stage_bytes(cfg):
         bk = cfg.kwargs["BLOCK_K"]
@@ -58,19 +62,22 @@ def _prune_pointwise_grad(configs, named_args, **kwargs):
 def _prune_gradw(configs, named_args, **kwargs):
     """Configs whose two fp32 [BM, BN] accumulators stay in registers and whose pipeline fits shared memory.
 
-    A thread may hold 128 accumulator elements with one tap, 64 with several (the per-tap fold into dKd needs
-    registers beside them): the largest that compile spill-free for sm_90 (see `colora_fused.audit`).
+    A thread may hold 128 accumulator elements with one tap and channels_last operands, 64 with several taps
+    (the per-tap fold into dKd needs registers beside them) or NCHW: the largest that compile spill-free for
+    sm_90 (see `colora_fused.audit`).
     """
     bm, bn, x = kwargs["BLOCK_M"], kwargs["BLOCK_N"], named_args["x_ptr"]
     one_tap = kwargs["KD"] * kwargs["KH"] * kwargs["KW"] == 1
-    configs = prune_by_registers(configs, lambda c: 2 * bm * bn, 128 if one_tap else 64)
+    per_thread = 128 if one_tap and named_args["s_x_c"] == 1 else 64
+    configs = prune_by_registers(configs, lambda c: 2 * bm * bn, per_thread)
     if not one_tap:
-        # Several taps at 4 warps: a 64-deep pipeline of 3 stages spills even on 16×16 tiles.
-        configs = [c for c in configs if c.num_warps > 4 or c.kwargs["BLOCK_K"] * c.num_stages <= 128] or configs
+        # Several taps: a 64-deep pipeline of 3 stages spills even on 16×16 tiles.
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] * c.num_stages <= 128] or configs
     return prune_by_shared_memory(configs, lambda c: (bm + bn) * c.kwargs["BLOCK_K"] * x.element_size(), x.device)
 
 
-@triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+@triton.autotune(configs=_channel_gemm_configs(),
+                 key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
                  reset_to_zero=["dkp_ptr", "db_ptr"], prune_configs_by={"early_config_prune": _prune_pointwise_grad})
 @triton.jit
 def _pointwise_grad_kernel(
@@ -292,7 +299,15 @@ def _channel_sum_configs():
     return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]]
 
 
-@triton.autotune(configs=_channel_sum_configs(), key=["C_OUT", "P"], reset_to_zero=["db_ptr"])
+def _prune_channel_sum(configs, named_args, **kwargs):
+    """With NCHW dY (gathered across channels) a [BM, BN] tile beyond 8192 elements spills."""
+    if named_args["s_dy_c"] == 1:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * kwargs["BLOCK_N"] <= 8192] or configs
+
+
+@triton.autotune(configs=_channel_sum_configs(), key=["C_OUT", "P", "s_dy_c"], reset_to_zero=["db_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_channel_sum})
 @triton.jit
 def _channel_sum_kernel(
         dy_ptr, db_ptr, OD, OH, OW, C_OUT, P, SPLIT, s_db_s,
@@ -319,7 +334,8 @@ def _channel_sum_kernel(
     _store_partial(db_ptr + i_s * s_db_s + o_n, acc, m_n, USE_ATOMIC)
 
 
-@triton.autotune(configs=_channel_gemm_configs(), key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST"],
+@triton.autotune(configs=_channel_gemm_configs(),
+                 key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
                  reset_to_zero=["dkp_ptr", "dkd_ptr", "db_ptr"], prune_configs_by={"early_config_prune": _prune_gradw})
 @triton.jit
 def _gradw_adapter_kernel(
@@ -455,7 +471,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     `deterministic=False` trades bit-reproducibility for fp32 atomics instead of split partials.
     """
     device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
-    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups,
+                                                  order)
     nd = weight.dim() - 2
     c_out, c_in_g = weight.shape[:2]
     c_in = c_in_g * groups
@@ -520,7 +537,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
                 USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn)
 
             ch_g = c_in_g if dw_first else c_out_g
-            bc = _channel_block(ch_g)
+            # NCHW operands are gathered across channels: 32-channel tiles keep the gathers in registers.
+            bc = _channel_block(ch_g, 128 if xs.stride(1) == 1 else 32)
             p_kd = p_out if dw_first else p_in
             split_d = _split(triton.cdiv(ch_g, bc) * groups, p_kd, device)
             dkd = _partials((split_d,), (kd_ch, taps), use_atomic, device)

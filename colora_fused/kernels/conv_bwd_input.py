@@ -66,7 +66,8 @@ def _first_tap(r, P, DIL, S, K: tl.constexpr):
     return first
 
 
-@triton.autotune(configs=_bwd_input_configs(), key=["C_IN_G", "C_OUT_G", "M_MAX", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_dy_c"],
+@triton.autotune(configs=_bwd_input_configs(),
+                 key=["C_IN_G", "C_OUT_G", "M_MAX", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_dy_c"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _conv_bwd_input_kernel(
@@ -176,7 +177,8 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
     padding). Returns `x_shape` in grad_out's dtype, channels innermost when `x_channels_last`, else contiguous.
     """
     device = check_backward_tensors(grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
-    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups,
+                                                  order)
     nd = weight.dim() - 2
     x_shape = tuple(int(s) for s in x_shape)
     c_out, c_in_g = weight.shape[:2]

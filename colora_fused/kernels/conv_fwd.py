@@ -60,10 +60,10 @@ def interpreter_config():
 def fit_channel_tiles(block_n: int, block_k: int, c_out_g: int, c_in_g: int) -> Tuple[int, int]:
     """(BLOCK_N, BLOCK_K) shrunk to the per-group channel counts.
 
-    tl.dot needs tiles of at least 16 (64 rows for wgmma, see WGMMA_ROWS). When padding both channel tiles up to 16 would waste 16× or more
-    (depthwise and other thin groups) — about what tensor cores gain over FMAs — the tiles take the exact
-    power-of-two sizes instead and the kernel takes its broadcast-FMA path, with BLOCK_N·BLOCK_K ≤ 64 so that
-    its [BN, BK, BM] product stays in registers.
+    tl.dot needs tiles of at least 16 (and 64 rows for wgmma, see WGMMA_ROWS). When padding both channel tiles
+    up to 16 would waste 16× or more (depthwise and other thin groups) — about what tensor cores gain over FMAs
+    — the tiles take the exact power-of-two sizes instead and the kernel takes its broadcast-FMA path, with
+    BLOCK_N·BLOCK_K ≤ 64 so that its [BN, BK, BM] product stays in registers.
     """
     n2, k2 = triton.next_power_of_2(c_out_g), triton.next_power_of_2(c_in_g)
     if max(1, 16 // n2) * max(1, 16 // k2) < 16:
