@@ -11,10 +11,10 @@ route (the cost model's choice, or COLORA_GRAD_ROUTE forced to `cheap` or `gradw
 in float64 and float32, and a few tiny cases go through `backend="triton"` in float32 (under
 TRITON_INTERPRET=1 on CPU, it is slow). The layers run in float64 through a drawn sequence of what training
 does to them between forwards (`LAYER_ACTIONS`: optimizer steps, in-place writes, merges, resets,
-`load_state_dict`, `disable_adapters`, dtype round trips, no-grad and inference-mode forwards), checked after
-each: the layer caches K0 + ΔK, and a stale cache would be a silent wrong answer. Forward-mode AD
+`load_state_dict`, `disable_adapters`, the cache switched off and on, no-grad and inference-mode forwards),
+checked after each: the layer caches K0 + ΔK, and a stale cache would be a silent wrong answer. Forward-mode AD
 (`torch.func.jvp`) and a Hessian-vector product (double backward) of the `torch` backend are checked in
-float64 too. Tolerances are the suite's `cases.TOLERANCE`. Two known failures are strict xfails here (their
+float64 too. Tolerances are the suite's `cases.TOLERANCE`. Known failures are strict xfails at the end (their
 reasons say whose file).
 
 Budget. By default (CI) each property runs a fixed number of examples, derandomized and without an example
@@ -110,9 +110,9 @@ def _pad_amounts(padding, kernel, dilation) -> Tuple[Tuple[int, int], ...]:
 
 @st.composite
 def conv_draws(draw, dims=(1, 2, 3), max_groups=3, max_per_group=3, max_kernel=4, max_dilation=2, max_pad=2,
-               max_extra_size=3, max_batch=3, weight_channels_last_dims=(2, 3)) -> ConvDraw:
+               max_extra_size=3, max_batch=3) -> ConvDraw:
     """A random `ConvDraw` that torch's own convolution accepts; simplest values first, so shrinking ends at
-    a small, readable case. A channels-last K0 is drawn only for convs of `weight_channels_last_dims`."""
+    a small, readable case."""
     dim = draw(st.sampled_from(dims))
     groups = draw(st.integers(1, max_groups))
     c_in = groups * draw(st.integers(1, max_per_group))
@@ -144,7 +144,7 @@ def conv_draws(draw, dims=(1, 2, 3), max_groups=3, max_per_group=3, max_kernel=4
     layout = draw(st.sampled_from(LAYOUTS))
     case = Case("drawn", dim, c_in, c_out, tuple(size), kernel, stride=stride, padding=padding, dilation=dilation,
                 groups=groups, bias=draw(st.booleans()), padding_mode=padding_mode, batch=batch)
-    weight_channels_last = dim in weight_channels_last_dims and draw(st.booleans())
+    weight_channels_last = dim > 1 and draw(st.booleans())
     return ConvDraw(case, order=draw(st.sampled_from(ORDERS)), train_bias=draw(st.sampled_from([None, True, False])),
                     unbatched=unbatched, layout=layout, weight_channels_last=weight_channels_last,
                     adapters_transposed=draw(st.booleans()), x_grad=draw(st.booleans()), base_grad=draw(st.booleans()),
@@ -328,9 +328,11 @@ def check_layer_now(d: ConvDraw, layer: nn.Module, x: torch.Tensor) -> None:
 
 
 # What a training loop, a user or a library does to a layer between forwards. The layer keeps K0 + ΔK
-# between calls (`cache_merged_weight`), so each must be seen by the next forward.
+# between calls (`cache_merged_weight`), so each must be seen by the next forward. A dtype round trip
+# (`layer.float().double()`) is left out: it fails at random, see
+# test_layer_sees_parameters_reassigned_at_the_same_address.
 LAYER_ACTIONS = ("sgd_step", "adapters_add_", "merge_", "reset_adapter_", "load_state_dict", "toggle_disable",
-                 "toggle_cache", "float_round_trip", "no_grad_forward", "inference_forward")
+                 "toggle_cache", "no_grad_forward", "inference_forward")
 
 
 def apply_action(d: ConvDraw, action: str, layer: nn.Module, x: torch.Tensor, optimizer, g: torch.Generator):
@@ -354,8 +356,6 @@ def apply_action(d: ConvDraw, action: str, layer: nn.Module, x: torch.Tensor, op
         layer.disable_adapters = not layer.disable_adapters
     elif action == "toggle_cache":
         layer.cache_merged_weight = not layer.cache_merged_weight
-    elif action == "float_round_trip":
-        layer.float().double()
     else:
         with torch.no_grad() if action == "no_grad_forward" else torch.inference_mode():
             out = layer(x)
@@ -416,8 +416,7 @@ def test_higher_order_torch_backend_matches_reference(conformance_budget):
 
 
 def test_layers_match_reference(conformance_budget):
-    # 3d layers are left out of module.to(memory_format=channels_last_3d): test_layer3d_channels_last_3d.
-    @given(d=conv_draws(weight_channels_last_dims=(2,)),
+    @given(d=conv_draws(),
            actions=st.lists(st.sampled_from(LAYER_ACTIONS), max_size=5))
     def prop(d, actions):
         check_layer(d, actions)
@@ -425,25 +424,35 @@ def test_layers_match_reference(conformance_budget):
     run_property(conformance_budget, "layer", prop)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "bug in modules.py: Module.to(memory_format=torch.channels_last_3d) converts CoLoRAConv3d's 4-D depthwise "
-    "Kd [C, kd, kh, kw] like the 5-D weight and raises 'required rank 5 tensor to use channels_last_3d format', "
-    "where a model of plain nn.Conv3d converts"))
-def test_layer3d_channels_last_3d():
-    check_layer(ConvDraw(Case("3d-channels-last", 3, 2, 4, (4, 5, 4), (3, 3, 3), padding=1),
-                         layout="channels_innermost", weight_channels_last=True))
-
-
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "documented gap in ops.MergedWeightCache (core): an in-place write through `param.data` bumps no version, so "
-    "the layer's cached K0 + ΔK goes stale and the next forward is silently wrong (layer.cache_merged_weight = "
-    "False or layer._merge_cache.clear() avoids it)"))
+    "documented limitation of ops.MergedWeightCache (core): an in-place write through `param.data` bumps no "
+    "version, so the layer's cached K0 + ΔK goes stale and the next forward is silently wrong unless the user "
+    "calls layer.clear_merged_cache()"))
 def test_layer_sees_adapter_write_through_data():
     d = ConvDraw(Case("2d", 2, 3, 4, (5, 5), (3, 3), padding=1))
     layer = build_layer(d)
     x = drawn_tensors(d, torch.float64)["x"]
     check_layer_now(d, layer, x)
     layer.depthwise.data.add_(1.0)
+    check_layer_now(d, layer, x)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "bug in ops.MergedWeightCache (core): its stamp tells storages apart by data_ptr and `_version`, but "
+    "`param.data = t` keeps the parameter's version counter, so new values at an old address are served the old "
+    "K0 + ΔK. Deterministic with torch.nn.utils.vector_to_parameters from one buffer (here, off by O(1)); at "
+    "random (~1-10% of tries on CPU) after layer.float().double(), when the allocator hands back the freed "
+    "addresses"))
+def test_layer_sees_parameters_reassigned_at_the_same_address():
+    d = ConvDraw(Case("2d", 2, 3, 4, (5, 5), (3, 3), padding=1))
+    layer = build_layer(d)
+    x = drawn_tensors(d, torch.float64)["x"]
+    params = layer.adapter_parameters()
+    values = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    torch.nn.utils.vector_to_parameters(values, params)
+    check_layer_now(d, layer, x)
+    values.mul_(2.0)
+    torch.nn.utils.vector_to_parameters(values, params)
     check_layer_now(d, layer, x)
 
 
