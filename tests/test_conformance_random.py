@@ -198,12 +198,25 @@ def oracle(d: ConvDraw, t, grad_out: Optional[torch.Tensor] = None):
     return out.squeeze(0), grads and dict(grads, x=grads["x"].squeeze(0))
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype, name: str, tol=None) -> None:
-    """`cases.assert_close`, and for an empty result (an empty batch) its shape."""
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype, name: str, tol=None,
+                   terms: Optional[torch.Tensor] = None) -> None:
+    """`cases.assert_close`, and for an empty result (an empty batch) its shape. With `terms` (the sums of
+    |terms| behind `expected`, `term_magnitudes`), atol scales by their largest instead of by |expected|'s."""
     if expected.numel() == 0:
         assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
         return
+    if terms is not None:
+        atol, rtol = tol or TOLERANCE[dtype]
+        tol = (atol * terms.max().item() / max(expected.abs().max().item(), 1e-12), rtol)
     assert_close(actual, expected, dtype, name, tol)
+
+
+def term_magnitudes(d: ConvDraw, t, grad_out: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The output and every gradient of the reference on absolute values: each is a sum of products, so this
+    is the sum of |terms| behind each element. Rounding in float32 and below scales with it, not with the
+    result, which cancellation can make far smaller."""
+    out, grads = oracle(d, {k: (None if v is None else v.detach().abs()) for k, v in t.items()}, grad_out.abs())
+    return dict(grads, out=out)
 
 
 @contextlib.contextmanager
@@ -225,8 +238,9 @@ def check_gradients(d: ConvDraw, out: torch.Tensor, t, dtype, tol=None) -> None:
     g = torch.Generator().manual_seed(d.seed + 2)
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype=out.dtype, device=out.device)
     expected, expected_grads = oracle(d, t, grad_out)
+    terms = term_magnitudes(d, t, grad_out) if dtype != torch.float64 else {}
     assert out.dtype == dtype, f"out: dtype {out.dtype} != {dtype}"
-    assert_matches(out, expected, dtype, "out", tol)
+    assert_matches(out, expected, dtype, "out", tol, terms.get("out"))
     if not out.requires_grad:  # nothing that requires grad takes part (a disabled layer on a frozen x)
         assert not any(v is not None and v.requires_grad for v in t.values()), "out does not require grad"
         return
@@ -238,7 +252,7 @@ def check_gradients(d: ConvDraw, out: torch.Tensor, t, dtype, tol=None) -> None:
         if value.requires_grad:
             assert value.grad is not None, f"no gradient for {key}"
             assert value.grad.dtype == dtype, f"grad {key}: dtype {value.grad.dtype} != {dtype}"
-            assert_matches(value.grad, expected_grads[key], dtype, f"grad {key}", tol)
+            assert_matches(value.grad, expected_grads[key], dtype, f"grad {key}", tol, terms.get(key))
         else:
             assert value.grad is None, f"{key} does not require grad but got one"
 
