@@ -14,7 +14,8 @@ does to them between forwards (`LAYER_ACTIONS`: optimizer steps, in-place writes
 `load_state_dict`, `disable_adapters`, the cache switched off and on, no-grad and inference-mode forwards),
 checked after each: the layer caches K0 + ΔK, and a stale cache would be a silent wrong answer. Forward-mode AD
 (`torch.func.jvp`) and a Hessian-vector product (double backward) of the `torch` backend are checked in
-float64 too. Tolerances are the suite's `cases.TOLERANCE`. Known failures are strict xfails at the end (their
+float64 too. Tolerances are the suite's `cases.TOLERANCE`; below float64, atol scales with the sums of |terms|
+behind each element (`term_magnitudes`) rather than with the result. Known failures are strict xfails (their
 reasons say whose file).
 
 Budget. By default (CI) each property runs a fixed number of examples, derandomized and without an example
@@ -22,8 +23,9 @@ database, so every run draws the same cases. A larger random run:
 
     python -m pytest tests/test_conformance_random.py --conformance-examples 2000
 
-(or COLORA_CONFORMANCE_EXAMPLES=2000); the triton property runs a twentieth of that. The run's seed is
-printed in pytest's header and on a failure; `--conformance-seed S` (COLORA_CONFORMANCE_SEED) replays it.
+(or COLORA_CONFORMANCE_EXAMPLES=2000); the layer property runs half of that, the higher-order one a quarter, the
+triton one a twentieth (`RANDOM_SHARE`). The run's seed is printed in pytest's header and on a failure;
+`--conformance-seed S` (COLORA_CONFORMANCE_SEED) replays it.
 
 Reproducing a failure. Hypothesis shrinks it and prints the falsifying `ConvDraw(...)` and a
 `@reproduce_failure` blob. The draw alone is a complete reproducer: `check_functional(ConvDraw(...), "torch",
