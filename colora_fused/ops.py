@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._conv import CONV_FNS, adapter_grad_route, conv_output_shape
@@ -134,8 +135,12 @@ class MergedWeightCache:
     def get(self, weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
             dtype: torch.dtype) -> Tensor:
         """K0 + ΔK in `dtype`, from the buffer when none of K0, Kp, Kd has changed since it was built."""
-        stamp = (_OPTIMIZER_STEPS,) + tuple((t, t._version, t.data_ptr(), t.dtype, t.device, t.shape)
-                                            for t in (weight, pointwise, depthwise))
+        # The storage by a weak reference, not its address: `.float().double()` frees a storage and may get a
+        # new one at the same address, whose tensor still has the old version count. A held weak reference
+        # keeps its StorageImpl from being reused, so equal references mean the same storage.
+        stamp = (_OPTIMIZER_STEPS,) + tuple(
+            (t, t._version, StorageWeakRef(t.untyped_storage()), t.storage_offset(), t.dtype, t.device, t.shape)
+            for t in (weight, pointwise, depthwise))
         slot = (dtype, torch.is_inference_mode_enabled())
         with self._lock:
             entry = self._entries.get(slot)

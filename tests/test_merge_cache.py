@@ -281,3 +281,24 @@ def test_conv3d_to_channels_last_3d():
     torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last_3d)), expected)
     layer.float()
     assert layer.depthwise.dtype == torch.float32 and isinstance(layer.depthwise, nn.Parameter)
+
+
+def test_cache_tells_storages_at_one_address_apart():
+    """`.float().double()` frees each parameter's storage, and the new one may come at the same address with the
+    parameter's version count unchanged: the cache must tell storages apart, not addresses. Two storages over one
+    buffer stand in for that reuse here, deterministically."""
+    import colora_fused as cf
+    layer = cf.CoLoRAConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    memory = bytearray(layer.depthwise.numel() * 8)
+    first = torch.frombuffer(memory, dtype=torch.float64).view(layer.depthwise.shape)
+    first.normal_()
+    layer.depthwise.data = first
+    layer(x)  # builds the cache on the first storage
+    second = torch.frombuffer(memory, dtype=torch.float64).view(layer.depthwise.shape)
+    assert second.data_ptr() == first.data_ptr()
+    layer.depthwise.data = second
+    second.mul_(3.0)  # new values at the same address; the parameter's own version count does not move
+    expected = cf.functional.colora_conv(x, layer.weight, layer.bias, layer.pointwise, layer.depthwise,
+                                         layer.bias_delta, padding=1, backend="reference")
+    torch.testing.assert_close(layer(x), expected)
