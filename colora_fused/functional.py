@@ -214,7 +214,10 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
     nd = weight.dim() - 2
     unbatched = x.dim() == nd + 1
     if unbatched:
-        x = x.unsqueeze(0)
+        # A batch dim of stride numel, not unsqueeze's (which copies the channel stride of a channels-innermost
+        # x): with that stride PyTorch's CPU conv gets the float64 weight gradient wrong for a channels_last K0
+        # and groups > 1 (F.conv2d on such an unbatched input is wrong the same way).
+        x = x.as_strided((1, *x.shape), (max(1, x.numel()), *x.stride()), x.storage_offset())
     dtype = _autocast_dtype(x.device.type)
     check_tensors(x, weight, bias, pointwise, depthwise, bias_delta, groups, order, dtype)
     if requested_backend(backend) == "reference":
