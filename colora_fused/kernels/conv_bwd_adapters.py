@@ -38,29 +38,30 @@ def _channel_gemm_configs():
     if FIXED_CONFIG:
         return [triton.Config({"BLOCK_K": 64})]
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4), (16, 4, 2)]]
+            for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4), (16, 8, 3), (16, 4, 2)]]
 
 
 def _prune_pointwise_grad(configs, named_args, **kwargs):
-    """Configs whose pipeline fits the device's shared memory: per stage the plain operand's [BK, BN] or [BM, BK]
-    tile and, for the stencil operand, one tile per tap."""
+    """Configs whose pipeline fits the device's shared memory (per stage the plain operand's [BK, BN] or [BM, BK]
+    tile and, for the stencil operand, one tile per tap); of those, with NCHW operands (gathered across
+    channels), the ones whose accumulator and tiles stay within 128 elements a thread."""
     taps = kwargs["KD"] * kwargs["KH"] * kwargs["KW"]
     bm, bn, x = kwargs["BLOCK_M"], kwargs["BLOCK_N"], named_args["x_ptr"]
-    if named_args["s_x_c"] != 1:
-        # NCHW operands are gathered across channels: the accumulator and both tiles then spill beyond 128
-        # elements a thread (4 warps on these tiles).
-        configs = prune_by_registers(configs, lambda c: bm * bn + c.kwargs["BLOCK_K"] * (bm + bn), 128)
 
     def stage_bytes(cfg):
         bk = cfg.kwargs["BLOCK_K"]
         plain, stencil = (bm * bk, bk * bn) if kwargs["DEPTHWISE_FIRST"] else (bk * bn, bm * bk)
         return (plain + taps * stencil) * x.element_size()
 
-    return prune_by_shared_memory(configs, stage_bytes, x.device)
+    configs = prune_by_shared_memory(configs, stage_bytes, x.device)
+    if named_args["s_x_c"] != 1:
+        configs = prune_by_registers(configs, lambda c: bm * bn + c.kwargs["BLOCK_K"] * (bm + bn), 128)
+    return configs
 
 
 def _prune_gradw(configs, named_args, **kwargs):
-    """Configs whose two fp32 [BM, BN] accumulators stay in registers and whose pipeline fits shared memory.
+    """Configs whose pipeline fits shared memory and, of those, whose two fp32 [BM, BN] accumulators stay in
+    registers.
 
     A thread may hold 128 accumulator elements with one tap and channels_last operands, 64 with several taps
     (the per-tap fold into dKd needs registers beside them) or NCHW: the largest that compile spill-free for
@@ -69,11 +70,11 @@ def _prune_gradw(configs, named_args, **kwargs):
     bm, bn, x = kwargs["BLOCK_M"], kwargs["BLOCK_N"], named_args["x_ptr"]
     one_tap = kwargs["KD"] * kwargs["KH"] * kwargs["KW"] == 1
     per_thread = 128 if one_tap and named_args["s_x_c"] == 1 else 64
-    configs = prune_by_registers(configs, lambda c: 2 * bm * bn, per_thread)
+    configs = prune_by_shared_memory(configs, lambda c: (bm + bn) * c.kwargs["BLOCK_K"] * x.element_size(), x.device)
     if not one_tap:
         # Several taps: a 64-deep pipeline of 3 stages spills even on 16×16 tiles.
         configs = [c for c in configs if c.kwargs["BLOCK_K"] * c.num_stages <= 128] or configs
-    return prune_by_shared_memory(configs, lambda c: (bm + bn) * c.kwargs["BLOCK_K"] * x.element_size(), x.device)
+    return prune_by_registers(configs, lambda c: 2 * bm * bn, per_thread)
 
 
 @triton.autotune(configs=_channel_gemm_configs(),
@@ -187,10 +188,11 @@ def _prune_depthwise_grad(configs, named_args, **kwargs):
     """Configs whose pipeline (the 1×1 GEMM's [BM, BK] and [BK, BN] tiles per stage) fits shared memory; with
     NCHW operands (gathered across channels) only those whose two tiles stay within 24 elements a thread."""
     bn, x = kwargs["BLOCK_N"], named_args["x_ptr"]
+    configs = prune_by_shared_memory(
+        configs, lambda c: (c.kwargs["BLOCK_M"] + bn) * c.kwargs["BLOCK_K"] * x.element_size(), x.device)
     if named_args["s_x_c"] != 1:
         configs = prune_by_registers(configs, lambda c: (c.kwargs["BLOCK_M"] + bn) * c.kwargs["BLOCK_K"], 24)
-    return prune_by_shared_memory(
-        configs, lambda c: (c.kwargs["BLOCK_M"] + bn) * c.kwargs["BLOCK_K"] * x.element_size(), x.device)
+    return configs
 
 
 @triton.autotune(configs=_depthwise_grad_configs(),

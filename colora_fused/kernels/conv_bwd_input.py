@@ -34,25 +34,26 @@ def _bwd_input_configs():
 def _prune_configs(configs, named_args, **kwargs):
     """The autotuner's early prune: channel tiles shrunk to the group's channels (down to tl.dot's 16),
     duplicates dropped, then the configs whose pipeline (dY, K0 and Kp tiles per stage) overflows the device's
-    shared memory."""
+    shared memory, then (NCHW) those past a register budget. A shared-memory overflow fails the launch, a spill
+    only slows it, so that limit is applied first."""
     def fit(kw):
         kw["BLOCK_N"] = min(kw["BLOCK_N"], max(16, triton.next_power_of_2(named_args["C_IN_G"])))
         kw["BLOCK_K"] = min(kw["BLOCK_K"], max(16, triton.next_power_of_2(named_args["C_OUT_G"])))
         return kw
 
     dy = named_args["dy_ptr"]
-    configs = fit_configs(configs, fit)
-    if named_args["s_dy_c"] != 1:
-        # NCHW dY is gathered across channels: its [BM, BK] tile and the [BK, BN] merged tile then spill beyond
-        # 32 elements a thread.
-        configs = prune_by_registers(
-            configs, lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]), 32)
 
     def stage_bytes(cfg):
         kw = cfg.kwargs
         return (kw["BLOCK_M"] * kw["BLOCK_K"] + 2 * kw["BLOCK_K"] * kw["BLOCK_N"]) * dy.element_size()
 
-    return prune_by_shared_memory(configs, stage_bytes, dy.device)
+    configs = prune_by_shared_memory(fit_configs(configs, fit), stage_bytes, dy.device)
+    if named_args["s_dy_c"] != 1:
+        # NCHW dY is gathered across channels: its [BM, BK] tile and the [BK, BN] merged tile then spill beyond
+        # 32 elements a thread.
+        configs = prune_by_registers(
+            configs, lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]), 32)
+    return configs
 
 
 @triton.jit
