@@ -325,7 +325,8 @@ def straight_run(tmp_path_factory):
 def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path, straight_run):
     data, reference, stdout = straight_run
     # Kill points: seeded picks among the progress lines of the uninterrupted run, in KILLS different epochs, each
-    # with a random delay after the line (up to 0.3 s: into the next steps, the evaluation, or the file writes).
+    # with a random delay after the line (up to 50 ms: into the next steps, the evaluation, or the file writes; on an
+    # idle machine a head-only epoch takes less than 0.1 s, and a longer delay let a run finish before its kill).
     # Epochs at least two apart: the resumed run restarts at most one epoch back, so each line shows up again.
     rng = random.Random(KILL_SEED)
     epochs = [f"[{s}] epoch {e}/6" for s in ("colora", "head") for e in range(1, 7)][:-1]
@@ -334,7 +335,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path
     for k, i in enumerate(picks):
         line = f"{epochs[i]} step {rng.randint(1, 8)}/8 "
         assert line in stdout
-        rc, _ = _launch(_cli(data, tmp_path / "out", "--resume"), tmp_path / f"attempt{k}.txt", kill_at=line, delay=rng.uniform(0, 0.3))
+        rc, _ = _launch(_cli(data, tmp_path / "out", "--resume"), tmp_path / f"attempt{k}.txt", kill_at=line, delay=rng.uniform(0, 0.05))
         attempts.append((line, rc))
     assert [rc for _, rc in attempts] == [-signal.SIGKILL] * KILLS, attempts
     rc, _ = _launch(_cli(data, tmp_path / "out", "--resume"), tmp_path / "final.txt")
