@@ -59,10 +59,12 @@ def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) 
 
 def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
                   out: Optional[Tensor] = None) -> Tensor:
-    """K0 + ΔK in one fused pass (addcmul), shaped like K0 (written into `out` when given)."""
+    """K0 + ΔK in one fused pass (addcmul), shaped like K0 (written into `out`, and `out` returned, when given:
+    a view reshaped back can carry other strides on size-1 dims, which send aten's conv backward to a path that
+    refuses them)."""
     kp, kd, shape = _factor_views(pointwise, depthwise, groups, order)
     merged = torch.addcmul(weight.reshape(shape), kp, kd, out=None if out is None else out.view(shape))
-    return merged.reshape(weight.shape)
+    return merged.reshape(weight.shape) if out is None else out
 
 
 _WORKSPACES = threading.local()
