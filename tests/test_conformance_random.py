@@ -454,11 +454,10 @@ def test_layer_sees_adapter_write_through_data():
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug in ops.MergedWeightCache (core): its stamp tells storages apart by data_ptr and `_version`, but "
-    "`param.data = t` keeps the parameter's version counter, so new values at an old address are served the old "
-    "K0 + ΔK. Deterministic with torch.nn.utils.vector_to_parameters from one buffer (here, off by O(1)); at "
-    "random (~1-10% of tries on CPU) after layer.float().double(), when the allocator hands back the freed "
-    "addresses"))
+    "limitation of ops.MergedWeightCache: it tells storages apart (by weak reference, so a storage reused at a "
+    "freed address is seen), but vector_to_parameters makes each parameter a view of the caller's buffer, and a "
+    "later write into that buffer bumps the buffer's version counter, not the parameter's: the same storage with "
+    "new values is served the old K0 + ΔK (off by O(1)) unless layer.clear_merged_cache() is called"))
 def test_layer_sees_parameters_reassigned_at_the_same_address():
     d = ConvDraw(Case("2d", 2, 3, 4, (5, 5), (3, 3), padding=1))
     layer = build_layer(d)
