@@ -258,14 +258,27 @@ def _ptxas_figures(log: str) -> Tuple[int, int, bool]:
             "instructions are serialized" in log)
 
 
+_BINDERS: Dict[tuple, tuple] = {}
+
+
+def _bind(launch: _common.Launch, config: Optional[triton.Config], arch: str):
+    """What the JIT computes before compiling a launch for the target: (target, backend, fn, kwargs, bound
+    arguments, specialisation, options). The backend and the argument binder are built once per kernel and
+    target."""
+    fn = _jit_fn(launch.kernel)
+    key = (fn, arch)
+    if key not in _BINDERS:
+        target = GPUTarget("cuda", ARCHS[arch].capability, 32)
+        backend = make_backend(target)
+        _BINDERS[key] = target, backend, create_function_from_signature(fn.signature, fn.params, backend)
+    target, backend, binder = _BINDERS[key]
+    kwargs = _launch_kwargs(launch, config)
+    return (target, backend, fn, kwargs, *binder(*launch.args, **kwargs))
+
+
 def compile_launch(launch: _common.Launch, config: Optional[triton.Config], arch: str) -> Compiled:
     """Compile one launch with one config for the target, as the JIT would for a real launch there."""
-    target = GPUTarget("cuda", ARCHS[arch].capability, 32)
-    backend = make_backend(target)
-    fn = _jit_fn(launch.kernel)
-    kwargs = _launch_kwargs(launch, config)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*launch.args, **kwargs)
+    target, backend, fn, kwargs, bound, specialization, options = _bind(launch, config, arch)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     log = io.StringIO()
     # Compile even when Triton's cache has the kernel: the figures come from ptxas's log of this compilation.
@@ -294,12 +307,9 @@ def compile_launch(launch: _common.Launch, config: Optional[triton.Config], arch
 def compile_key(launch: _common.Launch, config: Optional[triton.Config], arch: str) -> tuple:
     """What decides the compiled code: the kernel, its specialisation (types, divisibility, constexprs), the
     options and the target. Launches with equal keys compile to the same binary."""
-    backend = make_backend(GPUTarget("cuda", ARCHS[arch].capability, 32))
-    fn = _jit_fn(launch.kernel)
-    kwargs = _launch_kwargs(launch, config)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    _, specialization, options = binder(*launch.args, **kwargs)
-    return fn.fn.__qualname__, repr(specialization), repr(sorted(backend.parse_options(kwargs).__dict__.items())), arch
+    _, backend, fn, kwargs, _, specialization, _ = _bind(launch, config, arch)
+    options = sorted(backend.parse_options(kwargs).__dict__.items())
+    return fn.fn.__qualname__, repr(specialization), repr(options), arch
 
 
 def occupancy(c: Compiled, arch: Arch) -> int:
