@@ -125,6 +125,48 @@ def test_backward_adapters_other_route(case, order, device):
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_backward_adapters_two_pass(case, order, device):
+    """The two-kernel cheap route (what the one-pass kernel leaves to it: depthwise base convs, many taps) is
+    exact on every case too."""
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
+    result = run_adapters(tensors, grad_out, conv, case.bias, route="cheap", two_pass=True)
+    check_adapters(result, grads, case.bias, torch.float32, tolerance(device, torch.float32))
+
+
+def meta_case(case, order):
+    """A case's launcher arguments as meta tensors, for recording launches (`_common.recording`)."""
+    tensors, grad_out, conv, _ = setup_case(case, order, torch.float32, "cpu")
+    meta = {k: None if v is None else v.to("meta") for k, v in tensors.items()}
+    return meta, grad_out.to("meta"), conv
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", [c for c in CASE_PARAMS if c.values[0].groups < c.values[0].c_in])
+def test_cheap_route_runs_one_kernel_pass(case, order):
+    """On the cheap route one kernel computes dKp and dKd (plus the dΔb sum when asked), where the one-pass kernel
+    serves the shape; the depthwise base conv goes to the two-kernel route."""
+    tensors, grad_out, conv = meta_case(case, order)
+    with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
+        run_adapters(tensors, grad_out, conv, True, route="cheap")
+    names = [launch.kernel.fn.__name__ for launch in launches]
+    assert names == ["_adapter_grads_one_pass_kernel", "_channel_sum_kernel"]
+
+
+def test_depthwise_base_conv_takes_two_pass_route(caplog, monkeypatch):
+    from colora_fused.kernels import conv_bwd_adapters
+    monkeypatch.setattr(conv_bwd_adapters, "_TWO_PASS_LOGGED", set())
+    case = next(c for c in CASES if c.groups == c.c_in)
+    tensors, grad_out, conv = meta_case(case, "pointwise_first")
+    with _common.recording(_common.DeviceLimits(132, 232448)) as launches, caplog.at_level("INFO"):
+        run_adapters(tensors, grad_out, conv, False, route="cheap")
+        run_adapters(tensors, grad_out, conv, False, route="cheap")
+    assert [launch.kernel.fn.__name__ for launch in launches] == ["_pointwise_grad_kernel", "_depthwise_grad_kernel"] * 2
+    assert caplog.text.count("depthwise base conv") == 1, "the reason is logged once per shape"
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("order", ORDERS)
 def test_fp32_parameters_with_half_activations(order, device):
     """Autocast's mix: fp16 activations and grad_out, fp32 weight and adapters; adapter gradients come back fp32."""
     case = next(c for c in CASES if c.id == "2d-channels-last-groups")

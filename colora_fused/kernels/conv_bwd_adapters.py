@@ -13,6 +13,7 @@ positions are split into `SPLIT` programs writing fp32 partials that are summed 
 partial buffer starts as NaN (the tests set it).
 """
 import contextlib
+import logging
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -23,6 +24,8 @@ import triton.language as tl
 from .._conv import ROUTES, conv_output_shape
 from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, device_limits, fail,
                       launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides, WGMMA_ROWS)
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -295,6 +298,168 @@ def _depthwise_grad_kernel(
                    m_n[:, None] & (o_t < T)[None, :], USE_ATOMIC)
 
 
+def _one_pass_configs():
+    """BLOCK_K (positions per step), warps and stages; the launcher sets the channel tiles (BLOCK_S, BLOCK_P)."""
+    if FIXED_CONFIG:
+        return [triton.Config({"BLOCK_K": 16})]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bk, w, s in [(64, 8, 3), (64, 8, 2), (32, 8, 3), (64, 4, 3), (32, 4, 3), (128, 8, 2)]]
+
+
+def _prune_one_pass(configs, named_args, **kwargs):
+    """Configs whose pipeline fits shared memory (per stage the plain [BK, BP] tile and one [BK, BS] stencil tile
+    per tap, which the pipeliner stages; plus the Kp tile held throughout) and whose fp32 tiles (the [BP, BS]
+    accumulator, the 1×1 product and the stencil, [BS, BK] each) stay within 96 elements a thread."""
+    bs, bp, x = kwargs["BLOCK_S"], kwargs["BLOCK_P"], named_args["x_ptr"]
+    taps = kwargs["KD"] * kwargs["KH"] * kwargs["KW"]
+    size = x.element_size()
+
+    def stage_bytes(cfg):
+        bk = cfg.kwargs["BLOCK_K"]
+        return (bk * bp + taps * bk * bs) * size + bp * bs * size // cfg.num_stages
+
+    configs = prune_by_shared_memory(configs, stage_bytes, x.device)
+    return prune_by_registers(configs, lambda c: bs * bp + 2 * c.kwargs["BLOCK_K"] * bs, 96)
+
+
+@triton.autotune(configs=_one_pass_configs(),
+                 key=["C_IN_G", "C_OUT_G", "P", "s_x_c", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW",
+                      "DEPTHWISE_FIRST"],
+                 reset_to_zero=["dkp_ptr", "dkd_ptr"], prune_configs_by={"early_config_prune": _prune_one_pass})
+@triton.jit
+def _adapter_grads_one_pass_kernel(
+        x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr,
+        D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile,
+        s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
+        s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
+        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr,
+        SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DD: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, T_PAD: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        USE_ATOMIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dKp and dKd of the cheap route in one pass over X and dY (DESIGN §5), per group.
+
+    A program owns a tile of the stencil channels s (C_out with pointwise_first, C_in with depthwise_first), a
+    tile of the plain channels p (the other side) and a share of the positions (input positions with
+    pointwise_first, output positions with depthwise_first). Per block of BK positions it loads the plain
+    operand Q[pos, p] once (X, or dY) and, for each tap t, the shifted stencil source S_t[pos, s] (dY at the
+    transposed position, or X at the forward one; zero where fractional or out of range). Then:
+
+        A[pos, s]  = Σ_t Kd[s, t]·S_t[pos, s]          (G = Kdᵀ-stencil of dY, or Z1 = Kd ⊛ X)
+        dKp        += Aᵀ·Q  on tensor cores            ([BS, BP]: dKp[o, c], or dKp[o, c]ᵀ)
+        Y[pos, s]  = Σ_{p in tile} Q[pos, p]·Kp[·, ·]   (the tile's share of Z1 = Kp ⊛ X, or dZ1 = Kpᵀ ⊛ dY)
+        dKd[s, t]  += Σ_pos Y[pos, s]·S_t[pos, s]
+
+    dKd is linear in Y, so each plain-channel tile contributes its share; the launcher sums the shares with the
+    position splits in a fixed order. The conv geometry is compile-time, so the taps unroll and the index
+    arithmetic folds. Grid: (S tiles × P tiles, groups, SPLIT). Writes fp32 partials dkp[split, o, c]
+    ([SPLIT, C_out, C_IN_G]) and dkd[split, p tile, s, t]; with USE_ATOMIC the split and tile strides are 0 and
+    the partials are added atomically.
+    """
+    i_sp, i_g, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if DEPTHWISE_FIRST:
+        S_G = C_IN_G
+        P_G = C_OUT_G
+    else:
+        S_G = C_OUT_G
+        P_G = C_IN_G
+    num_p = tl.cdiv(P_G, BLOCK_P)
+    i_s, i_p = i_sp // num_p, i_sp % num_p
+    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    m_s = o_s < S_G
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < P_G
+    T: tl.constexpr = KD * KH * KW
+    o_t = tl.arange(0, T_PAD)
+    if DEPTHWISE_FIRST:
+        ch_s = i_g * C_IN_G + o_s  # channels of X and rows of Kd
+        ch_p = i_g * C_OUT_G + o_p  # channels of dY
+        p_kp = kp_ptr + ch_p[:, None] * s_kp_o + o_s[None, :] * s_kp_c
+        q_ptr = dy_ptr + (ch_p * s_dy_c)[None, :]
+        s_ptr = x_ptr + (ch_s * s_x_c)[None, :]
+    else:
+        ch_s = i_g * C_OUT_G + o_s  # channels of dY and rows of Kd
+        ch_p = i_g * C_IN_G + o_p  # channels of X
+        p_kp = kp_ptr + ch_s[None, :] * s_kp_o + o_p[:, None] * s_kp_c
+        q_ptr = x_ptr + (ch_p * s_x_c)[None, :]
+        s_ptr = dy_ptr + (ch_s * s_dy_c)[None, :]
+    # Kp for the tile as [BS, BP] (Kp[s, p] or Kp[p, s]ᵀ), held for the whole pass.
+    b_kp = tl.trans(tl.load(p_kp, mask=m_p[:, None] & m_s[None, :], other=0.).to(x_ptr.dtype.element_ty))
+
+    chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_K) * BLOCK_K
+    start = i_split * chunk
+    end = tl.minimum(start + chunk, P)
+    acc = tl.zeros((BLOCK_P, BLOCK_S), dtype=tl.float32)
+    acc_kd = tl.zeros((BLOCK_S, T_PAD), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < end
+        if DEPTHWISE_FIRST:
+            i_b, i1, i2, i3 = decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
+            p_q = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
+        else:
+            i_b, i1, i2, i3 = decode_position(tl.where(m_k, o_k, 0), D, H, W)
+            p_q = i_b.to(tl.int64) * s_x_n + i1.to(tl.int64) * s_x_d + i2.to(tl.int64) * s_x_h + i3 * s_x_w
+        b_q = tl.load(q_ptr + p_q[:, None], mask=m_k[:, None] & m_p[None, :], other=0.)  # [BK, BP]
+        # Channels on the M side and positions on N: the reductions over positions stay within a warp.
+        b_y = tl.dot(b_kp, tl.trans(b_q))  # [BS, BK] fp32
+        b_a = tl.zeros_like(b_y)
+        # With depthwise_first, or stride 1, a tap's source position is the block's position (scaled by the
+        # stride) plus a constant: one address per position per block, a scalar offset per tap.
+        DIRECT: tl.constexpr = DEPTHWISE_FIRST or (SD == 1 and SH == 1 and SW == 1)
+        if DEPTHWISE_FIRST:
+            LD, LH, LW = D, H, W
+            s_sd, s_sh, s_sw = s_x_d, s_x_h, s_x_w
+            p_base = i_b.to(tl.int64) * s_x_n + (i1 * SD).to(tl.int64) * s_x_d + (i2 * SH).to(tl.int64) * s_x_h \
+                + (i3 * SW) * s_x_w
+            v1, v2, v3 = i1 * SD, i2 * SH, i3 * SW
+        else:
+            LD, LH, LW = OD, OH, OW
+            s_sd, s_sh, s_sw = s_dy_d, s_dy_h, s_dy_w
+            p_base = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
+            v1, v2, v3 = i1, i2, i3
+        for td in tl.static_range(KD):
+            for th in tl.static_range(KH):
+                for tw in tl.static_range(KW):
+                    if DIRECT:
+                        if DEPTHWISE_FIRST:
+                            c1, c2, c3 = td * DD - PD, th * DH - PH, tw * DW - PW
+                        else:
+                            c1, c2, c3 = PD - td * DD, PH - th * DH, PW - tw * DW
+                        m_tap = (m_k & (v1 >= -c1) & (v1 < LD - c1) & (v2 >= -c2) & (v2 < LH - c2) & (v3 >= -c3)
+                                 & (v3 < LW - c3))
+                        p_t = p_base + (c1 * s_sd + c2 * s_sh + c3 * s_sw)
+                    else:
+                        # Offsets kept non-negative so that // and % are floor division.
+                        ed = i1 + (PD - td * DD + SD * KD * DD)
+                        eh = i2 + (PH - th * DH + SH * KH * DH)
+                        ew = i3 + (PW - tw * DW + SW * KW * DW)
+                        d = ed // SD - KD * DD
+                        h = eh // SH - KH * DH
+                        w = ew // SW - KW * DW
+                        m_tap = (m_k & (d >= 0) & (d < OD) & (h >= 0) & (h < OH) & (w >= 0) & (w < OW)
+                                 & (ed % SD == 0) & (eh % SH == 0) & (ew % SW == 0))
+                        p_t = (i_b.to(tl.int64) * s_dy_n + d.to(tl.int64) * s_dy_d + h.to(tl.int64) * s_dy_h
+                               + w * s_dy_w)
+                    b_src = tl.trans(tl.load(s_ptr + p_t[:, None], mask=m_tap[:, None] & m_s[None, :],
+                                             other=0.).to(tl.float32))  # [BS, BK]
+                    b_kd = tl.load(kd_ptr + ch_s * s_kd_c + (td * s_kd_d + th * s_kd_h + tw * s_kd_w), mask=m_s,
+                                   other=0.).to(tl.float32)  # [BS]
+                    b_a += b_src * b_kd[:, None]
+                    acc_kd += tl.where(o_t[None, :] == (td * KH + th) * KW + tw,
+                                       tl.sum(b_y * b_src, axis=1)[:, None], 0.)
+        acc = tl.dot(tl.trans(b_q), tl.trans(b_a.to(b_q.dtype)), acc)  # [BP, BS]
+
+    p_dkp = dkp_ptr + i_split * s_dkp_s
+    if DEPTHWISE_FIRST:
+        p_dkp += ch_p[:, None] * C_IN_G + o_s[None, :]
+    else:
+        p_dkp += ch_s[None, :] * C_IN_G + o_p[:, None]
+    _store_partial(p_dkp, acc, m_p[:, None] & m_s[None, :], USE_ATOMIC)
+    _store_partial(dkd_ptr + i_split * s_dkd_s + i_p * s_dkd_tile + ch_s[:, None] * T + o_t[None, :], acc_kd,
+                   m_s[:, None] & (o_t < T)[None, :], USE_ATOMIC)
+
+
 def _channel_sum_configs():
     if FIXED_CONFIG:
         return [triton.Config({"BLOCK_M": 64})]
@@ -423,10 +588,57 @@ def _gradw_adapter_kernel(
         _store_partial(db_ptr + i_s * s_db_s + o_cout, acc_b, m_m & (i_n == 0), USE_ATOMIC)
 
 
-def _split(tiles: int, positions: int, device: torch.device) -> int:
-    """Programs per tile along the position reduction: about two waves of the device, ≥ 8 row steps each."""
-    min_rows = 32 if device.type == "cpu" else 512
+def _split(tiles: int, positions: int, device: torch.device, min_rows: int = 512) -> int:
+    """Programs per tile along the position reduction: about two waves of the device, each program reducing at
+    least `min_rows` positions (32 on CPU)."""
+    min_rows = 32 if device.type == "cpu" else min_rows
     return max(1, min(triton.cdiv(2 * device_limits(device).sm_count, tiles), positions // min_rows))
+
+
+# The one-pass kernel unrolls every tap; beyond this many, compile time and code size outgrow the gain.
+ONE_PASS_MAX_TAPS = 64
+
+
+def one_pass_unsupported(c_in_g: int, c_out_g: int, taps: int) -> Optional[str]:
+    """Why the one-pass adapter-gradient kernel does not serve a conv of these group widths and taps, or None.
+
+    Depthwise base convs (one input or output channel per group) leave both of its GEMMs one channel wide, so
+    the two-kernel cheap route, which does not tile that side, serves them.
+    """
+    if c_in_g == 1 or c_out_g == 1:
+        return "one channel per group on a side (a depthwise base conv)"
+    if taps > ONE_PASS_MAX_TAPS:
+        return f"{taps} taps (the one-pass kernel unrolls at most {ONE_PASS_MAX_TAPS})"
+    return None
+
+
+_TWO_PASS_LOGGED = set()
+
+
+def _log_two_pass(reason: str, x_shape, weight_shape, groups: int) -> None:
+    key = (reason, x_shape, weight_shape, groups)
+    if key not in _TWO_PASS_LOGGED:
+        _TWO_PASS_LOGGED.add(key)
+        logger.info("colora_fused: adapter gradients of x %s, weight %s, groups %d by the two-kernel cheap route: %s",
+                    list(x_shape), list(weight_shape), groups, reason)
+
+
+def _one_pass_blocks(s_g: int, p_g: int, device: torch.device) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_P) of the one-pass kernel: the stencil channels on the dKp dot's M side (≥ 64 on a GPU for
+    wgmma), at most 64 of them and 128 plain channels, so the [BS, BP] accumulator and two [BK, BS] fp32 tiles
+    stay in registers."""
+    return _channel_block(s_g, 64), _channel_block(p_g, 256, rows=True, device=device)
+
+
+def _bias_delta(dy: torch.Tensor, c_out: int, p_out: int, use_atomic: bool, device: torch.device) -> torch.Tensor:
+    """fp32 partials of dΔb = Σ dY over every position and image, [splits, C_out]."""
+    bo = _channel_block(c_out)
+    split = _split(triton.cdiv(c_out, bo), p_out, device)
+    db = _partials((split,), (c_out,), use_atomic, device)
+    launch(_channel_sum_kernel, (triton.cdiv(c_out, bo), split),
+           dy, db, *dy.shape[2:], c_out, p_out, split, _lead_stride(db, 0), *strides(dy),
+           USE_ATOMIC=use_atomic, BLOCK_N=bo)
+    return db
 
 
 def _partials(lead: Tuple[int, ...], shape: Tuple[int, ...], use_atomic: bool, device: torch.device) -> torch.Tensor:
@@ -461,15 +673,19 @@ def _stencil_gemm_blocks(c_out_g: int, c_in_g: int, dw_first: bool, device: torc
 def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
                                   pointwise: torch.Tensor, depthwise: torch.Tensor, stride: Sequence[int],
                                   padding: Sequence[int], dilation: Sequence[int], groups: int, order: str,
-                                  need_bias_delta: bool, deterministic: bool = True, *, route: Optional[str] = None
+                                  need_bias_delta: bool, deterministic: bool = True, *, route: Optional[str] = None,
+                                  two_pass: bool = False
                                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(dKp, dKd, dΔb or None) of `conv(X, K0 + Kp ⊛ Kd, ...) + Δb` given dL/dO = grad_out.
 
     x: [N, C_in, *in], grad_out: [N, C_out, *out] (one dtype, any strides); dKp in pointwise's dtype, dKd in
     depthwise's, dΔb ([C_out], only with `need_bias_delta`) in pointwise's.
 
-    `route`: "cheap" (G/Z1 stencils fused into 1×1 GEMMs, ≈ 2F/prod(k)) or "gradw" (weight gradient folded in
-    its epilogue, F); None picks "gradw" for prod(k) ≤ 2, where both cost about F, and "cheap" otherwise.
+    `route`: "cheap" (≈ 2F/prod(k) plus the stencils) or "gradw" (weight gradient folded in its epilogue, F);
+    None picks "gradw" for prod(k) ≤ 2, where both cost about F, and "cheap" otherwise. The cheap route runs the
+    one-pass kernel where it serves the shape (`one_pass_unsupported`; else the reason is logged once) and the
+    two-kernel route (a dKp GEMM with the stencil in its prologue, a dKd GEMM-and-stencil kernel) otherwise or
+    with `two_pass`.
     `deterministic=False` trades bit-reproducibility for fp32 atomics instead of split partials.
     """
     device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
@@ -494,6 +710,12 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     xs, dy, kd = lift(x, 2), lift(grad_out, 2), lift(depthwise, 1)
     n, _, d, h, w = xs.shape
     od, oh, ow = dy.shape[2:]
+    p_in = n * d * h * w
+    one_pass = None
+    if route == "cheap":
+        one_pass = "two_pass forced" if two_pass else one_pass_unsupported(c_in_g, c_out // groups, taps)
+        if one_pass is not None and not two_pass:
+            _log_two_pass(one_pass, tuple(x.shape), tuple(weight.shape), groups)
     c_out_g = c_out // groups
     dw_first = order == "depthwise_first"
     use_atomic = not deterministic
@@ -522,8 +744,27 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
                 KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, HAS_BIAS=need_bias_delta,
                 USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn)
             dkd = dkd.sum(1)
+        elif one_pass is None:
+            p_pos = p_out if dw_first else p_in
+            s_g, p_g = (c_in_g, c_out_g) if dw_first else (c_out_g, c_in_g)
+            bs, bp = _one_pass_blocks(s_g, p_g, device)
+            tiles = triton.cdiv(s_g, bs) * triton.cdiv(p_g, bp)
+            split = _split(tiles * groups, p_pos, device, min_rows=128)
+            dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
+            dkd = _partials((split, triton.cdiv(p_g, bp)), (kd_ch, taps), use_atomic, device)
+            launch(
+                _adapter_grads_one_pass_kernel, (tiles, groups, split),
+                xs, dy, pointwise, kd, dkp, dkd,
+                d, h, w, od, oh, ow, c_in_g, c_out_g, p_pos, split,
+                _lead_stride(dkp, 0), _lead_stride(dkd, 0), _lead_stride(dkd, 1),
+                *io_strides, *strides(pointwise), *strides(kd),
+                KD=k3[0], KH=k3[1], KW=k3[2], SD=stride3[0], SH=stride3[1], SW=stride3[2], PD=pad3[0],
+                PH=pad3[1], PW=pad3[2], DD=dil3[0], DH=dil3[1], DW=dil3[2], T_PAD=triton.next_power_of_2(taps),
+                DEPTHWISE_FIRST=dw_first, USE_ATOMIC=use_atomic, BLOCK_S=bs, BLOCK_P=bp)
+            dkd = dkd.sum(1)
+            if need_bias_delta:
+                db = _bias_delta(dy, c_out, p_out, use_atomic, device)
         else:
-            p_in = n * d * h * w
             p_kp = p_out if dw_first else p_in
             bm, bn = _stencil_gemm_blocks(c_out_g, c_in_g, dw_first, device)
             gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
@@ -553,13 +794,7 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
                 USE_ATOMIC=use_atomic, BLOCK_N=bc)
 
             if need_bias_delta and not dw_first:
-                bo = _channel_block(c_out)
-                split_b = _split(triton.cdiv(c_out, bo), p_out, device)
-                db = _partials((split_b,), (c_out,), use_atomic, device)
-                launch(
-                    _channel_sum_kernel, (triton.cdiv(c_out, bo), split_b),
-                    dy, db, od, oh, ow, c_out, p_out, split_b, _lead_stride(db, 0), *strides(dy),
-                    USE_ATOMIC=use_atomic, BLOCK_N=bo)
+                db = _bias_delta(dy, c_out, p_out, use_atomic, device)
 
     d_pointwise = dkp.sum(0).to(pointwise.dtype)
     d_depthwise = dkd.sum(0).reshape(depthwise.shape).to(depthwise.dtype)
