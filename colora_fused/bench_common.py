@@ -15,12 +15,12 @@ from .bench_progress import Progress
 from .functional import timed_ms, triton_available
 
 DEFAULT_MODELS = ("resnet50", "vgg16")
-MODEL_METHODS = ("full", "head", "colora-eager", "colora-torch", "colora-triton", "peft-lora",
-                 "colora-eager-kxk", "colora-torch-kxk", "colora-triton-kxk")
-LAYER_METHODS = ("conv", "full", "colora-eager", "colora-torch", "colora-triton", "peft-lora")
+MODEL_METHODS = ("full", "head", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora",
+                 "colora-eager-kxk", "colora-torch-kxk", "colora-triton-kxk", "colora-hybrid-kxk")
+LAYER_METHODS = ("conv", "full", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora")
 # colora-auto is no timed method: layer mode builds it to report the path `auto` takes per shape.
 COLORA_BACKENDS = {"colora-eager": "reference", "colora-torch": "torch", "colora-triton": "triton",
-                   "colora-auto": "auto"}
+                   "colora-hybrid": "hybrid", "colora-auto": "auto"}
 COMPILE_SUFFIX = "+compile"
 KXK_SUFFIX = "-kxk"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -80,7 +80,7 @@ def split_method(name: str) -> Tuple[str, bool, bool]:
 def missing_dependency(method: str, device: torch.device) -> Optional[str]:
     """Why `method` cannot run on `device` in this environment, or None when it can."""
     base, _, _ = split_method(method)
-    if base == "colora-triton":
+    if base in ("colora-triton", "colora-hybrid"):
         if device.type != "cuda":
             return f"needs a CUDA device (this run is on {device.type})"
         if not triton_available():

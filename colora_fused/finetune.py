@@ -734,7 +734,7 @@ def build_parser():
     p.add_argument("--order", choices=("pointwise_first", "depthwise_first"), default="pointwise_first",
                    help="CoLoRA factor order: pointwise_first (paper §3.2, Kd per output channel) or depthwise_first "
                         "(paper §3.1, Keras SeparableConv2D) (default: pointwise_first)")
-    p.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), default="auto",
+    p.add_argument("--backend", choices=("auto", "triton", "hybrid", "torch", "reference"), default="auto",
                    help="CoLoRA conv implementation: auto picks the fastest on a GPU and torch elsewhere; reference is the "
                         "slow unmerged oracle (default: auto)")
     p.add_argument("--balance", choices=("none", "sample", "truncate"), default="none",

@@ -17,7 +17,9 @@ from .reference import colora_conv_reference
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "hybrid", "torch", "reference")
+# What `auto` weighs on CUDA, by measuring each shape (`fastest_backend`).
+AUTO_CANDIDATES = ("triton", "hybrid", "torch")
 
 
 def check_backend(backend: str) -> str:
@@ -33,8 +35,9 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
-def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optional[str]:
-    """Why the triton backend cannot run this call, or None when it can."""
+def hybrid_unsupported_reason(x: Tensor) -> Optional[str]:
+    """Why the hybrid backend (library convs on the merged weight, adapter gradients by the one-pass Triton
+    kernel) cannot run this call, or None when it can: what every Triton path needs."""
     if not triton_available():
         return "triton is not installed"
     if not (x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())):
@@ -42,6 +45,14 @@ def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optiona
                 "for CPU tests)")
     if x.dtype not in TRITON_DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16 are)"
+    return None
+
+
+def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optional[str]:
+    """Why the triton backend (the fused kernels) cannot run this call, or None when it can."""
+    reason = hybrid_unsupported_reason(x)
+    if reason is not None:
+        return reason
     from .kernels.conv_fwd import supports_forward
     return supports_forward(x, weight, groups)
 
@@ -70,13 +81,16 @@ _FASTEST: Dict[tuple, str] = {}
 
 
 def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor, stride, padding, dilation,
-                    groups: int, order: str, training: bool, candidates: Sequence[str] = ("triton", "torch")) -> str:
+                    groups: int, order: str, training: bool, candidates: Sequence[str] = AUTO_CANDIDATES) -> str:
     """The candidate backend that runs this (zero-padded) conv fastest, measured once per shape and cached.
 
-    With `training`, a forward plus the backward (input and adapter gradients) is timed, else the forward.
-    "torch" is timed on a prebuilt K0 + ΔK, as a layer runs it (its merge is cached across calls); "triton"
-    builds the merged tile in registers. A candidate that fails is never chosen.
+    With `training`, a forward plus the backward (input and adapter gradients) is timed, else the forward (where
+    "hybrid" is "torch", so it is not timed apart). "torch" and "hybrid" are timed on a prebuilt K0 + ΔK, as a
+    layer runs them (its merge is cached across calls); "triton" builds the merged tile in registers. A candidate
+    that fails is never chosen.
     """
+    if not training:
+        candidates = tuple(c for c in candidates if c != "hybrid") or ("torch",)
     shape = ops.shape_key(x, weight, stride, padding, dilation, groups, order)
     key = (shape, training, tuple(candidates))
     if key not in _FASTEST:
@@ -86,7 +100,8 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
                                              groups, order, "torch", merged))
 
         def step(name):
-            backend, buffer = ("torch", merged) if name == "torch" else ("triton-or-torch", None)
+            backend = "torch" if name == "torch" else f"{name}-or-torch"
+            buffer = None if name == "triton" else merged
             with torch.no_grad():
                 ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order,
                          backend, buffer)
@@ -95,8 +110,9 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
                                       order, backend, True, False, True, buffer)
 
         times = {name: _time_ms(lambda: step(name), x.device) for name in candidates}
-        if ops.triton_failed(shape):
-            times.pop("triton", None)
+        for name in ops.TRITON_OP_BACKENDS:
+            if ops.triton_failed(shape, name):
+                times.pop(name, None)
         _FASTEST[key] = min(times, key=times.get)
         logger.info("colora_fused: backend %s for x %s, weight %s (%s)", _FASTEST[key], tuple(x.shape),
                     tuple(weight.shape), ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
@@ -118,20 +134,21 @@ def _auto_considers_triton(x: Tensor) -> bool:
 
 def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str:
     """The backend for a call on these (padded, autocast) tensors: `auto` → COLORA_BACKEND if set, else
-    "auto-cuda" where triton runs, else torch.
+    "auto-cuda" on CUDA where Triton runs, else torch.
 
-    "auto-cuda" means: triton or torch, whichever `fastest_backend` measures faster for the shape (decided in
-    `colora_conv`); set COLORA_AUTOTUNE=0 to always take triton there.
+    "auto-cuda" means: triton, hybrid or torch, whichever `fastest_backend` measures fastest for the shape
+    (decided in `colora_conv`); set COLORA_AUTOTUNE=0 to always take triton there.
     """
     backend = requested_backend(backend)
     if backend == "auto":
-        if _auto_considers_triton(x) and triton_unsupported_reason(x, weight, groups) is None:
+        if _auto_considers_triton(x) and hybrid_unsupported_reason(x) is None:
             return "auto-cuda"
         return "torch"
-    if backend == "triton":
-        reason = triton_unsupported_reason(x, weight, groups)
+    if backend in ("triton", "hybrid"):
+        reason = (triton_unsupported_reason(x, weight, groups) if backend == "triton"
+                  else hybrid_unsupported_reason(x))
         if reason is not None:
-            raise ValueError(f"backend='triton' cannot run this convolution: {reason}; "
+            raise ValueError(f"backend={backend!r} cannot run this convolution: {reason}; "
                              "use backend='torch' (or 'auto') instead")
     return backend
 
@@ -240,35 +257,37 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
         return x, stride, padding, dilation, dtype, "composite", unbatched
     backend = resolve_backend(backend, x, _metadata_like(weight, x.dtype), groups)
     if backend == "auto-cuda":
+        fused = triton_unsupported_reason(x, _metadata_like(weight, x.dtype), groups) is None
+        candidates = tuple(c for c in AUTO_CANDIDATES if fused or c != "triton")
         # Under torch.compile nothing is measured or looked up: the op itself still falls back at run time.
         if torch.compiler.is_compiling() or os.environ.get("COLORA_AUTOTUNE", "1") == "0":
-            backend = "triton"
-        elif ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order)):
-            backend = "torch"
+            backend = candidates[0]
         else:
             training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
             with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
                 backend = fastest_backend(x, _cast(weight, dtype), _cast(pointwise, dtype), _cast(depthwise, dtype),
-                                          stride, padding, dilation, groups, order, training)
-        if backend == "triton":
-            backend = "triton-or-torch"
+                                          stride, padding, dilation, groups, order, training, candidates)
+        if backend in ops.TRITON_OP_BACKENDS:
+            backend = f"{backend}-or-torch"
     return x, stride, padding, dilation, dtype, backend, unbatched
 
 
 def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
                    bias_delta: Optional[Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
                    padding_mode: str = "zeros", order: str = "pointwise_first", backend: str = "auto") -> str:
-    """The path `colora_conv` with these arguments takes now: "torch" (K0 + ΔK merged, one library conv),
-    "triton" (the fused kernels), "reference" or "composite" (aten ops, under torch.func or forward AD).
+    """The path `colora_conv` with these arguments takes now: "torch" (K0 + ΔK merged, library convs, adapter
+    gradients by aten ops), "hybrid" (the same, adapter gradients by the one-pass Triton kernel), "triton" (the
+    fused kernels), "reference" or "composite" (aten ops, under torch.func or forward AD).
 
     Under `auto` on CUDA this measures the shape if it has not been measured yet, as the call itself would;
     a shape on which Triton failed reports "torch".
     """
     x, stride, padding, dilation, _, name, _ = _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride,
                                                      padding, dilation, groups, padding_mode, order, backend)
-    if name == "triton-or-torch":
-        failed = ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order))
-        return "torch" if failed else "triton"
+    if name.endswith("-or-torch"):
+        name = name[:-len("-or-torch")]
+        failed = ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order), name)
+        return "torch" if failed else name
     return name
 
 
@@ -299,7 +318,7 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
             out = ops.merged_conv(x, *(_cast(t, dtype) for t in args[1:]), stride, padding, dilation, groups, order)
         else:
             merged = None
-            if (backend == "torch" and merge_cache is not None and _merge_cache_enabled()
+            if (backend in ("torch", "hybrid", "hybrid-or-torch") and merge_cache is not None and _merge_cache_enabled()
                     and not torch.compiler.is_compiling()):
                 merged = merge_cache.get(weight, pointwise, depthwise, groups, order, x.dtype)
             # With a prebuilt K0 + ΔK the op reads K0 only for its gradient: no weight-sized cast when frozen.

@@ -14,10 +14,10 @@ class _CoLoRAConvNd:
     """The CoLoRA part shared by the three layers; each also subclasses the matching `nn.ConvNd` (`_conv_cls`).
 
     Constructor as torch's, plus `order` ("pointwise_first" | "depthwise_first"), `train_bias` (None: a Δb
-    exists iff the base conv has a bias) and `backend` ("auto" | "triton" | "torch" | "reference").
+    exists iff the base conv has a bias) and `backend` ("auto" | "triton" | "hybrid" | "torch" | "reference").
 
     Attributes: `disable_adapters` (False; PEFT's name): True makes forward the plain base conv (K0, b0).
-    `cache_merged_weight` (True): the torch backend keeps K0 + ΔK in one buffer per dtype between calls,
+    `cache_merged_weight` (True): the torch and hybrid backends keep K0 + ΔK in one buffer per dtype between calls,
     rebuilt when K0, Kp or Kd changed (`ops.MergedWeightCache`; one weight-sized copy per layer); False merges
     on every forward and backward instead.
     """

@@ -275,22 +275,29 @@ def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilatio
 
 
 def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups: int, order: str, route: str,
-                  grad_weight: Optional[Tensor] = None, grad_weight_owned: bool = False):
+                  grad_weight: Optional[Tensor] = None, grad_weight_owned: bool = False, weight: Optional[Tensor] = None,
+                  use_triton: bool = False):
     """dKp, dKd of the merged-weight path by `route` (DESIGN §5): "gradw" reduces `grad_weight`, the full weight
     gradient the caller computed next to dx (and may be overwritten when `grad_weight_owned`); "cheap" runs the
-    ≈ 2F/prod(k) route.
+    ≈ 2F/prod(k) route, by aten ops or, with `use_triton` (the `hybrid` backend), by the one-pass Triton kernel
+    (`weight`, K0 or any tensor of its shape, gives it the conv's geometry).
 
-    The one place that picks how the adapter gradients of the merged path are computed: a one-pass Triton
-    kernel for the cheap route (issue 10, item 3) plugs in here, for the devices and shapes it serves.
+    The one place that picks how the adapter gradients of the merged path are computed.
     """
     if route == "gradw":
         return _reduce_gradw(grad_weight, pointwise, depthwise, groups, order, grad_weight_owned)
+    if use_triton:
+        from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
+        d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
+                                                      dilation, groups, order, False, route="cheap")
+        return d_kp, d_kd
     return _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
 
 
 def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
-                    need_x, need_weight, need_adapters, merged):
-    """Gradients of x, K0, Kp and Kd for the torch backend, each None when not needed."""
+                    need_x, need_weight, need_adapters, merged, triton_adapters: bool = False):
+    """Gradients of x, K0, Kp and Kd for the torch backend (the hybrid backend with `triton_adapters`), each None
+    when not needed."""
     route = adapter_grad_route(x.shape, weight.shape, grad.shape, order) if need_adapters else None
     need_gradw = need_weight or route == "gradw"
     grad_x = grad_w = None
@@ -303,8 +310,15 @@ def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dila
     d_kp = d_kd = None
     if need_adapters:
         d_kp, d_kd = adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order, route,
-                                   grad_w, grad_weight_owned=not need_weight)
+                                   grad_w, grad_weight_owned=not need_weight,
+                                   weight=weight if merged is None else merged, use_triton=triton_adapters)
     return grad_x, (grad_w if need_weight else None), d_kp, d_kd
+
+
+def _hybrid_backward(*args):
+    """The hybrid backend's backward: the torch backend's, with the cheap route's adapter gradients by the one-pass
+    Triton kernel."""
+    return _torch_backward(*args, triton_adapters=True)
 
 
 def _differentiable_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
@@ -352,10 +366,14 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
     return grad_x, grad_w, d_kp, d_kd
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
-OP_BACKENDS = ("torch", "triton", "triton-or-torch")
-# Shapes on which Triton failed under `auto`: the warning was logged once; `auto` runs torch for them from now on.
+# "hybrid": the torch backend's merged weight and library convolutions, with the adapter gradients of the cheap
+# route by the one-pass Triton kernel.
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward, "hybrid": _torch_forward}
+_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward, "hybrid": _hybrid_backward}
+TRITON_OP_BACKENDS = ("triton", "hybrid")
+OP_BACKENDS = ("torch", *TRITON_OP_BACKENDS, *(f"{name}-or-torch" for name in TRITON_OP_BACKENDS))
+# (backend, shape) pairs on which Triton failed under `auto`: the warning was logged once; `auto` runs torch for
+# them from now on.
 _TRITON_FAILURES: Dict[tuple, str] = {}
 
 
@@ -365,31 +383,34 @@ def shape_key(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
             x.dtype, x.device, order)
 
 
-def triton_failed(key: tuple) -> bool:
-    """Whether Triton already failed on this conv (`shape_key`) under `auto`."""
-    return key in _TRITON_FAILURES
+def triton_failed(key: tuple, backend: str = "triton") -> bool:
+    """Whether Triton already failed on this conv (`shape_key`) under `auto`, in `backend` ("triton" or
+    "hybrid")."""
+    return (backend, key) in _TRITON_FAILURES
 
 
 def _dispatch(table, backend: str, key: tuple, *args):
-    """Run `table[backend]`; for "triton-or-torch" fall back to torch (one warning per shape) if Triton fails."""
+    """Run `table[backend]`; for "<name>-or-torch" fall back to torch (one warning per shape) if Triton fails."""
     if backend == "torch":
         return table["torch"](*args)
     from .kernels._common import TritonBackendError, TritonBackendTypeError
-    if backend == "triton-or-torch" and key in _TRITON_FAILURES:
+    name = backend[:-len("-or-torch")] if backend.endswith("-or-torch") else backend
+    if name != backend and (name, key) in _TRITON_FAILURES:
         return table["torch"](*args)
     try:
-        return table["triton"](*args)
+        return table[name](*args)
     except Exception as exc:  # a compile, launch or resource failure, whatever Triton raises for it
-        if backend == "triton":
+        if name == backend:
             if isinstance(exc, (TritonBackendError, TritonBackendTypeError)):
                 raise
-            raise RuntimeError(f"backend='triton' failed on x {list(key[0])}, weight {list(key[2])}: "
+            raise RuntimeError(f"backend={backend!r} failed on x {list(key[0])}, weight {list(key[2])}: "
                                f"{type(exc).__name__}: {exc}; backend='torch' (or 'auto') runs this "
                                "convolution") from exc
-        _TRITON_FAILURES[key] = f"{type(exc).__name__}: {exc}"
-        logger.warning("colora_fused: Triton failed on x %s, weight %s, stride %s, padding %s, dilation %s, "
-                       "groups %d (%s: %s); running the torch backend for this shape instead", list(key[0]),
-                       list(key[2]), list(key[3]), list(key[4]), list(key[5]), key[6], type(exc).__name__, exc)
+        _TRITON_FAILURES[(name, key)] = f"{type(exc).__name__}: {exc}"
+        logger.warning("colora_fused: Triton failed (%s backend) on x %s, weight %s, stride %s, padding %s, "
+                       "dilation %s, groups %d (%s: %s); running the torch backend for this shape instead", name,
+                       list(key[0]), list(key[2]), list(key[3]), list(key[4]), list(key[5]), key[6],
+                       type(exc).__name__, exc)
         return table["torch"](*args)
 
 # One layout rule for both backends and the fake (meta) functions, so that torch.compile's stride assumptions

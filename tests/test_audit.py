@@ -18,8 +18,8 @@ from colora_fused import audit
 from colora_fused.kernels import _common
 
 AUDIT_ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COLORA_TRITON_AUTOTUNE")}
-TENSOR_CORE_KERNELS = {"colora_conv_fwd_kernel", "conv_bwd_input_kernel", "pointwise_grad_kernel",
-                       "depthwise_grad_kernel", "gradw_adapter_kernel"}
+TENSOR_CORE_KERNELS = {"colora_conv_fwd_kernel", "conv_bwd_input_kernel", "adapter_grads_one_pass_kernel",
+                       "pointwise_grad_kernel", "depthwise_grad_kernel", "gradw_adapter_kernel"}
 # The quick shapes whose channel groups have 16 or more channels (the depthwise one has 1).
 WIDE_GROUP_SHAPES = {"q-3x3-64@8", "q-1x1-64>32@8"}
 

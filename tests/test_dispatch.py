@@ -69,10 +69,39 @@ def test_fastest_backend_measures_once_and_caches(monkeypatch, training):
 
     monkeypatch.setattr(functional, "_time_ms", fake_time)
     conv = (t["x"], t["weight"], t["pointwise"], t["depthwise"], [1, 1], [1, 1], [1, 1], 1, "pointwise_first")
-    assert fastest_backend(*conv, training) == "triton"
-    assert fastest_backend(*conv, training) == "triton"
+    conv = conv + (training, ("triton", "torch"))
+    assert fastest_backend(*conv) == "triton"
+    assert fastest_backend(*conv) == "triton"
     assert len(calls) == 2  # measured once per candidate, then cached
     fake_ms.update(triton=3.0)
     functional._FASTEST.clear()
     calls.clear()
-    assert fastest_backend(*conv, training) == "torch"
+    assert fastest_backend(*conv) == "torch"
+
+
+def test_fastest_backend_weighs_hybrid_in_training_only(monkeypatch):
+    """auto's three candidates: the fused kernels, hybrid (library convs, one-pass adapter gradients) and torch;
+    hybrid's forward is torch's, so only a training step tells them apart."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    functional._FASTEST.clear()
+    t, _ = _args()
+    timed = []
+    fake_ms = {"triton": 3.0, "hybrid": 1.0, "torch": 2.0}
+    names = iter(())
+
+    def fake_time(fn, device, repeats=5):
+        fn()
+        name = next(names)
+        timed.append(name)
+        return fake_ms[name]
+
+    monkeypatch.setattr(functional, "_time_ms", fake_time)
+    conv = (t["x"], t["weight"], t["pointwise"], t["depthwise"], [1, 1], [1, 1], [1, 1], 1, "pointwise_first")
+    names = iter(functional.AUTO_CANDIDATES)
+    assert fastest_backend(*conv, True) == "hybrid"
+    assert timed == ["triton", "hybrid", "torch"]
+    timed.clear()
+    names = iter(("triton", "torch"))
+    assert fastest_backend(*conv, False) == "torch"
+    assert timed == ["triton", "torch"]

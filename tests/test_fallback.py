@@ -93,3 +93,28 @@ def test_measured_auto_never_picks_a_failing_triton(monkeypatch, caplog):
         _run("auto")
     assert list(functional._FASTEST.values()) == ["torch"]
     assert len(_fallback_warnings(caplog)) == 1
+
+
+def test_auto_on_hybrid_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
+    """The hybrid path's Triton part is the one-pass adapter-gradient kernel: its failure under `auto` is one
+    warning, then the torch path, whose gradients are exact."""
+    import colora_fused.kernels.conv_bwd_adapters as conv_bwd_adapters
+    monkeypatch.setattr(functional, "AUTO_CANDIDATES", ("hybrid", "torch"))
+    monkeypatch.setattr(conv_bwd_adapters, "launch", _broken_launch)
+    monkeypatch.setenv("COLORA_GRAD_ROUTE", "cheap")
+    with caplog.at_level(logging.WARNING, logger="colora_fused"):
+        t = _run("auto")
+        _run("auto")
+    warnings = _fallback_warnings(caplog)
+    assert len(warnings) == 1 and "hybrid backend" in warnings[0].getMessage()
+    assert functional.chosen_backend(t["x"], t["weight"], t["bias"], t["pointwise"], t["depthwise"],
+                                     t["bias_delta"], **CASE.conv_kwargs()) == "torch"
+
+
+def test_explicit_hybrid_raises_a_clear_error(monkeypatch):
+    import colora_fused.kernels.conv_bwd_adapters as conv_bwd_adapters
+    monkeypatch.setattr(conv_bwd_adapters, "launch", _broken_launch)
+    monkeypatch.setenv("COLORA_GRAD_ROUTE", "cheap")
+    with pytest.raises(RuntimeError, match=r"backend='hybrid' failed on x \[2, 5, 9, 11\].*out of resources"):
+        _run("hybrid")
+    assert not ops._TRITON_FAILURES

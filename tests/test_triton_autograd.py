@@ -16,13 +16,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = TOLERANCE_TF32 if DEVICE == "cuda" else TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("backend", ["triton", "hybrid"])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_training_through_triton_matches_reference(case, order):
+def test_training_through_triton_matches_reference(case, order, backend):
+    """Both Triton paths: the fused kernels, and hybrid (library convs on the merged weight, adapter gradients by
+    the one-pass kernel)."""
     t = make_tensors(case, order, torch.float32, device=DEVICE)
     t = {k: (None if v is None else v.requires_grad_(k != "weight" and k != "bias")) for k, v in t.items()}
     out = cf.colora_conv(t["x"], t["weight"], t["bias"], t["pointwise"], t["depthwise"], t["bias_delta"],
-                         order=order, backend="triton", **case.conv_kwargs())
+                         order=order, backend=backend, **case.conv_kwargs())
     grad = torch.randn_like(out)
     expected, grads = reference_output(case, order, t, grad)
     out.backward(grad)
@@ -44,10 +47,11 @@ def test_opcheck_triton_backend(order):
     torch.library.opcheck(torch.ops.colora_fused.conv.default, args)
 
 
-def test_compiled_model_on_triton_backend_matches_eager():
+@pytest.mark.parametrize("backend", ["triton", "hybrid"])
+def test_compiled_model_on_triton_backend_matches_eager(backend):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1)).to(DEVICE)
-    cf.apply_colora(model, backend="triton")
+    cf.apply_colora(model, backend=backend)
     for _, layer in cf.colora_layers(model):
         with torch.no_grad():
             layer.depthwise.normal_()

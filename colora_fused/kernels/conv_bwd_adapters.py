@@ -624,10 +624,12 @@ def _log_two_pass(reason: str, x_shape, weight_shape, groups: int) -> None:
 
 
 def _one_pass_blocks(s_g: int, p_g: int, device: torch.device) -> Tuple[int, int]:
-    """(BLOCK_S, BLOCK_P) of the one-pass kernel: the stencil channels on the dKp dot's M side (≥ 64 on a GPU for
-    wgmma), at most 64 of them and 128 plain channels, so the [BS, BP] accumulator and two [BK, BS] fp32 tiles
-    stay in registers."""
-    return _channel_block(s_g, 64), _channel_block(p_g, 256, rows=True, device=device)
+    """(BLOCK_S, BLOCK_P) of the one-pass kernel. Both are a dot's M side (the 1×1 product [BS, BK], dKp
+    [BP, BS]), kept at ≥ 64 on a GPU for wgmma. BS ≤ 64 and BP ≤ 256: the [BP, BS] accumulator and two [BS, BK]
+    fp32 tiles stay in registers, and the per-tap stencil work, which does not grow with BP, is spread over as many
+    plain channels as fit (the estimate's tensor-core share grows with BP)."""
+    return (_channel_block(s_g, 64, rows=True, device=device),
+            _channel_block(p_g, 256, rows=True, device=device))
 
 
 def _bias_delta(dy: torch.Tensor, c_out: int, p_out: int, use_atomic: bool, device: torch.device) -> torch.Tensor:
