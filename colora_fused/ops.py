@@ -17,8 +17,10 @@ gradient penalties, Hessian-vector products), by a composition of aten ops; `tor
 forward-mode AD have no rule on a custom op, so `functional` routes them to `merged_conv`, the same convolution
 as plain aten ops.
 
-The backend argument of the ops is "torch", "triton" (a Triton failure raises), or "triton-or-torch" (what
-`auto` passes: a Triton compile or launch failure logs one warning naming the shape and runs the torch path).
+The backend argument of the ops is "torch", "triton" or "hybrid" (a Triton failure raises), or
+"triton-or-torch" / "hybrid-or-torch" (what `auto` passes: a Triton compile or launch failure logs one warning
+naming the shape and runs the torch path). "hybrid" is the torch backend with the cheap route's adapter gradients
+by the one-pass Triton kernel.
 """
 import logging
 import math

@@ -1,9 +1,11 @@
 """Adapter gradients of the fused CoLoRA convolution (DESIGN §5), chosen per layer:
 
-- cheap route (≈ 2F/prod(k)): one grouped 1×1 weight-gradient GEMM for dKp with the depthwise stencil (G =
-  Kd-transpose of dY, or Z1 = Kd ⊛ X) built in its operand prologue; one GEMM + stencil kernel for dKd that forms
-  the 1×1 product (Z1 = Kp ⊛ X, or dZ1 = Kpᵀ ⊛ dY) tile by tile and reduces it against a shifted gather, so
-  neither G nor Z1 is ever written to memory;
+- cheap route (≈ 2F/prod(k)): one pass (`_adapter_grads_one_pass_kernel`) that reads each tile of X and dY once,
+  builds the depthwise stencil (G = Kd-transpose of dY, or Z1 = Kd ⊛ X) from per-tap shifted tiles, and
+  accumulates dKp on tensor cores and dKd against the same taps from the tile's share of the 1×1 product
+  (Z1 = Kp ⊛ X, or dZ1 = Kpᵀ ⊛ dY). Depthwise base convs and kernels of many taps take the two-kernel form: a
+  grouped 1×1 weight-gradient GEMM for dKp with the stencil in its operand prologue, and a GEMM + stencil kernel
+  for dKd. Neither form ever writes G or Z1 to memory;
 - gradW route (1×1 and 1×2 kernels, F): a weight-gradient GEMM per tap whose tile is folded into dKp and dKd in
   the epilogue; gradW is never stored.
 
@@ -303,13 +305,15 @@ def _one_pass_configs():
     if FIXED_CONFIG:
         return [triton.Config({"BLOCK_K": 16})]
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(64, 8, 3), (64, 8, 2), (32, 8, 3), (64, 4, 3), (32, 4, 3), (128, 8, 2)]]
+            for bk, w, s in [(64, 8, 3), (64, 8, 2), (32, 8, 3), (64, 4, 3), (32, 4, 3), (128, 8, 2), (16, 8, 3)]]
 
 
 def _prune_one_pass(configs, named_args, **kwargs):
     """Configs whose pipeline fits shared memory (per stage the plain [BK, BP] tile and one [BK, BS] stencil tile
     per tap, which the pipeliner stages; plus the Kp tile held throughout) and whose fp32 tiles (the [BP, BS]
-    accumulator, the 1×1 product and the stencil, [BS, BK] each) stay within 96 elements a thread."""
+    accumulator, the 1×1 product and the stencil, [BS, BK] each) stay within a register budget a thread: 80
+    elements with channels_last operands (48 for pointwise_first with a stride: the transposed taps' index
+    arithmetic), 40 with NCHW (gathered across channels). The largest the audit finds spill-free for sm_90."""
     bs, bp, x = kwargs["BLOCK_S"], kwargs["BLOCK_P"], named_args["x_ptr"]
     taps = kwargs["KD"] * kwargs["KH"] * kwargs["KW"]
     size = x.element_size()
@@ -319,7 +323,10 @@ def _prune_one_pass(configs, named_args, **kwargs):
         return (bk * bp + taps * bk * bs) * size + bp * bs * size // cfg.num_stages
 
     configs = prune_by_shared_memory(configs, stage_bytes, x.device)
-    return prune_by_registers(configs, lambda c: bs * bp + 2 * c.kwargs["BLOCK_K"] * bs, 96)
+    strided = not kwargs["DEPTHWISE_FIRST"] and (kwargs["SD"], kwargs["SH"], kwargs["SW"]) != (1, 1, 1)
+    channels_last = named_args["s_x_c"] == 1
+    per_thread = (48 if strided else 80) if channels_last else 40
+    return prune_by_registers(configs, lambda c: bs * bp + 2 * c.kwargs["BLOCK_K"] * bs, per_thread)
 
 
 @triton.autotune(configs=_one_pass_configs(),
@@ -623,13 +630,14 @@ def _log_two_pass(reason: str, x_shape, weight_shape, groups: int) -> None:
                     list(x_shape), list(weight_shape), groups, reason)
 
 
-def _one_pass_blocks(s_g: int, p_g: int, device: torch.device) -> Tuple[int, int]:
+def _one_pass_blocks(s_g: int, p_g: int, channels_last: bool, device: torch.device) -> Tuple[int, int]:
     """(BLOCK_S, BLOCK_P) of the one-pass kernel. Both are a dot's M side (the 1×1 product [BS, BK], dKp
-    [BP, BS]), kept at ≥ 64 on a GPU for wgmma. BS ≤ 64 and BP ≤ 256: the [BP, BS] accumulator and two [BS, BK]
-    fp32 tiles stay in registers, and the per-tap stencil work, which does not grow with BP, is spread over as many
-    plain channels as fit (the estimate's tensor-core share grows with BP)."""
+    [BP, BS]), kept at ≥ 64 on a GPU for wgmma. BS ≤ 64, BP ≤ 256 (128 with NCHW operands, whose gathers need
+    more registers): the [BP, BS] accumulator and two [BS, BK] fp32 tiles stay in registers, and the per-tap
+    stencil work, which does not grow with BP, is spread over as many plain channels as fit (the estimate's
+    tensor-core share grows with BP)."""
     return (_channel_block(s_g, 64, rows=True, device=device),
-            _channel_block(p_g, 256, rows=True, device=device))
+            _channel_block(p_g, 256 if channels_last else 128, rows=True, device=device))
 
 
 def _bias_delta(dy: torch.Tensor, c_out: int, p_out: int, use_atomic: bool, device: torch.device) -> torch.Tensor:
@@ -749,7 +757,7 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
         elif one_pass is None:
             p_pos = p_out if dw_first else p_in
             s_g, p_g = (c_in_g, c_out_g) if dw_first else (c_out_g, c_in_g)
-            bs, bp = _one_pass_blocks(s_g, p_g, device)
+            bs, bp = _one_pass_blocks(s_g, p_g, xs.stride(1) == 1, device)
             tiles = triton.cdiv(s_g, bs) * triton.cdiv(p_g, bp)
             split = _split(tiles * groups, p_pos, device, min_rows=128)
             dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
