@@ -100,7 +100,7 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
                                              groups, order, "torch", merged))
 
         def step(name):
-            backend = "torch" if name == "torch" else f"{name}-or-torch"
+            backend = "torch" if name == "torch" else ops.with_torch_fallback(name)
             buffer = None if name == "triton" else merged
             with torch.no_grad():
                 ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order,
@@ -268,7 +268,7 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
                 backend = fastest_backend(x, _cast(weight, dtype), _cast(pointwise, dtype), _cast(depthwise, dtype),
                                           stride, padding, dilation, groups, order, training, candidates)
         if backend in ops.TRITON_OP_BACKENDS:
-            backend = f"{backend}-or-torch"
+            backend = ops.with_torch_fallback(backend)
     return x, stride, padding, dilation, dtype, backend, unbatched
 
 
@@ -284,10 +284,9 @@ def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise:
     """
     x, stride, padding, dilation, _, name, _ = _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride,
                                                      padding, dilation, groups, padding_mode, order, backend)
-    if name.endswith("-or-torch"):
-        name = name[:-len("-or-torch")]
-        failed = ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order), name)
-        return "torch" if failed else name
+    name, falls_back = ops.split_fallback(name)
+    if falls_back and ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order), name):
+        return "torch"
     return name
 
 
@@ -318,8 +317,8 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
             out = ops.merged_conv(x, *(_cast(t, dtype) for t in args[1:]), stride, padding, dilation, groups, order)
         else:
             merged = None
-            if (backend in ("torch", "hybrid", "hybrid-or-torch") and merge_cache is not None and _merge_cache_enabled()
-                    and not torch.compiler.is_compiling()):
+            if (ops.split_fallback(backend)[0] in ("torch", "hybrid") and merge_cache is not None
+                    and _merge_cache_enabled() and not torch.compiler.is_compiling()):
                 merged = merge_cache.get(weight, pointwise, depthwise, groups, order, x.dtype)
             # With a prebuilt K0 + ΔK the op reads K0 only for its gradient: no weight-sized cast when frozen.
             if merged is None or weight.requires_grad:

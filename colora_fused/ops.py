@@ -373,7 +373,20 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
 _FORWARD = {"torch": _torch_forward, "triton": _triton_forward, "hybrid": _torch_forward}
 _BACKWARD = {"torch": _torch_backward, "triton": _triton_backward, "hybrid": _hybrid_backward}
 TRITON_OP_BACKENDS = ("triton", "hybrid")
-OP_BACKENDS = ("torch", *TRITON_OP_BACKENDS, *(f"{name}-or-torch" for name in TRITON_OP_BACKENDS))
+_OR_TORCH = "-or-torch"
+OP_BACKENDS = ("torch", *TRITON_OP_BACKENDS, *(name + _OR_TORCH for name in TRITON_OP_BACKENDS))
+
+
+def with_torch_fallback(name: str) -> str:
+    """The op backend that runs `name` ("triton" or "hybrid") and falls back to torch if Triton fails."""
+    return name + _OR_TORCH
+
+
+def split_fallback(backend: str) -> Tuple[str, bool]:
+    """An op backend → (the path it runs, whether a Triton failure falls back to torch)."""
+    if backend.endswith(_OR_TORCH):
+        return backend[:-len(_OR_TORCH)], True
+    return backend, False
 # (backend, shape) pairs on which Triton failed under `auto`: the warning was logged once; `auto` runs torch for
 # them from now on.
 _TRITON_FAILURES: Dict[tuple, str] = {}
@@ -396,13 +409,13 @@ def _dispatch(table, backend: str, key: tuple, *args):
     if backend == "torch":
         return table["torch"](*args)
     from .kernels._common import TritonBackendError, TritonBackendTypeError
-    name = backend[:-len("-or-torch")] if backend.endswith("-or-torch") else backend
-    if name != backend and (name, key) in _TRITON_FAILURES:
+    name, falls_back = split_fallback(backend)
+    if falls_back and (name, key) in _TRITON_FAILURES:
         return table["torch"](*args)
     try:
         return table[name](*args)
     except Exception as exc:  # a compile, launch or resource failure, whatever Triton raises for it
-        if name == backend:
+        if not falls_back:
             if isinstance(exc, (TritonBackendError, TritonBackendTypeError)):
                 raise
             raise RuntimeError(f"backend={backend!r} failed on x {list(key[0])}, weight {list(key[2])}: "

@@ -284,3 +284,11 @@ def decode_position(p, S1, S2, S3):
     i2 = t % S2
     t = t // S2
     return t // S1, t % S1, i2, i3
+
+
+@triton.jit
+def locate_position(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3):
+    """Flat indices p over [N, S1, S2, S3] (masked-off ones read as 0) → (n, i1, i2, i3, element offset by the
+    strides s_n, s_1, s_2, s_3, in int64)."""
+    n, i1, i2, i3 = decode_position(tl.where(mask, p, 0), S1, S2, S3)
+    return n, i1, i2, i3, n.to(tl.int64) * s_n + i1.to(tl.int64) * s_1 + i2.to(tl.int64) * s_2 + i3 * s_3

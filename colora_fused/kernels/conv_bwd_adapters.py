@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from .._conv import ROUTES, conv_output_shape
-from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, device_limits, fail,
-                      launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides, WGMMA_ROWS)
+from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, device_limits, fail, launch,
+                      lift, locate_position, new_tensor, prune_by_registers, prune_by_shared_memory, strides,
+                      WGMMA_ROWS)
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,7 @@ def _pointwise_grad_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < end
         if DEPTHWISE_FIRST:
-            i_b, od, oh, ow = decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
-            p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+            i_b, od, oh, ow, p_dy = locate_position(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
             b_a = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
                           mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
             if HAS_BIAS:
@@ -149,8 +149,7 @@ def _pointwise_grad_kernel(
                         b_b += b_x.to(tl.float32) * b_kd.to(tl.float32)[None, :]
             acc = tl.dot(b_a, b_b.to(b_a.dtype), acc)
         else:
-            i_b, d, h, w = decode_position(tl.where(m_k, o_k, 0), D, H, W)
-            p_x = i_b.to(tl.int64) * s_x_n + d.to(tl.int64) * s_x_d + h.to(tl.int64) * s_x_h + w * s_x_w
+            i_b, d, h, w, p_x = locate_position(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
             b_b = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
                           mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
             b_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -247,11 +246,9 @@ def _depthwise_grad_kernel(
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < end
         if DEPTHWISE_FIRST:
-            i_b, i1, i2, i3 = decode_position(tl.where(m_m, o_m, 0), OD, OH, OW)
-            p_a = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
+            i_b, i1, i2, i3, p_a = locate_position(o_m, m_m, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
         else:
-            i_b, i1, i2, i3 = decode_position(tl.where(m_m, o_m, 0), D, H, W)
-            p_a = i_b.to(tl.int64) * s_x_n + i1.to(tl.int64) * s_x_d + i2.to(tl.int64) * s_x_h + i3 * s_x_w
+            i_b, i1, i2, i3, p_a = locate_position(o_m, m_m, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
 
         b_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K_G, BLOCK_K):
@@ -402,11 +399,9 @@ def _adapter_grads_one_pass_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < end
         if DEPTHWISE_FIRST:
-            i_b, i1, i2, i3 = decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
-            p_q = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
+            i_b, i1, i2, i3, p_q = locate_position(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
         else:
-            i_b, i1, i2, i3 = decode_position(tl.where(m_k, o_k, 0), D, H, W)
-            p_q = i_b.to(tl.int64) * s_x_n + i1.to(tl.int64) * s_x_d + i2.to(tl.int64) * s_x_h + i3 * s_x_w
+            i_b, i1, i2, i3, p_q = locate_position(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
         b_q = tl.load(q_ptr + p_q[:, None], mask=m_k[:, None] & m_p[None, :], other=0.)  # [BK, BP]
         # Channels on the M side and positions on N: the reductions over positions stay within a warp.
         b_y = tl.dot(b_kp, tl.trans(b_q))  # [BS, BK] fp32
@@ -501,8 +496,7 @@ def _channel_sum_kernel(
     for m0 in range(start, end, BLOCK_M):
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < end
-        i_b, od, oh, ow = decode_position(tl.where(m_m, o_m, 0), OD, OH, OW)
-        p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+        i_b, od, oh, ow, p_dy = locate_position(o_m, m_m, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
         b_dy = tl.load(dy_ptr + p_dy[:, None] + (o_n * s_dy_c)[None, :], mask=m_m[:, None] & m_n[None, :], other=0.)
         acc += tl.sum(b_dy.to(tl.float32), axis=0)
     _store_partial(db_ptr + i_s * s_db_s + o_n, acc, m_n, USE_ATOMIC)
@@ -561,8 +555,7 @@ def _gradw_adapter_kernel(
         for k0 in range(start, end, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_k = o_k < end
-            i_b, od, oh, ow = decode_position(tl.where(m_k, o_k, 0), OD, OH, OW)
-            p_dy = i_b.to(tl.int64) * s_dy_n + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow * s_dy_w
+            i_b, od, oh, ow, p_dy = locate_position(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
             b_dy = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
                            mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
             if HAS_BIAS:
