@@ -1,7 +1,7 @@
 """Small helpers shared by the layers, the reference and the backends: conv hyper-parameter normalisation."""
 import math
 import os
-from typing import List, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,17 @@ ORDERS = ("pointwise_first", "depthwise_first")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class MergeSpec(NamedTuple):
+    """One layer's in-place merge, K0 += ΔK and b0 += Δb (when Δb is given): what it writes and reads."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    pointwise: torch.Tensor
+    depthwise: torch.Tensor
+    bias_delta: Optional[torch.Tensor]
+    groups: int
+    order: str
 
 
 def interpreter_enabled() -> bool:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from ._conv import PADDING_MODES, TRITON_DTYPES, check_order, f_pad_arg, interpreter_enabled, ntuple, pad_amounts
+from ._conv import (PADDING_MODES, TRITON_DTYPES, MergeSpec, check_order, f_pad_arg, interpreter_enabled, ntuple,
+                    pad_amounts)
 from .reference import colora_conv_reference
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,32 @@ def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optiona
         return reason
     from .kernels.conv_fwd import supports_forward
     return supports_forward(x, weight, groups)
+
+
+def _merge_considers_triton(weight: Tensor) -> bool:
+    """Whether a merge of this weight may take the Triton kernel: on CUDA only (the interpreter is for tests)."""
+    return weight.is_cuda
+
+
+def merge_backend(spec: MergeSpec) -> str:
+    """"triton" for a layer whose in-place merge the Triton kernel runs (on CUDA, triton installed, every tensor
+    float32, float16 or bfloat16), else "torch"."""
+    tensors = (spec.weight, spec.bias, spec.pointwise, spec.depthwise, spec.bias_delta)
+    if (triton_available() and _merge_considers_triton(spec.weight)
+            and all(t.dtype in TRITON_DTYPES for t in tensors if t is not None)):
+        return "triton"
+    return "torch"
+
+
+def merge_(specs: Sequence[MergeSpec]) -> None:
+    """In place, for every layer: K0 += ΔK, b0 += Δb (when Δb is given). The layers `merge_backend` sends to
+    Triton merge in one launch per dtype combination (all checked before any is launched); the rest by aten ops."""
+    by_backend = {"triton": [], "torch": []}
+    for spec in specs:
+        by_backend[merge_backend(spec)].append(spec)
+    for backend, chosen in by_backend.items():
+        if chosen:
+            ops.merge_(chosen, backend)
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device) -> float:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ._conv import check_order
 from .config import CoLoRAConfig, Selector
 from .functional import check_backend
-from .modules import CONV_TO_COLORA, _CoLoRAConvNd
+from .modules import CONV_TO_COLORA, _CoLoRAConvNd, merge_layers_
 
 ADAPTER_KEYS = ("pointwise", "depthwise", "bias_delta")
 
@@ -161,7 +161,8 @@ def _check_optimizer_holds_adapters(layers: List[Tuple[str, _CoLoRAConvNd]],
 
 @torch.no_grad()
 def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> List[str]:
-    """Fold every CoLoRA layer's ΔK, Δb into its base weights and reset its adapters (eq. 10–13).
+    """Fold every CoLoRA layer's ΔK, Δb into its base weights and reset its adapters (eq. 10–13); on CUDA in one
+    Triton launch per dtype combination for the whole model (`modules.merge_layers_`).
 
     All layers are checked first: if any holds a non-finite delta, or `optimizer` does not hold every
     trainable adapter tensor, ValueError is raised and nothing changes. With `optimizer`, the state of the
@@ -172,9 +173,9 @@ def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = 
     _check_mergeable(layers, "merge_colora")
     if optimizer is not None:
         _check_optimizer_holds_adapters(layers, optimizer)
-    for _, layer in layers:
-        layer.merge_()
-        if optimizer is not None:
+    merge_layers_([layer for _, layer in layers])
+    if optimizer is not None:
+        for _, layer in layers:
             for p in layer.adapter_parameters():
                 optimizer.state.pop(p, None)
     _broadcast_from_rank0(layer.pointwise for _, layer in layers)

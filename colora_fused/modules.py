@@ -1,13 +1,13 @@
 """CoLoRAConv1d/2d/3d: drop-in `nn.ConvNd` subclasses with a frozen base and a trainable Kp ⊛ Kd residual."""
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from ._conv import check_order
-from .functional import check_backend, chosen_backend, colora_conv, triton_available
+from . import functional, ops
+from ._conv import MergeSpec, check_order
+from .functional import check_backend, chosen_backend, colora_conv
 
 
 class _CoLoRAConvNd:
@@ -110,18 +110,8 @@ class _CoLoRAConvNd:
     def merge_(self):
         """K0 ← K0 + ΔK, b0 ← b0 + Δb (eq. 10–11), then reset the adapters. The layer's output is unchanged."""
         self.check_mergeable()
-        if self.bias_delta is not None and self.bias is None:
-            self.bias = nn.Parameter(torch.zeros_like(self.bias_delta), requires_grad=False)
-        if self.weight.is_cuda and triton_available() and self.weight.dtype != torch.float64:
-            from .kernels.merge import merge_
-            merge_(self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta, self.groups, self.order)
-        else:
-            self.weight.add_(self.delta_weight())
-            if self.bias_delta is not None:
-                self.bias.add_(self.bias_delta)
-        # Versions already tell the cache that K0 changed; dropping the buffer also frees it until the next forward.
-        self.clear_merged_cache()
-        return self.reset_adapter_()
+        merge_layers_([self])
+        return self
 
     @torch.no_grad()
     def to_conv(self) -> nn.Module:
@@ -166,6 +156,26 @@ class _CoLoRAConvNd:
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.adapter_parameters())
         return f"{super().extra_repr()}, order={self.order}, backend={self.backend}, adapter_params={n}"
+
+
+@torch.no_grad()
+def merge_layers_(layers: Sequence[_CoLoRAConvNd]) -> None:
+    """K0 ← K0 + ΔK, b0 ← b0 + Δb (eq. 10–11) for every layer, then reset their adapters; outputs are unchanged.
+
+    On CUDA one Triton launch per dtype combination merges them all (`functional.merge_`). A layer with Δb and no
+    b0 gets a frozen b0 = Δb. The caller has run `check_mergeable` on each: nothing here refuses a non-finite
+    delta.
+    """
+    new_bias = {id(layer): torch.zeros_like(layer.bias_delta) for layer in layers
+                if layer.bias_delta is not None and layer.bias is None}
+    functional.merge_([MergeSpec(layer.weight, new_bias.get(id(layer), layer.bias), layer.pointwise, layer.depthwise,
+                                 layer.bias_delta, layer.groups, layer.order) for layer in layers])
+    for layer in layers:
+        if id(layer) in new_bias:
+            layer.bias = nn.Parameter(new_bias[id(layer)], requires_grad=False)
+        # Versions already tell the cache that K0 changed; dropping the buffer also frees it until the next forward.
+        layer.clear_merged_cache()
+        layer.reset_adapter_()
 
 
 class CoLoRAConv1d(_CoLoRAConvNd, nn.Conv1d):

@@ -25,7 +25,7 @@ by the one-pass Triton kernel.
 import logging
 import math
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._conv import CONV_FNS, adapter_grad_route, conv_output_shape
+from ._conv import CONV_FNS, MergeSpec, adapter_grad_route, conv_output_shape
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,21 @@ def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: 
     kp, kd, shape = _factor_views(pointwise, depthwise, groups, order)
     merged = torch.addcmul(weight.reshape(shape), kp, kd, out=None if out is None else out.view(shape))
     return merged.reshape(weight.shape) if out is None else out
+
+
+@torch.no_grad()
+def merge_(specs: Sequence[MergeSpec], backend: str) -> None:
+    """In place, for every layer: K0 += ΔK and b0 += Δb (when Δb is given). backend "triton": one kernel launch
+    per dtype combination (`kernels.merge.merge_many_`), every layer checked first; "torch": aten ops, layer by
+    layer."""
+    if backend == "triton":
+        from .kernels.merge import merge_many_
+        merge_many_(specs)
+        return
+    for spec in specs:
+        spec.weight.add_(delta_weight(spec.pointwise, spec.depthwise, spec.groups, spec.order))
+        if spec.bias_delta is not None:
+            spec.bias.add_(spec.bias_delta)
 
 
 _WORKSPACES = threading.local()
