@@ -7,6 +7,7 @@ and a depthwise kernel) plus a bias delta, folded into K0 by `merge_colora` afte
 access, so that neither framework is needed to import the package.
 """
 from . import callbacks, functional
+from .capacity import RankPlan, allocate_rank
 from .callbacks import MergeSchedule
 from .config import CoLoRAConfig
 from .functional import colora_conv
@@ -22,7 +23,8 @@ _LAZY_CALLBACKS = ("CoLoRALightningCallback", "CoLoRATrainerCallback")
 
 # The lazy callback names stay out of __all__: `from colora_fused import *` must work without their frameworks.
 __all__ = [
-    "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "apply_colora", "callbacks",
+    "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "RankPlan", "allocate_rank",
+    "apply_colora", "callbacks",
     "colora_conv", "colora_layers", "colora_state_dict", "count_parameters", "disable_colora", "functional",
     "get_colora_model", "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora",
     "print_trainable_parameters", "save_merged", "unapply_colora",

@@ -23,6 +23,34 @@ class MergeSpec(NamedTuple):
     order: str
 
 
+def check_rank(rank) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1 (the number of Kp ⊛ Kd terms), got {rank!r}")
+    return rank
+
+
+def adapter_rank(pointwise: torch.Tensor) -> int:
+    """The terms r of ΔK = Σ_{i<r} Kp[i] ⊛ Kd[i]: 1 for a 2-d Kp [C_out, C_in/groups] (the paper's shapes),
+    Kp.shape[0] for a 3-d one [r, C_out, C_in/groups] (then Kd is [r, C_kd, *k])."""
+    return pointwise.shape[0] if pointwise.dim() == 3 else 1
+
+
+def adapter_terms(pointwise: torch.Tensor, depthwise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Kp, Kd with a leading term dim, [r, C_out, C_in/groups] and [r, C_kd, *k] (views, rank 1 included)."""
+    if pointwise.dim() == 3:
+        return pointwise, depthwise
+    return pointwise.unsqueeze(0), depthwise.unsqueeze(0)
+
+
+def adapter_shapes(weight_shape: Sequence[int], groups: int, order: str, rank: int = 1):
+    """(Kp shape, Kd shape) for a base weight [C_out, C_in/groups, *k]: [C_out, C_in/groups] and
+    [C_out or C_in, *k] (pointwise_first / depthwise_first), each with a leading r when rank > 1."""
+    c_out, c_in_g, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
+    lead = (rank,) if rank > 1 else ()
+    return (*lead, c_out, c_in_g), (*lead, kd_channels, *kernel)
+
+
 def interpreter_enabled() -> bool:
     """Whether Triton's interpreter is asked for (it runs the kernels on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -83,7 +111,7 @@ STENCIL_COST = 4
 
 
 def adapter_grad_route(x_shape: Sequence[int], weight_shape: Sequence[int], out_shape: Sequence[int],
-                       order: str) -> str:
+                       order: str, rank: int = 1) -> str:
     """The cheaper way to the adapter gradients of this conv (DESIGN §5), by counting multiply-adds.
 
     "gradw": the full weight gradient (N·HWo·C_out·C_in/g·T), then small reductions. "cheap": two 1×1 GEMMs at
@@ -103,4 +131,4 @@ def adapter_grad_route(x_shape: Sequence[int], weight_shape: Sequence[int], out_
         cheap = 2 * n * hw_in * c_out * c_in_g + STENCIL_COST * 2 * n * c_out * hw_out * taps
     else:
         cheap = 2 * n * hw_out * c_out * c_in_g + STENCIL_COST * 2 * n * c_in * hw_out * taps
-    return "cheap" if cheap < gradw else "gradw"
+    return "cheap" if rank * cheap < gradw else "gradw"

@@ -100,7 +100,10 @@ QUICK_SHAPES = (
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
-FAMILIES = ("forward", "input_grad", "adapters_cheap", "adapters_gradw", "merge")
+FAMILIES = ("forward", "forward_plain", "input_grad", "adapters_cheap", "adapters_gradw", "merge")
+# forward_plain: the fused forward compiled with MERGE=False (a convolution by K0 alone), the yardstick for what
+# building K0 + ΔK in registers costs; bf16 on sm_90 only.
+BASELINE = "forward_plain"
 
 
 @dataclass(frozen=True)
@@ -127,13 +130,18 @@ def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config
     nd = len(s.weight) - 2
     stride, padding, dilation = [s.stride] * nd, [s.padding] * nd, [1] * nd
     out_shape = conv_output_shape(s.x, s.weight, stride, padding, dilation)
-    x, w = _tensor(s.x, dtype, cl), _tensor(s.weight, dtype)
+    # The weight takes the activations' layout, as `model.to(memory_format=torch.channels_last)` (the benchmarks'
+    # setting) gives it.
+    x, w = _tensor(s.x, dtype, cl), _tensor(s.weight, dtype, cl)
     kp, kd = _tensor(s.weight[:2], dtype), _tensor((s.weight[0], *s.weight[2:]), dtype)
     bias = _tensor(s.weight[:1], dtype) if s.bias else None
     conv = (stride, padding, dilation, s.groups, "pointwise_first")
     with _common.recording(_common.DeviceLimits(arch.sm_count, arch.smem_per_block)) as launches:
-        if unit.family == "forward":
+        if unit.family in ("forward", BASELINE):
             colora_conv_forward(x, w, bias, kp, kd, bias, *conv)
+            if unit.family == BASELINE:
+                for launch in launches:
+                    launch.kwargs["MERGE"] = False
         elif unit.family == "input_grad":
             colora_conv_backward_input(_tensor(out_shape, dtype, cl), w, kp, kd, s.x, cl, *conv)
         elif unit.family.startswith("adapters_"):
@@ -207,7 +215,8 @@ def _is_mma(opcode: str) -> bool:
 
 def _mma_flops(opcode: str, num_warps: int) -> Tuple[int, str]:
     """(FLOPs per CTA, operand type) of one instruction as it appears in each warp's stream."""
-    kind = next((t for t in ("BF16", "TF32", "F16") if f".{t}" in opcode), "")
+    # fp16 operands are the default: the opcode names BF16 and TF32 only (HGMMA.64x128x16.F32 is f16 in, f32 out).
+    kind = next((t for t in ("BF16", "TF32") if f".{t}" in opcode), "F16")
     if opcode.startswith("HGMMA"):
         m, n, k = map(int, re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode).groups())
         return 2 * m * n * k * max(1, num_warps // 4), kind
@@ -382,6 +391,8 @@ def plan_units(shapes: Sequence[Shape], dtypes: Sequence[str], layouts: Sequence
         for shape in shapes:
             for dtype in dtypes:
                 for family in families:
+                    if family == BASELINE and (dtype, arch) != ("bf16", "sm90"):
+                        continue
                     # The merge reads weights only: the activation layout does not reach it.
                     for layout in (layouts[:1] if family == "merge" else layouts):
                         units.append(Unit(family, shape, "-" if family == "merge" else layout, dtype, arch))
@@ -445,6 +456,11 @@ def run_audit(units: Sequence[Unit], workers: int = 0, stream=sys.stderr) -> Lis
 HEADLINE = dict(layout="channels_last", dtype="bf16", arch="sm90")
 
 
+def _best_key(r: dict) -> tuple:
+    """A config's rank among those of one kernel and shape: the estimated share, then fewer instructions per MMA."""
+    return r["est_tensor_share"] or 0, -(r["instrs_per_mma"] or 0)
+
+
 def summary(rows: Sequence[dict]) -> List[dict]:
     """Per kernel and shape (bf16, channels_last, sm_90): the config with the best estimated share, and the worst
     spills and shared memory over all configs."""
@@ -455,13 +471,33 @@ def summary(rows: Sequence[dict]) -> List[dict]:
                 groups.setdefault((r["family"], r["kernel"], r["shape"]), []).append(r)
     out = []
     for (family, kernel, shape), rs in groups.items():
-        best = max(rs, key=lambda r: (r["est_tensor_share"] or 0, -(r["instrs_per_mma"] or 0)))
+        best = max(rs, key=_best_key)
         out.append(dict(family=family, kernel=kernel, shape=shape, configs=len(rs), best_config=best["config"],
                         grid=best["grid"], waves=best["waves"], mma=best["mma"],
                         instrs_per_mma=best["instrs_per_mma"], loop_waits=best["loop_waits"],
                         outer_instrs=best["outer_instrs"],
                         est_tensor_share=best["est_tensor_share"], regs=best["regs"],
                         max_spill=max(r["spill_bytes"] for r in rs), max_smem=max(r["smem"] for r in rs)))
+    return out
+
+
+def merge_cost(rows: Sequence[dict]) -> List[dict]:
+    """Per shape (bf16, sm_90, both layouts): the fused forward's main loop at its best config beside the same
+    loop compiled without the merge (`forward_plain`, same config): what building K0 + ΔK in registers costs."""
+    plain = {(r["shape"], r["layout"], r["config"]): r for r in rows if r["family"] == BASELINE}
+    by_shape: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        if r["family"] == "forward" and r["dtype"] == "bf16" and r["arch"] == "sm90" and r["loop_instrs"]:
+            by_shape.setdefault((r["shape"], r["layout"]), []).append(r)
+    out = []
+    for (shape, layout), rs in by_shape.items():
+        r = max(rs, key=_best_key)
+        base = plain.get((shape, layout, r["config"]))
+        if base and base["loop_instrs"]:
+            out.append(dict(shape=shape, layout=layout, config=r["config"], loop_instrs=r["loop_instrs"],
+                            plain_loop_instrs=base["loop_instrs"],
+                            ratio=round(r["loop_instrs"] / base["loop_instrs"], 2),
+                            est_tensor_share=r["est_tensor_share"], plain_est_tensor_share=base["est_tensor_share"]))
     return out
 
 
@@ -513,6 +549,15 @@ def write_reports(rows: Sequence[dict], out: str, env: dict) -> None:
         "`loop_waits`: wgmma waits for zero pending groups inside the main loop (each serialises the tensor core "
         "behind the loop's other work). `max_spill` / `max_smem`: the worst over every config the autotuner may "
         "launch for that shape.",
+        "",
+        "## What the merge costs the fused forward (bf16, sm_90)",
+        "",
+        "The forward's main loop at its best config beside the same loop compiled with `MERGE=False` (a "
+        "convolution by K0 alone, family `forward_plain`): `ratio` is loop instructions with the merge over "
+        "without.",
+        "",
+        _markdown_table(merge_cost(rows), ("shape", "layout", "config", "loop_instrs", "plain_loop_instrs", "ratio",
+                                           "est_tensor_share", "plain_est_tensor_share")),
         "",
         "## Findings: spills, shared memory over the per-block limit, compile errors (every row)",
         "",

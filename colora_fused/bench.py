@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bench_common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS,
+from .bench_common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS, RANK_SUFFIX,
                            MODEL_METHODS, SAMPLE_MS, Config, device_slug, load_average, missing_dependency,
                            split_method)
 from .bench_layers import bench_layers
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", action="append", metavar="M",
                         help=f"comma-separated; model mode: {', '.join(MODEL_METHODS)}; layer mode: "
                              f"{', '.join(LAYER_METHODS)}; a name ending in {COMPILE_SUFFIX} runs it under "
-                             "torch.compile (default: every method that can run here)")
+                             "torch.compile, and @rN after a colora method (colora-torch@r4) gives its layers rank N "
+                             "(default: every method that can run here)")
     parser.add_argument("--layers", action="store_true",
                         help="layer mode: each distinct conv shape of the model, forward and training step")
     parser.add_argument("--compile", action="store_true", help=f"add a {COMPILE_SUFFIX} variant of every method")
@@ -164,9 +165,11 @@ def resolve_methods(requested: Optional[List[str]], mode: str, device: torch.dev
     else:
         for method in requested:
             base, kxk, _ = split_method(method)
-            if (base + KXK_SUFFIX if kxk else base) not in valid:
+            if (base + KXK_SUFFIX if kxk else base) not in valid or (RANK_SUFFIX.search(method.replace(
+                    COMPILE_SUFFIX, "")) and not base.startswith("colora-")):
                 raise UsageError(f"unknown method {method!r} in {'layer' if mode == 'layers' else 'model'} mode; "
-                                 f"choose from: {', '.join(valid)} (append {COMPILE_SUFFIX} for torch.compile)")
+                                 f"choose from: {', '.join(valid)} (append {COMPILE_SUFFIX} for torch.compile; "
+                                 f"@rN after a colora method for rank N)")
             reason = missing_dependency(method, device)
             if reason is not None:
                 runnable = [m for m in valid if missing_dependency(m, device) is None]

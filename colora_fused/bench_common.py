@@ -23,6 +23,7 @@ COLORA_BACKENDS = {"colora-eager": "reference", "colora-torch": "torch", "colora
                    "colora-hybrid": "hybrid", "colora-auto": "auto"}
 COMPILE_SUFFIX = "+compile"
 KXK_SUFFIX = "-kxk"
+RANK_SUFFIX = re.compile(r"@r([1-9][0-9]*)$")  # colora-torch@r4: rank-4 CoLoRA layers
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 MEMORY_STEPS = 2  # the first step allocates AdamW's state; the second runs with it resident
 SAMPLE_MS = {"cuda": 2.0, "cpu": 20.0}  # layer mode's default --sample-ms
@@ -69,10 +70,17 @@ class Config:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
+def method_rank(name: str) -> int:
+    """The CoLoRA rank a method name asks for: `colora-torch@r4` (also `colora-torch-kxk@r4+compile`) → 4, else 1."""
+    found = RANK_SUFFIX.search(name[:-len(COMPILE_SUFFIX)] if name.endswith(COMPILE_SUFFIX) else name)
+    return int(found.group(1)) if found else 1
+
+
 def split_method(name: str) -> Tuple[str, bool, bool]:
-    """`colora-torch-kxk+compile` → ("colora-torch", kxk=True, compiled=True)."""
+    """`colora-torch-kxk@r2+compile` → ("colora-torch", kxk=True, compiled=True); the rank: `method_rank`."""
     compiled = name.endswith(COMPILE_SUFFIX)
     name = name[:-len(COMPILE_SUFFIX)] if compiled else name
+    name = RANK_SUFFIX.sub("", name)
     kxk = name.endswith(KXK_SUFFIX)
     return (name[:-len(KXK_SUFFIX)] if kxk else name), kxk, compiled
 

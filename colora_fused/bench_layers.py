@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .bench_common import (COLORA_BACKENDS, MAX_REPS, Config, failure_status, interleaved_times, peak_tflops,
-                           quantiles, release_memory, split_method)
+                           method_rank, quantiles, release_memory, split_method)
 from .bench_model import build_base_model, inject_lora, matched_lora_ranks
 from .bench_progress import Progress
 from .functional import timed_ms
@@ -79,7 +79,7 @@ class ConvShape:
             return 2 * f
         if base == "full":
             return 3 * f
-        return 2 * f + min(f, 2 * f / self.taps)
+        return 2 * f + min(f, method_rank(method) * 2 * f / self.taps)
 
     def make_conv(self, device: torch.device) -> nn.modules.conv._ConvNd:
         conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(self.kernel_size)]
@@ -124,7 +124,7 @@ def build_layer(shape: ConvShape, method: str, cfg: Config) -> nn.Module:
                 if "lora_B" in name:
                     p.normal_(0.0, 1e-2)
     else:
-        layer = CONV_TO_COLORA[type(conv)].from_conv(conv, backend=COLORA_BACKENDS[base])
+        layer = CONV_TO_COLORA[type(conv)].from_conv(conv, backend=COLORA_BACKENDS[base], rank=method_rank(method))
         with torch.no_grad():
             layer.depthwise.normal_(0.0, 1e-2)
     if cfg.channels_last and len(shape.kernel_size) == 2:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench_common import (COLORA_BACKENDS, MEMORY_STEPS, Config, PeakMemory, failure_status, interleaved_times,
-                           quantiles, release_memory, split_method)
+                           method_rank, quantiles, release_memory, split_method)
 from .bench_progress import Progress
 from .model import apply_colora
 from .modules import CONV_TO_COLORA
@@ -129,7 +129,7 @@ def build_method_model(base: nn.Module, head: str, method: str, cfg: Config,
                 if grouped:
                     note += f"; {grouped} grouped convs need r a multiple of their groups in PEFT"
             else:
-                apply_colora(model, include=names, backend=COLORA_BACKENDS[base_method])
+                apply_colora(model, include=names, backend=COLORA_BACKENDS[base_method], rank=method_rank(method))
                 note = f"{len(names)} convs"
         model.get_submodule(head).requires_grad_(True)
     if cfg.channels_last:

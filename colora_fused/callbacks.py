@@ -13,6 +13,29 @@ from torch import nn
 from .model import _require_layers, merge_colora
 
 UNITS = ("epoch", "step")
+SCOPES = ("layer", "model")
+
+
+@torch.no_grad()
+def relative_updates(model: nn.Module) -> Dict[str, float]:
+    """‖ΔK‖ / ‖K0‖ (Frobenius) of every CoLoRA layer, by qualified name: how far its adapter has moved it."""
+    return {name: float(layer.delta_weight().norm() / layer.weight.norm().clamp_min(1e-30))
+            for name, layer in _require_layers(model, "relative_updates")}
+
+
+@torch.no_grad()
+def layers_due(model: nn.Module, threshold: float, scope: str = "layer") -> List[str]:
+    """The CoLoRA layers to merge at a relative update of `threshold`: those with ‖ΔK‖/‖K0‖ ≥ threshold
+    (`scope="layer"`), or all of them once ‖ΔK‖/‖K0‖ over the whole model (every layer's ΔK and K0 as one
+    vector) is (`scope="model"`), else none."""
+    if scope not in SCOPES:
+        raise ValueError(f"layers_due: scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "layer":
+        return [n for n, r in relative_updates(model).items() if r >= threshold]
+    layers = _require_layers(model, "layers_due")
+    delta = sum(float(layer.delta_weight().double().square().sum()) for _, layer in layers)
+    base = sum(float(layer.weight.double().square().sum()) for _, layer in layers)
+    return [n for n, _ in layers] if delta >= threshold ** 2 * base else []
 
 
 class MergeSchedule:
@@ -21,22 +44,32 @@ class MergeSchedule:
     `merge_colora(model, optimizer)`, which folds ΔK into K0, resets the adapters and clears the optimizer
     state of the reset tensors.
 
+    With `threshold`, the `every`-th call merges only when the adapters have moved far enough: the layers whose
+    relative update ‖ΔK‖/‖K0‖ has reached `threshold` (`scope="layer"`), or every layer once the model's
+    ‖ΔK‖/‖K0‖ over all layers together has (`scope="model"`). Checking costs a ΔK per layer: `every` thins it.
+
     `optimizer` may be set later (`schedule.optimizer = ...`), as frameworks build theirs after the callbacks.
-    `merges` lists (epoch, step) — the counts of finished epochs and steps — at each merge.
-    `state_dict()` / `load_state_dict()` carry the counters across a resumed run.
+    `merges` lists (epoch, step) — the counts of finished epochs and steps — at each merge, and `merged` the
+    layer names each merge folded. `state_dict()` / `load_state_dict()` carry both across a resumed run.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, every: int = 1,
-                 unit: str = "epoch"):
+                 unit: str = "epoch", threshold: Optional[float] = None, scope: str = "layer"):
         if unit not in UNITS:
             raise ValueError(f"MergeSchedule: unit must be one of {UNITS}, got {unit!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"MergeSchedule: every must be a positive integer, got {every!r}")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0):
+            raise ValueError(f"MergeSchedule: threshold must be a positive number (‖ΔK‖/‖K0‖), got {threshold!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"MergeSchedule: scope must be one of {SCOPES}, got {scope!r}")
         _require_layers(model, "MergeSchedule")
         self.model, self.optimizer, self.every, self.unit = model, optimizer, every, unit
+        self.threshold, self.scope = threshold, scope
         self.steps = 0
         self.epochs = 0
         self.merges: List[Tuple[int, int]] = []
+        self.merged: List[List[str]] = []
 
     def step(self) -> bool:
         """Count one optimizer step; merge when the unit is "step" and it is the `every`-th. True if merged."""
@@ -48,19 +81,28 @@ class MergeSchedule:
         self.epochs += 1
         return self._maybe_merge("epoch", self.epochs)
 
+    def due(self) -> Optional[List[str]]:
+        """The layers a threshold schedule would merge now (`layers_due`); None without a threshold."""
+        return None if self.threshold is None else layers_due(self.model, self.threshold, self.scope)
+
     def _maybe_merge(self, unit: str, count: int) -> bool:
         if unit != self.unit or count % self.every:
             return False
-        merge_colora(self.model, self.optimizer)
+        names = self.due()
+        if names == []:
+            return False
+        self.merged.append(merge_colora(self.model, self.optimizer, names))
         self.merges.append((self.epochs, self.steps))
         return True
 
     def state_dict(self) -> Dict[str, object]:
-        return {"steps": self.steps, "epochs": self.epochs, "merges": [list(m) for m in self.merges]}
+        return {"steps": self.steps, "epochs": self.epochs, "merges": [list(m) for m in self.merges],
+                "merged": [list(n) for n in self.merged]}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         self.steps, self.epochs = int(state["steps"]), int(state["epochs"])
         self.merges = [(int(e), int(s)) for e, s in state["merges"]]
+        self.merged = [list(n) for n in state.get("merged", [])]
 
 
 def _trainer_callback_class():

@@ -4,7 +4,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
-from ._conv import check_order
+from ._conv import check_order, check_rank
 from .functional import check_backend
 
 Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -30,7 +30,8 @@ class CoLoRAConfig:
     - `exclude_modules`: the same forms; convs it selects are left plain (`apply_colora`'s `exclude`).
     - `modules_to_save`: names of modules kept fully trainable (the classifier, say); a module matches when
       its qualified name equals a name or ends with "." + name, as in PEFT. Everything else is frozen.
-    - `order`, `train_bias`, `backend`: as in `CoLoRAConv2d.from_conv`.
+    - `order`, `train_bias`, `backend`, `rank`: as in `CoLoRAConv2d.from_conv` (`rank`: the Kp ⊛ Kd terms of each
+      wrapped conv, 1 as in the paper; PEFT's `r`).
 
     `to_dict()` gives a JSON-serialisable dict and `from_dict(d)` reads it back; a callable selector has no
     JSON form, so `to_dict` refuses it (TypeError) instead of writing something that cannot be read back.
@@ -42,6 +43,7 @@ class CoLoRAConfig:
     order: str = "pointwise_first"
     train_bias: Optional[bool] = None
     backend: str = "auto"
+    rank: int = 1
 
     def __post_init__(self):
         self.target_modules = _check_selector("target_modules", self.target_modules)
@@ -54,6 +56,7 @@ class CoLoRAConfig:
             self.modules_to_save = list(names)
         check_order(self.order)
         check_backend(self.backend)
+        check_rank(self.rank)
         if self.train_bias is not None and not isinstance(self.train_bias, bool):
             raise TypeError(f"CoLoRAConfig.train_bias: expected None, True or False, got {self.train_bias!r}")
 

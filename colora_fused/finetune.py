@@ -84,6 +84,7 @@ from torch import nn
 import colora_fused as cf
 from . import metrics
 from .data import DataError, EpochSampler, load_data, load_digits_task, make_loader, subset, truncate_per_class
+from .callbacks import layers_due
 from .serialization import atomic_write, load_merged, save_merged
 
 STRATEGIES = ("colora", "full", "head")
@@ -244,15 +245,19 @@ def _in_head(name, head):
     return any(name == h or name.startswith(h + ".") for h in head)
 
 
-def setup_strategy(spec, strategy, order="pointwise_first", backend="auto"):
+def setup_strategy(spec, strategy, order="pointwise_first", backend="auto", rank=1):
     """Make ``spec.model`` train as ``strategy``; returns the CoLoRA layer names (empty unless ``colora``).
+
+    ``rank``: the terms of every backbone conv, or {conv name: rank} (an allocation plan: convs it leaves out stay
+    plain and frozen).
 
     ``colora`` and ``head`` freeze every backbone parameter but the adapters, BatchNorm's affine parameters
     included; BatchNorm running statistics still follow the new data in training mode.
     """
     model, wrapped = spec.model, []
     if strategy == "colora":
-        wrapped = cf.apply_colora(model, include=lambda n, m: not _in_head(n, spec.head), order=order, backend=backend)
+        chosen = lambda n, m: not _in_head(n, spec.head) and (isinstance(rank, int) or n in rank)  # noqa: E731
+        wrapped = cf.apply_colora(model, include=chosen, order=order, backend=backend, rank=rank)
         adapters = {id(p) for _, layer in cf.colora_layers(model) for p in layer.adapter_parameters()}
         for n, p in model.named_parameters():
             p.requires_grad_(id(p) in adapters or _in_head(n, spec.head))
@@ -271,7 +276,8 @@ def run_config(args, strategy, splits, world):
     """The settings a checkpoint must have been made with to be resumed: those shaping the model, the data order
     and the updates. ``--epochs`` is not among them: a resumed run may train longer."""
     return {"model": args.model, "strategy": strategy, "num_classes": splits.num_classes, "in_channels": splits.in_channels, "order": args.order,
-            "merge_every": args.merge_every, "merge_unit": args.merge_unit, "balance": args.balance,
+            "merge_every": args.merge_every, "merge_unit": args.merge_unit, "merge_when": args.merge_when,
+            "merge_scope": args.merge_scope, "rank": args.rank, "rank_budget": args.rank_budget, "balance": args.balance,
             "train_size": len(training_set(splits.train, args.balance)), "batch_size": args.batch_size, "processes": world,
             "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "head_hidden": args.head_hidden,
             "image_size": args.image_size}
@@ -480,12 +486,18 @@ class Trainer:
         return run_config(self.args, self.strategy, self.splits, self.ctx.world)
 
     def merge(self):
-        """Merge all adapters (eq. 10–13) with a fresh Kp drawn from a seed fixed by the merge count."""
+        """Merge the adapters (eq. 10–13) with a fresh Kp drawn from a seed fixed by the merge count: all of
+        them, or with --merge-when those whose relative update ‖ΔK‖/‖K0‖ reached it (none: no merge)."""
+        names = None
+        if self.args.merge_when is not None:
+            names = layers_due(self.model, self.args.merge_when, self.args.merge_scope)
+            if not names:
+                return
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.args.seed * 7919 + self.merges + 1)
             try:
-                cf.merge_colora(self.model, self.optimizer)
+                cf.merge_colora(self.model, self.optimizer, names)
             except ValueError as e:  # merge_colora checks every layer first: nothing was merged
                 raise NonFiniteError(f"{self.tag} the merge after step {self.step} was refused: {e}; {self._kept()}") from None
         self.merges += 1
@@ -731,6 +743,16 @@ def build_parser():
                         f"(default: {data['merge_every']}, the paper; the demo: {demo['merge_every']})")
     p.add_argument("--merge-unit", choices=("epoch", "step"), default="epoch",
                    help="what --merge-every counts: epochs or optimizer steps (default: epoch)")
+    p.add_argument("--merge-when", type=float, metavar="T",
+                   help="adaptive merge: at each point --merge-every/--merge-unit names, merge only the layers whose "
+                        "relative update ||dK||/||K0|| reached T (see --merge-scope); default: merge every layer there")
+    p.add_argument("--merge-scope", choices=("layer", "model"), default="layer",
+                   help="--merge-when per layer, or once for all layers by the whole model's ||dK||/||K0|| (default: layer)")
+    p.add_argument("--rank", type=int, default=1, metavar="R",
+                   help="Kp (x) Kd terms of each CoLoRA layer (default: 1, the paper)")
+    p.add_argument("--rank-budget", type=int, metavar="PARAMS",
+                   help="instead of --rank: give each backbone conv a rank by its measured contribution (cf.allocate_rank, "
+                        f"{ALLOCATION_BATCHES} training batches) within this many adapter parameters; convs given rank 0 stay frozen")
     p.add_argument("--order", choices=("pointwise_first", "depthwise_first"), default="pointwise_first",
                    help="CoLoRA factor order: pointwise_first (paper §3.2, Kd per output channel) or depthwise_first "
                         "(paper §3.1, Keras SeparableConv2D) (default: pointwise_first)")
@@ -787,6 +809,12 @@ def parse_args(argv=None):
             raise UsageError(f"--{k.replace('_', '-')} must be positive")
     if args.merge_every < 0:
         raise UsageError("--merge-every must be >= 0")
+    if args.rank < 1:
+        raise UsageError("--rank must be >= 1")
+    if args.rank_budget is not None and args.rank_budget < 1:
+        raise UsageError("--rank-budget must be a positive number of parameters")
+    if args.merge_when is not None and not (math.isfinite(args.merge_when) and args.merge_when > 0):
+        raise UsageError("--merge-when must be a positive number (a relative update ||dK||/||K0||)")
     if not math.isfinite(args.lr) or not math.isfinite(args.log_every):
         raise UsageError("--lr and --log-every must be finite numbers")
     args.class_names = args.class_names.split(",") if args.class_names else None
@@ -803,10 +831,37 @@ def format_table(results):
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+ALLOCATION_BATCHES = 4
+
+
+def allocated_ranks(args, spec, splits, device, log=None):
+    """With ``--rank-budget``, the ranks ``cf.allocate_rank`` gives the backbone convs of ``spec`` within it,
+    measured on ``ALLOCATION_BATCHES`` training batches (a draw fixed by the seed: the same plan on a resume) on
+    ``device``; else ``args.rank``."""
+    if not args.rank_budget:
+        return args.rank
+    train = training_set(splits.train, args.balance)
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train), generator=g)[:ALLOCATION_BATCHES * args.batch_size]
+    size = args.image_size or spec.image_size
+    batches = []
+    for chunk in order.split(args.batch_size):
+        items = [train[int(i)] for i in chunk]
+        x = torch.cat([prepare_batch(image.unsqueeze(0), spec, size, device, False) for image, _ in items])
+        batches.append((x, torch.as_tensor([int(label) for _, label in items], device=device)))
+    spec.model.to(device)
+    plan = cf.allocate_rank(spec.model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), args.rank_budget,
+                            include=lambda n, m: not _in_head(n, spec.head), order=args.order, apply=False)
+    if log is not None:
+        log("rank allocation (--rank-budget):\n" + plan.table())
+    return plan.ranks
+
+
 def run_strategy(args, splits, weights, strategy, ctx, log, out=None, epochs=None):
     torch.manual_seed(args.seed)
     spec = build_model(args.model, splits.num_classes, splits.in_channels, weights, args.weights or "weights", args.head_hidden)
-    setup_strategy(spec, strategy, args.order, args.backend)
+    rank = allocated_ranks(args, spec, splits, ctx.device, log) if strategy == "colora" else args.rank
+    setup_strategy(spec, strategy, args.order, args.backend, rank)
     run_args = copy.copy(args)
     if epochs is not None:
         run_args.epochs = epochs
@@ -848,7 +903,8 @@ def run(argv=None):
             plan += [(s, splits, os.path.join(args.out, s)) for s in args.strategies]
             for strategy, data, out in plan:  # every model, and every checkpoint to resume, before anything trains
                 spec = build_model(args.model, data.num_classes, data.in_channels, weights, args.weights or "weights", args.head_hidden)
-                setup_strategy(spec, strategy, args.order, args.backend)
+                setup_strategy(spec, strategy, args.order, args.backend,
+                               allocated_ranks(args, spec, data, ctx.device) if strategy == "colora" else args.rank)
                 ck = os.path.join(out, "checkpoint.pt")
                 if args.resume and os.path.exists(ck):
                     check_checkpoint(read_checkpoint(ck), ck, run_config(args, strategy, data, ctx.world), spec.model, strategy)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from ._conv import (PADDING_MODES, TRITON_DTYPES, MergeSpec, check_order, f_pad_arg, interpreter_enabled, ntuple,
-                    pad_amounts)
+from ._conv import (PADDING_MODES, TRITON_DTYPES, MergeSpec, adapter_rank, adapter_shapes, check_order, f_pad_arg,
+                    interpreter_enabled, ntuple, pad_amounts)
 from .reference import colora_conv_reference
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,14 @@ def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optiona
         return reason
     from .kernels.conv_fwd import supports_forward
     return supports_forward(x, weight, groups)
+
+
+def fused_prefers_library(weight: Tensor, groups: int) -> bool:
+    """Whether `auto` leaves this conv's forward and input gradient to the library conv on the merged weight
+    (cuDNN) rather than the fused kernels: thin groups (depthwise and the like), where the fused kernels have no
+    tensor-core tile to fill (the audit's dw rows: no MMA) and cuDNN's depthwise kernels are far better."""
+    from .kernels.conv_fwd import thin_groups
+    return thin_groups(weight.shape[0] // groups, weight.shape[1])
 
 
 def _merge_considers_triton(weight: Tensor) -> bool:
@@ -207,7 +215,8 @@ def check_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: 
                   bias_delta: Optional[Tensor], groups: int, order: str, autocast_dtype: Optional[torch.dtype]):
     """Refuse what would otherwise be silently promoted, moved or broadcast: every tensor strided, on x's device
     and, after autocast's casts, of x's dtype; the adapters shaped as DESIGN §1 says (Kp [C_out, C_in/groups],
-    Kd [C_out or C_in, *k], Δb [C_out]). Raises TypeError (dtype, layout) or ValueError (device, shape)."""
+    Kd [C_out or C_in, *k], Δb [C_out]; rank r > 1 puts r in front of Kp's and Kd's shapes). Raises TypeError
+    (dtype, layout) or ValueError (device, shape)."""
     named = dict(x=x, weight=weight, bias=bias, pointwise=pointwise, depthwise=depthwise, bias_delta=bias_delta)
     dtypes = {name: _autocast_target(t, autocast_dtype) for name, t in named.items() if t is not None}
     for name, t in named.items():
@@ -221,10 +230,8 @@ def check_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: 
             raise TypeError(f"colora_conv: {name} has dtype {t.dtype} but x has {x.dtype}"
                             + (f" (under autocast: {dtypes[name]} vs {dtypes['x']})" if autocast_dtype else "")
                             + "; convert them to one dtype")
-    c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
-    expected = dict(pointwise=(c_out, c_in_g),
-                    depthwise=(c_out if order == "pointwise_first" else c_in_g * groups, *kernel),
-                    bias=(c_out,), bias_delta=(c_out,))
+    kp_shape, kd_shape = adapter_shapes(weight.shape, groups, order, adapter_rank(pointwise))
+    expected = dict(pointwise=kp_shape, depthwise=kd_shape, bias=(weight.shape[0],), bias_delta=(weight.shape[0],))
     for name, shape in expected.items():
         if named[name] is not None and tuple(named[name].shape) != shape:
             raise ValueError(f"colora_conv: {name} has shape {tuple(named[name].shape)}, expected {shape} for "
@@ -284,7 +291,8 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
         return x, stride, padding, dilation, dtype, "composite", unbatched
     backend = resolve_backend(backend, x, _metadata_like(weight, x.dtype), groups)
     if backend == "auto-cuda":
-        fused = triton_unsupported_reason(x, _metadata_like(weight, x.dtype), groups) is None
+        fused = (triton_unsupported_reason(x, _metadata_like(weight, x.dtype), groups) is None
+                 and not fused_prefers_library(weight, groups))
         candidates = tuple(c for c in AUTO_CANDIDATES if fused or c != "triton")
         # Under torch.compile nothing is measured or looked up: the op itself still falls back at run time.
         if torch.compiler.is_compiling() or os.environ.get("COLORA_AUTOTUNE", "1") == "0":

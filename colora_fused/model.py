@@ -1,13 +1,13 @@
 """Whole-model CoLoRA: wrap, merge, unwrap, save and load adapters, count parameters, PEFT-style helpers."""
 import contextlib
 import re
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._conv import check_order
+from ._conv import check_order, check_rank
 from .config import CoLoRAConfig, Selector
 from .functional import check_backend
 from .modules import CONV_TO_COLORA, _CoLoRAConvNd, merge_layers_
@@ -68,8 +68,11 @@ def _select_convs(model: nn.Module, include: Selector, exclude: Selector) -> Lis
 
 def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector = None,
                  order: str = "pointwise_first", train_bias: Optional[bool] = None,
-                 backend: str = "auto") -> List[str]:
+                 backend: str = "auto", rank: Union[int, Dict[str, int]] = 1) -> List[str]:
     """Replace the selected `nn.Conv1d/2d/3d` of `model`, in place, by CoLoRA layers sharing their weights.
+
+    `rank`: the terms of every wrapped conv, or {qualified name: rank} for each selected conv (a missing name,
+    or a name selected twice under different ranks, raises ValueError).
 
     The wrapped convs' base weights and biases are frozen; nothing else is touched: BatchNorm, the classifier
     and the convs left out stay as trainable as they were. `get_colora_model` instead freezes everything but
@@ -79,10 +82,18 @@ def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector =
     check_order(order)
     check_backend(backend)
     chosen = _select_convs(model, include, exclude)
+    ranks = {n: rank for n, _ in chosen} if isinstance(rank, int) else dict(rank)
+    missing = [n for n, _ in chosen if n not in ranks]
+    if missing:
+        raise ValueError(f"apply_colora: rank gives no rank for {', '.join(missing)}")
+    for value in ranks.values():
+        check_rank(value)
     wrapped: Dict[int, nn.Module] = {}
-    for _, conv in chosen:
+    for name, conv in chosen:
+        if id(conv) in wrapped and wrapped[id(conv)].rank != ranks[name]:
+            raise ValueError(f"apply_colora: {name} shares its conv with another name of another rank")
         if id(conv) not in wrapped:
-            wrapped[id(conv)] = CONV_TO_COLORA[type(conv)].from_conv(conv, order, train_bias, backend)
+            wrapped[id(conv)] = CONV_TO_COLORA[type(conv)].from_conv(conv, order, train_bias, backend, ranks[name])
     for name, conv in chosen:
         _set_submodule(model, name, wrapped[id(conv)])
     return [n for n, _ in chosen]
@@ -123,7 +134,7 @@ def get_colora_model(model: nn.Module, config: Optional[CoLoRAConfig] = None) ->
         raise ValueError(f"get_colora_model: modules_to_save {', '.join(overlap)} hold convs that target_modules "
                          "selects; exclude them from target_modules or drop them from modules_to_save")
     apply_colora(model, include=[n for n, _ in chosen], order=config.order, train_bias=config.train_bias,
-                 backend=config.backend)
+                 backend=config.backend, rank=config.rank)
     keep: Set[int] = {id(p) for _, layer in colora_layers(model) for p in layer.adapter_parameters()}
     keep |= {id(p) for _, m in saved for p in m.parameters()}
     for p in model.parameters():
@@ -160,7 +171,8 @@ def _check_optimizer_holds_adapters(layers: List[Tuple[str, _CoLoRAConvNd]],
 
 
 @torch.no_grad()
-def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> List[str]:
+def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 names: Optional[Iterable[str]] = None) -> List[str]:
     """Fold every CoLoRA layer's ΔK, Δb into its base weights and reset its adapters (eq. 10–13); on CUDA in one
     Triton launch per dtype combination for the whole model (`modules.merge_layers_`).
 
@@ -168,8 +180,16 @@ def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = 
     trainable adapter tensor, ValueError is raised and nothing changes. With `optimizer`, the state of the
     reset tensors (Adam's moments, step) is cleared. Under torch.distributed the fresh Kp of rank 0 is
     broadcast so that replicas stay identical. Raises ValueError on a model without CoLoRA layers.
+    `names` (qualified layer names) merges only those layers, as an adaptive schedule does; returns the names
+    merged.
     """
     layers = _require_layers(model, "merge_colora")
+    if names is not None:
+        wanted = set(names)
+        unknown = sorted(wanted - {n for n, _ in layers})
+        if unknown:
+            raise ValueError(f"merge_colora: names {', '.join(unknown)} are not CoLoRA layers of the model")
+        layers = [(n, layer) for n, layer in layers if n in wanted]
     _check_mergeable(layers, "merge_colora")
     if optimizer is not None:
         _check_optimizer_holds_adapters(layers, optimizer)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional, ops
-from ._conv import MergeSpec, check_order
+from ._conv import MergeSpec, adapter_shapes, check_order, check_rank
 from .functional import check_backend, chosen_backend, colora_conv
 
 
@@ -14,7 +14,9 @@ class _CoLoRAConvNd:
     """The CoLoRA part shared by the three layers; each also subclasses the matching `nn.ConvNd` (`_conv_cls`).
 
     Constructor as torch's, plus `order` ("pointwise_first" | "depthwise_first"), `train_bias` (None: a Δb
-    exists iff the base conv has a bias) and `backend` ("auto" | "triton" | "hybrid" | "torch" | "reference").
+    exists iff the base conv has a bias), `backend` ("auto" | "triton" | "hybrid" | "torch" | "reference") and
+    `rank` (r ≥ 1 terms, ΔK = Σ_i Kp[i] ⊛ Kd[i]; at r = 1 Kp is [C_out, C_in/groups] and Kd [C_out or C_in, *k],
+    the paper's shapes; at r > 1 both get a leading r).
 
     Attributes: `disable_adapters` (False; PEFT's name): True makes forward the plain base conv (K0, b0).
     `cache_merged_weight` (True): the torch and hybrid backends keep K0 + ΔK in one buffer per dtype between calls,
@@ -26,15 +28,17 @@ class _CoLoRAConvNd:
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, order="pointwise_first",
-                 train_bias=None, backend="auto"):
+                 train_bias=None, backend="auto", rank=1):
         check_order(order)
         check_backend(backend)
+        check_rank(rank)
         self._conv_cls.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                 bias, padding_mode, device, dtype)
-        self._init_adapters(order, train_bias, backend)
+        self._init_adapters(order, train_bias, backend, rank)
 
-    def _init_adapters(self, order: str, train_bias: Optional[bool], backend: str) -> None:
+    def _init_adapters(self, order: str, train_bias: Optional[bool], backend: str, rank: int = 1) -> None:
         self.order = check_order(order)
+        self.rank = check_rank(rank)
         self.backend = check_backend(backend)
         self.disable_adapters = False
         self.cache_merged_weight = True
@@ -43,29 +47,30 @@ class _CoLoRAConvNd:
         if self.bias is not None:
             self.bias.requires_grad_(False)
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
-        depthwise_channels = self.out_channels if order == "pointwise_first" else self.in_channels
-        self.pointwise = nn.Parameter(torch.empty(self.out_channels, self.in_channels // self.groups, **factory))
-        self.depthwise = nn.Parameter(torch.empty(depthwise_channels, *self.kernel_size, **factory))
+        kp_shape, kd_shape = adapter_shapes(self.weight.shape, self.groups, order, rank)
+        self.pointwise = nn.Parameter(torch.empty(kp_shape, **factory))
+        self.depthwise = nn.Parameter(torch.empty(kd_shape, **factory))
         has_bias_delta = self.bias is not None if train_bias is None else bool(train_bias)
         self.bias_delta = nn.Parameter(torch.empty(self.out_channels, **factory)) if has_bias_delta else None
         self.reset_adapter_()
 
     @classmethod
     def from_conv(cls, conv: nn.Module, order: str = "pointwise_first", train_bias: Optional[bool] = None,
-                  backend: str = "auto"):
+                  backend: str = "auto", rank: int = 1):
         """Wrap `conv`, reusing (not copying) its weight and bias, which are frozen."""
         if not isinstance(conv, cls._conv_cls) or isinstance(conv, _CoLoRAConvNd):
             raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._conv_cls.__name__}, "
                             f"got {type(conv).__name__}")
         check_order(order)
         check_backend(backend)
+        check_rank(rank)
         layer = cls.__new__(cls)
         cls._conv_cls.__init__(layer, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                                device="meta", dtype=conv.weight.dtype)
         layer.weight = conv.weight
         layer.bias = conv.bias
-        layer._init_adapters(order, train_bias, backend)
+        layer._init_adapters(order, train_bias, backend, rank)
         layer.train(conv.training)
         return layer
 
@@ -76,8 +81,9 @@ class _CoLoRAConvNd:
 
     @torch.no_grad()
     def reset_adapter_(self):
-        """Kd = 0, Δb = 0, Kp Glorot-uniform (fan_in = C_in/groups, fan_out = C_out): ΔK = 0 again."""
-        fan_in, fan_out = self.pointwise.shape[1], self.pointwise.shape[0]
+        """Kd = 0, Δb = 0, Kp Glorot-uniform (fan_in = C_in/groups, fan_out = C_out; each term at rank r): ΔK = 0
+        again."""
+        fan_in, fan_out = self.pointwise.shape[-1], self.pointwise.shape[-2]
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         self.pointwise.uniform_(-bound, bound)
         self.depthwise.zero_()
@@ -86,7 +92,7 @@ class _CoLoRAConvNd:
         return self
 
     def delta_weight(self) -> Tensor:
-        """ΔK = Kp ⊛ Kd, shaped like `weight`."""
+        """ΔK = Kp ⊛ Kd (summed over the terms at rank r), shaped like `weight`."""
         return ops.delta_weight(self.pointwise, self.depthwise, self.groups, self.order)
 
     @torch.no_grad()
@@ -97,7 +103,7 @@ class _CoLoRAConvNd:
             raise ValueError(f"{type(self).__name__}: the adapters hold non-finite values; merge refused, "
                              "weights unchanged")
         # |K0 + ΔK| ≤ max|K0| + max|Kp|·max|Kd|: only when that bound could overflow is ΔK built to look.
-        bound = (self.weight.abs().amax().double() + self.pointwise.abs().amax().double()
+        bound = (self.weight.abs().amax().double() + self.rank * self.pointwise.abs().amax().double()
                  * self.depthwise.abs().amax().double())
         if bound >= torch.finfo(self.weight.dtype).max and not finite(self.weight + self.delta_weight()):
             raise ValueError(f"{type(self).__name__}: K0 + ΔK overflows {self.weight.dtype}; merge refused, "
@@ -155,7 +161,8 @@ class _CoLoRAConvNd:
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.adapter_parameters())
-        return f"{super().extra_repr()}, order={self.order}, backend={self.backend}, adapter_params={n}"
+        rank = f", rank={self.rank}" if self.rank > 1 else ""
+        return f"{super().extra_repr()}, order={self.order}{rank}, backend={self.backend}, adapter_params={n}"
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._conv import CONV_FNS, MergeSpec, adapter_grad_route, conv_output_shape
+from ._conv import CONV_FNS, MergeSpec, adapter_grad_route, adapter_rank, adapter_terms, conv_output_shape
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,22 @@ def _factor_views(pointwise: Tensor, depthwise: Tensor, groups: int, order: str)
 
 
 def delta_weight(pointwise: Tensor, depthwise: Tensor, groups: int, order: str) -> Tensor:
-    """ΔK = Kp ⊛ Kd shaped like K0 [C_out, C_in/groups, *k], differentiable."""
+    """ΔK = Σ_i Kp[i] ⊛ Kd[i] (one term at rank 1) shaped like K0 [C_out, C_in/groups, *k], differentiable."""
+    if pointwise.dim() == 3:
+        return sum(delta_weight(kp, kd, groups, order) for kp, kd in zip(pointwise, depthwise))
     kp, kd, _ = _factor_views(pointwise, depthwise, groups, order)
     return (kp * kd).reshape(*pointwise.shape, *depthwise.shape[1:])
 
 
 def merged_weight(weight: Tensor, pointwise: Tensor, depthwise: Tensor, groups: int, order: str,
                   out: Optional[Tensor] = None) -> Tensor:
-    """K0 + ΔK in one fused pass (addcmul), shaped like K0 (written into `out`, and `out` returned, when given:
-    a view reshaped back can carry other strides on size-1 dims, which send aten's conv backward to a path that
-    refuses them)."""
-    kp, kd, shape = _factor_views(pointwise, depthwise, groups, order)
-    merged = torch.addcmul(weight.reshape(shape), kp, kd, out=None if out is None else out.view(shape))
+    """K0 + ΔK in one fused pass per term (addcmul), shaped like K0 (written into `out`, and `out` returned, when
+    given: a view reshaped back can carry other strides on size-1 dims, which send aten's conv backward to a path
+    that refuses them)."""
+    merged = weight
+    for kp_i, kd_i in zip(*adapter_terms(pointwise, depthwise)):
+        kp, kd, shape = _factor_views(kp_i, kd_i, groups, order)
+        merged = torch.addcmul(merged.reshape(shape), kp, kd, out=None if out is None else out.view(shape))
     return merged.reshape(weight.shape) if out is None else out
 
 
@@ -223,6 +227,9 @@ def _reduce_gradw(grad_weight: Tensor, pointwise: Tensor, depthwise: Tensor, gro
     Broadcast multiply-and-sum rather than einsum: with one or two taps, einsum's batched GEMMs cost more than
     the arithmetic. These are weight-sized passes, which is what a 1×1 layer's step costs beyond the convs.
     """
+    if pointwise.dim() == 3:  # rank r: the reduction of each term, against the one weight gradient
+        grads = [_reduce_gradw(grad_weight, kp, kd, groups, order) for kp, kd in zip(pointwise, depthwise)]
+        return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
     c_out, c_in_g = pointwise.shape
     taps = depthwise[0].numel()
     if taps == 1 and order == "pointwise_first" and owned:
@@ -268,7 +275,12 @@ def _grad_weight(grad: Tensor, x: Tensor, weight_shape, stride, padding, dilatio
 
 
 def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order):
-    """dKp, dKd at ≈ 2F/prod(k) FLOPs: one 1×1 weight-gradient GEMM, one recomputed 1×1 conv, two stencils."""
+    """dKp, dKd at ≈ 2F/prod(k) FLOPs: one 1×1 weight-gradient GEMM, one recomputed 1×1 conv, two stencils (per
+    term at rank r)."""
+    if pointwise.dim() == 3:
+        grads = [_adapter_grads_cheap(grad, x, kp, kd, stride, padding, dilation, groups, order)
+                 for kp, kd in zip(pointwise, depthwise)]
+        return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
     nd = x.dim() - 2
     conv = CONV_FNS[nd]
     c_out, c_in_g = pointwise.shape
@@ -315,7 +327,8 @@ def _torch_backward(grad, x, weight, pointwise, depthwise, stride, padding, dila
                     need_x, need_weight, need_adapters, merged, triton_adapters: bool = False):
     """Gradients of x, K0, Kp and Kd for the torch backend (the hybrid backend with `triton_adapters`), each None
     when not needed."""
-    route = adapter_grad_route(x.shape, weight.shape, grad.shape, order) if need_adapters else None
+    route = (adapter_grad_route(x.shape, weight.shape, grad.shape, order, adapter_rank(pointwise))
+             if need_adapters else None)
     need_gradw = need_weight or route == "gradw"
     grad_x = grad_w = None
     if need_x or need_gradw:
@@ -376,7 +389,7 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
     if need_adapters:
         d_kp, d_kd, _ = colora_conv_backward_adapters(
             x, grad, weight, pointwise, depthwise, stride, padding, dilation, groups, order, False,
-            route=adapter_grad_route(x.shape, weight.shape, grad.shape, order))
+            route=adapter_grad_route(x.shape, weight.shape, grad.shape, order, adapter_rank(pointwise)))
     if need_weight:
         grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
                                                      [0] * (x.dim() - 2), groups, [False, True, False])[1]
@@ -582,8 +595,9 @@ def _register_flop_formulas():
         f = conv_flops(x_shape, weight_shape, grad_shape)
         adapters = 0
         if need_adapters:
-            route = adapter_grad_route(x_shape, weight_shape, grad_shape, order)
-            adapters = f if route == "gradw" else 2 * f // math.prod(weight_shape[2:])
+            rank = pointwise_shape[0] if len(pointwise_shape) == 3 else 1
+            route = adapter_grad_route(x_shape, weight_shape, grad_shape, order, rank)
+            adapters = f if route == "gradw" else rank * 2 * f // math.prod(weight_shape[2:])
         return f * (int(need_x) + int(need_weight)) + adapters
 
 

@@ -4,13 +4,14 @@ pointwise_first:  Z1 = Kp ⊛ I (1×1, the base conv's groups), Z2 = Kd ⊛ Z1 (
                   base conv's stride/padding/dilation), O = K0 ⊛ I + b0 + Z2 + Δb.
 depthwise_first:  Z1 = Kd ⊛ I (depthwise over C_in, base stride/padding/dilation), Z2 = Kp ⊛ Z1 (1×1, groups),
                   O = K0 ⊛ I + b0 + Z2 + Δb.
+Rank r (Kp [r, C_out, C_in/groups], Kd [r, C_kd, *k]) sums one Z2 per term.
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._conv import CONV_FNS, check_order, f_pad_arg, pad_amounts, ntuple
+from ._conv import CONV_FNS, adapter_terms, check_order, f_pad_arg, pad_amounts, ntuple
 
 
 def colora_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -26,23 +27,26 @@ def colora_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         padding = 0
     c_out, c_in = weight.shape[0], x.shape[1]
     one = (1,) * nd
-    base = conv(x, weight, bias, stride, padding, dilation, groups)
-    if order == "pointwise_first":
-        z1 = conv(x, pointwise.reshape(c_out, -1, *one), None, 1, 0, 1, groups)
-        z2 = conv(z1, depthwise.unsqueeze(1), bias_delta, stride, padding, dilation, c_out)
-    else:
-        z1 = conv(x, depthwise.unsqueeze(1), None, stride, padding, dilation, c_in)
-        z2 = conv(z1, pointwise.reshape(c_out, -1, *one), bias_delta, 1, 0, 1, groups)
-    return base + z2
+    out = conv(x, weight, bias, stride, padding, dilation, groups)
+    for i, (kp, kd) in enumerate(zip(*adapter_terms(pointwise, depthwise))):  # rank r: ΔK = Σ_i Kp[i] ⊛ Kd[i]
+        db = bias_delta if i == 0 else None
+        if order == "pointwise_first":
+            z1 = conv(x, kp.reshape(c_out, -1, *one), None, 1, 0, 1, groups)
+            out = out + conv(z1, kd.unsqueeze(1), db, stride, padding, dilation, c_out)
+        else:
+            z1 = conv(x, kd.unsqueeze(1), None, stride, padding, dilation, c_in)
+            out = out + conv(z1, kp.reshape(c_out, -1, *one), db, 1, 0, 1, groups)
+    return out
 
 
 def delta_weight_reference(pointwise: torch.Tensor, depthwise: torch.Tensor, groups: int,
                            order: str = "pointwise_first") -> torch.Tensor:
-    """ΔK = Kp ⊛ Kd, shaped like the base weight [C_out, C_in/groups, *k] (DESIGN §1)."""
+    """ΔK = Σ_i Kp[i] ⊛ Kd[i], shaped like the base weight [C_out, C_in/groups, *k] (DESIGN §1)."""
     check_order(order)
-    c_out, c_in_g = pointwise.shape
+    kps, kds = adapter_terms(pointwise, depthwise)
+    c_out, c_in_g = kps.shape[1:]
     if order == "pointwise_first":
-        return torch.einsum("oc,o...->oc...", pointwise, depthwise)
-    kd = depthwise.reshape(groups, c_in_g, *depthwise.shape[1:])
-    kd = kd.repeat_interleave(c_out // groups, dim=0)  # [C_out, C_in/groups, *k]: Kd[g(o)·C_in/groups + c]
-    return pointwise.reshape(c_out, c_in_g, *([1] * (depthwise.dim() - 1))) * kd
+        return torch.einsum("roc,ro...->oc...", kps, kds)
+    kd = kds.reshape(kds.shape[0], groups, c_in_g, *kds.shape[2:])
+    kd = kd.repeat_interleave(c_out // groups, dim=1)  # [r, C_out, C_in/groups, *k]: Kd[i, g(o)·C_in/groups + c]
+    return (kps.reshape(*kps.shape, *([1] * (kds.dim() - 2))) * kd).sum(0)

@@ -71,17 +71,19 @@ CASES = [
 CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 
 
-def adapter_shapes(case: Case, order: str):
+def adapter_shapes(case: Case, order: str, rank: int = 1):
     c_in_g = case.c_in // case.groups
     kd_ch = case.c_out if order == "pointwise_first" else case.c_in
-    return (case.c_out, c_in_g), (kd_ch, *case.kernel)
+    lead = (rank,) if rank > 1 else ()
+    return (*lead, case.c_out, c_in_g), (*lead, kd_ch, *case.kernel)
 
 
 def make_tensors(case: Case, order: str, dtype=torch.float32, device="cpu", seed: int = 0,
-                 zero_depthwise: bool = False):
+                 zero_depthwise: bool = False, rank: int = 1):
     """Inputs of one case: x, weight, bias, pointwise, depthwise, bias_delta (bias/bias_delta may be None).
 
-    Adapters are random (not their zero init) so that the residual really contributes to every output.
+    Adapters are random (not their zero init) so that the residual really contributes to every output; `rank` > 1
+    gives Kp, Kd a leading dim of r terms.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -90,7 +92,7 @@ def make_tensors(case: Case, order: str, dtype=torch.float32, device="cpu", seed
 
     c_in_g = case.c_in // case.groups
     fan_in = c_in_g * torch.Size(case.kernel).numel()
-    kp_shape, kd_shape = adapter_shapes(case, order)
+    kp_shape, kd_shape = adapter_shapes(case, order, rank)
     x = rnd(case.batch, case.c_in, *case.size)
     if case.channels_last:
         x = x.to(memory_format=torch.channels_last if case.dim == 2 else torch.channels_last_3d)
@@ -124,3 +126,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert torch.isfinite(actual).all(), f"{name}: non-finite values (an unwritten tile?)"
     scale = max(expected.abs().max().item(), 1e-12)
     torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_training_matches_reference(case: Case, order: str, backend: str, rank: int = 1, device="cpu",
+                                      tol: Optional[Tuple[float, float]] = None):
+    """One fp32 training call through `colora_conv` on `backend`: the output and the gradients of x, Kp, Kd and
+    Δb (K0, b0 frozen) against the float64 reference."""
+    from colora_fused import colora_conv
+
+    t = make_tensors(case, order, torch.float32, device=device, rank=rank)
+    t = {k: (None if v is None else v.requires_grad_(k not in ("weight", "bias"))) for k, v in t.items()}
+    out = colora_conv(t["x"], t["weight"], t["bias"], t["pointwise"], t["depthwise"], t["bias_delta"], order=order,
+                      backend=backend, **case.conv_kwargs())
+    grad = torch.randn_like(out)
+    expected, grads = reference_output(case, order, t, grad)
+    out.backward(grad)
+    assert_close(out, expected, torch.float32, "out", tol)
+    for name in ("x", "pointwise", "depthwise", "bias_delta"):
+        if t[name] is not None:
+            assert t[name].grad.shape == t[name].shape
+            assert_close(t[name].grad, grads[name], torch.float32, name, tol)

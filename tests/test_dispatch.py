@@ -105,3 +105,31 @@ def test_fastest_backend_weighs_hybrid_in_training_only(monkeypatch):
     names = iter(("triton", "torch"))
     assert fastest_backend(*conv, False) == "torch"
     assert timed == ["triton", "torch"]
+
+
+def test_auto_leaves_thin_groups_to_the_library_conv(monkeypatch):
+    """Depthwise and other thin groups: the fused kernels have no tensor-core tile there, so `auto` weighs only
+    hybrid and torch (cuDNN on the merged weight); a dense conv still weighs the fused kernels too. An explicit
+    backend="triton" still runs the fused kernels on a depthwise conv, exactly."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(functional, "_auto_considers_triton", lambda x: True)
+    monkeypatch.setenv("COLORA_AUTOTUNE", "1")
+    weighed = []
+
+    def fake_fastest(*args, candidates=functional.AUTO_CANDIDATES, **kwargs):
+        weighed.append(tuple(args[-1] if isinstance(args[-1], tuple) else candidates))
+        return weighed[-1][0]
+
+    monkeypatch.setattr(functional, "fastest_backend", fake_fastest)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    for c_in_g, groups, expected in ((1, 8, ("hybrid", "torch")), (8, 1, functional.AUTO_CANDIDATES)):
+        weight = torch.randn(8, c_in_g, 3, 3, generator=g)
+        kp, kd = torch.randn(8, c_in_g, generator=g), torch.randn(8, 3, 3, generator=g)
+        assert functional.chosen_backend(x, weight, None, kp, kd, None, 1, 1, 1, groups) == expected[0]
+        assert weighed[-1] == expected
+        out = colora_conv(x, weight, None, kp, kd, None, 1, 1, 1, groups, backend="triton")
+        ref = functional.colora_conv_reference(x.double(), weight.double(), None, kp.double(), kd.double(), None,
+                                               1, 1, 1, groups, "zeros", "pointwise_first")
+        assert_close(out, ref, torch.float32, f"explicit triton, groups={groups}")

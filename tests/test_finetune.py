@@ -161,6 +161,21 @@ def test_checkpoint_holds_adapters_head_and_merged_weights(tmp_path, digits_weig
     assert "features.0.weight" in merged["model"]  # after a merge the update lives in the base weights
 
 
+def test_rank_and_adaptive_merge_flags(tmp_path, digits_weights):
+    """--rank gives every CoLoRA layer r terms; --merge-when merges only once a layer's ||dK||/||K0|| reaches
+    it: never for a huge threshold, at every check for a tiny one."""
+    common = ["--weights", digits_weights, "--strategy", "colora", "--epochs", "1", "--merge-unit", "step",
+              "--merge-every", "5", "--batch-size", "64"]
+    never = run(*common, "--rank", "2", "--merge-when", "1e9", out=tmp_path / "never")[0]
+    always = run(*common, "--merge-when", "1e-9", "--merge-scope", "model", out=tmp_path / "always")[0]
+    assert never["merges"] == 0 and always["merges"] == always["steps"] // 5 > 0
+    ck = torch.load(tmp_path / "never" / "colora" / "checkpoint.pt", weights_only=True)
+    kp = [v for k, v in ck["model"].items() if k.endswith("pointwise")]
+    assert kp and all(v.dim() == 3 and v.shape[0] == 2 for v in kp)
+    assert "--merge-when must be a positive number" in _error([*common, "--merge-when", "0"], tmp_path)
+    assert "--rank must be >= 1" in _error([*common, "--rank", "0"], tmp_path)
+
+
 def test_models_and_heads():
     vgg = finetune.build_model("vgg16", 4, 1)
     wrapped = finetune.setup_strategy(vgg, "colora")
@@ -555,12 +570,12 @@ def test_help_states_each_default_once_and_explains_every_flag(monkeypatch):
 def test_merge_of_a_nonfinite_delta_is_refused_and_stops(tmp_path, monkeypatch):
     real_merge = cf.merge_colora
 
-    def poisoned(model, optimizer=None):  # an adapter gone to Inf just before the first merge
+    def poisoned(model, optimizer=None, names=None):  # an adapter gone to Inf just before the first merge
         with torch.no_grad():
             model.features[2].depthwise[0, 0, 0] = float("inf")
         base = model.features[2].weight.clone()
         try:
-            return real_merge(model, optimizer)
+            return real_merge(model, optimizer, names)
         finally:
             assert torch.equal(model.features[2].weight, base)  # refused: K0 unchanged
 

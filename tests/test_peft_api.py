@@ -187,8 +187,8 @@ def test_config_refuses_what_it_cannot_hold():
         cf.CoLoRAConfig(target_modules=kxk).to_dict()
     with pytest.raises(TypeError, match="exclude_modules is a callable"):
         cf.CoLoRAConfig(exclude_modules=lambda n, m: False).to_dict()
-    with pytest.raises(ValueError, match="unknown keys rank, target_module"):
-        cf.CoLoRAConfig.from_dict({"target_module": "conv", "rank": 8})
+    with pytest.raises(ValueError, match="unknown keys lora_alpha, target_module"):
+        cf.CoLoRAConfig.from_dict({"target_module": "conv", "lora_alpha": 8})
     with pytest.raises(ValueError, match="order"):
         cf.CoLoRAConfig(order="separable")
     with pytest.raises(ValueError, match="backend"):

@@ -9,7 +9,7 @@ from torch import nn
 
 import colora_fused as cf
 
-from cases import CASE_PARAMS, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_close, make_tensors, reference_output
+from cases import CASE_PARAMS, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_training_matches_reference
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,17 +22,7 @@ TOL = TOLERANCE_TF32 if DEVICE == "cuda" else TOLERANCE[torch.float32]
 def test_training_through_triton_matches_reference(case, order, backend):
     """Both Triton paths: the fused kernels, and hybrid (library convs on the merged weight, adapter gradients by
     the one-pass kernel)."""
-    t = make_tensors(case, order, torch.float32, device=DEVICE)
-    t = {k: (None if v is None else v.requires_grad_(k != "weight" and k != "bias")) for k, v in t.items()}
-    out = cf.colora_conv(t["x"], t["weight"], t["bias"], t["pointwise"], t["depthwise"], t["bias_delta"],
-                         order=order, backend=backend, **case.conv_kwargs())
-    grad = torch.randn_like(out)
-    expected, grads = reference_output(case, order, t, grad)
-    out.backward(grad)
-    assert_close(out, expected, torch.float32, "out", TOL)
-    for name in ("x", "pointwise", "depthwise", "bias_delta"):
-        if t[name] is not None:
-            assert_close(t[name].grad, grads[name], torch.float32, name, TOL)
+    assert_training_matches_reference(case, order, backend, device=DEVICE, tol=TOL)
 
 
 @pytest.mark.parametrize("order", ORDERS)

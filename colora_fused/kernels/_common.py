@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl  # noqa: F401 (Triton requires it in the globals of a @triton.jit helper)
 
-from .._conv import ORDERS, TRITON_DTYPES
+from .._conv import ORDERS, TRITON_DTYPES, adapter_rank, adapter_shapes
 
 INTERPRET = triton.knobs.runtime.interpret
 # One fixed config instead of autotuning: always under the interpreter, and on a GPU when COLORA_TRITON_AUTOTUNE=0
@@ -160,6 +160,10 @@ def dtype_problem(tensors: Sequence[Optional[torch.Tensor]], names: Sequence[str
     return None
 
 
+def _rank_of(pointwise: Optional[torch.Tensor]) -> int:
+    return 1 if pointwise is None else adapter_rank(pointwise)
+
+
 def check_conv_tensors(tensors: dict, weight: torch.Tensor, groups: int, order: str) -> None:
     """Checks shared by the launchers: dtypes, one device, the order, and the shapes of bias, pointwise,
     depthwise and bias_delta (those present in `tensors`, None allowed) against `weight`."""
@@ -172,10 +176,9 @@ def check_conv_tensors(tensors: dict, weight: torch.Tensor, groups: int, order: 
         raise backend_error(problem)
     if order not in ORDERS:
         raise backend_error(f"unknown order {order!r}; choose one of {ORDERS}")
-    c_out, c_in_g, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
-    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
-    expected = {"pointwise": (c_out, c_in_g), "depthwise": (kd_channels, *kernel), "bias": (c_out,),
-                "bias_delta": (c_out,)}
+    kp_shape, kd_shape = adapter_shapes(weight.shape, groups, order, _rank_of(tensors.get("pointwise")))
+    expected = {"pointwise": kp_shape, "depthwise": kd_shape, "bias": (weight.shape[0],),
+                "bias_delta": (weight.shape[0],)}
     for name, shape in expected.items():
         t = tensors.get(name)
         if t is not None and tuple(t.shape) != shape:
@@ -242,13 +245,12 @@ def check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation,
         params[name] = value
     if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
         fail(ValueError, f"groups={groups!r} must be a positive int dividing C_out={weight.shape[0]}")
-    c_out, c_in_g = weight.shape[:2]
     kernel = tuple(weight.shape[2:])
-    kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
-    if tuple(pointwise.shape) != (c_out, c_in_g):
-        fail(ValueError, f"pointwise has shape {tuple(pointwise.shape)}, expected {(c_out, c_in_g)}")
-    if tuple(depthwise.shape) != (kd_channels, *kernel):
-        fail(ValueError, f"depthwise has shape {tuple(depthwise.shape)}, expected {(kd_channels, *kernel)} ({order})")
+    kp_shape, kd_shape = adapter_shapes(weight.shape, groups, order, _rank_of(pointwise))
+    if tuple(pointwise.shape) != kp_shape:
+        fail(ValueError, f"pointwise has shape {tuple(pointwise.shape)}, expected {kp_shape}")
+    if tuple(depthwise.shape) != kd_shape:
+        fail(ValueError, f"depthwise has shape {tuple(depthwise.shape)}, expected {kd_shape} ({order})")
     unit = 3 - nd
     return ((1,) * unit + params["stride"], (0,) * unit + params["padding"], (1,) * unit + params["dilation"],
             (1,) * unit + kernel)

@@ -690,7 +690,17 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     two-kernel route (a dKp GEMM with the stencil in its prologue, a dKd GEMM-and-stencil kernel) otherwise or
     with `two_pass`.
     `deterministic=False` trades bit-reproducibility for fp32 atomics instead of split partials.
+    Rank r (Kp [r, C_out, C_in/groups], Kd [r, C_kd, *k]): each term's gradients are those of a rank-1 adapter
+    of that term (ΔK is linear in the terms), so the terms run one after another (r times the cost) and dΔb is
+    computed once.
     """
+    if pointwise.dim() == 3:
+        check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+        grads = [colora_conv_backward_adapters(x, grad_out, weight, kp, kd, stride, padding, dilation, groups, order,
+                                               need_bias_delta and i == 0, deterministic, route=route,
+                                               two_pass=two_pass)
+                 for i, (kp, kd) in enumerate(zip(pointwise, depthwise))]
+        return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads]), grads[0][2]
     device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
     stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups,
                                                   order)

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._conv import conv_output_shape
+from .._conv import adapter_terms, conv_output_shape
 from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, fail, fit_configs,
-                      launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides)
+                      launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides, WGMMA_ROWS)
 
 
 def _bwd_input_configs():
@@ -26,18 +26,22 @@ def _bwd_input_configs():
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 8, 4),
-            (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (64, 32, 32, 4, 3),
+            (128, 64, 32, 4, 4), (64, 64, 64, 4, 3), (32, 64, 32, 4, 3),
         ]
     ]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """The autotuner's early prune: channel tiles shrunk to the group's channels (down to tl.dot's 16),
-    duplicates dropped, then the configs whose pipeline (dY, K0 and Kp tiles per stage) overflows the device's
-    shared memory, then (NCHW) those past a register budget. A shared-memory overflow fails the launch, a spill
+    """The autotuner's early prune: channel tiles shrunk to the group's channels (down to tl.dot's 16, or wgmma's
+    64 rows on the M side), duplicates dropped, then the configs whose pipeline (dY, K0 and Kp tiles per stage)
+    overflows the device's shared memory, then (NCHW) those past a register budget. A shared-memory overflow fails the launch, a spill
     only slows it, so that limit is applied first."""
+    named_args = {**named_args, **kwargs}  # the channel counts arrive as constexpr keyword arguments
+
     def fit(kw):
-        kw["BLOCK_N"] = min(kw["BLOCK_N"], max(16, triton.next_power_of_2(named_args["C_IN_G"])))
+        # BLOCK_N is the M side of the transposed dot: not below WGMMA_ROWS once a group has 16 channels.
+        n2 = triton.next_power_of_2(named_args["C_IN_G"])
+        kw["BLOCK_N"] = min(kw["BLOCK_N"], 16 if n2 < 16 else max(WGMMA_ROWS, n2))
         kw["BLOCK_K"] = min(kw["BLOCK_K"], max(16, triton.next_power_of_2(named_args["C_OUT_G"])))
         return kw
 
@@ -45,7 +49,8 @@ def _prune_configs(configs, named_args, **kwargs):
 
     def stage_bytes(cfg):
         kw = cfg.kwargs
-        return (kw["BLOCK_M"] * kw["BLOCK_K"] + 2 * kw["BLOCK_K"] * kw["BLOCK_N"]) * dy.element_size()
+        tiles = kw["BLOCK_M"] * kw["BLOCK_K"] + (1 + named_args.get("RANK", 1)) * kw["BLOCK_K"] * kw["BLOCK_N"]
+        return tiles * dy.element_size()
 
     configs = prune_by_shared_memory(fit_configs(configs, fit), stage_bytes, dy.device)
     if named_args["s_dy_c"] != 1:
@@ -68,32 +73,42 @@ def _first_tap(r, P, DIL, S, K: tl.constexpr):
 
 
 @triton.autotune(configs=_bwd_input_configs(),
-                 key=["C_IN_G", "C_OUT_G", "M_MAX", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_dy_c"],
+                 key=["M_MAX", "s_dy_c", "s_w_o", "C_IN_G", "C_OUT_G", "RANK", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH",
+                      "DW", "DEPTHWISE_FIRST"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _conv_bwd_input_kernel(
         dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr,
-        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, M_MAX,
-        SD, SH, SW, PD, PH, PW, DD, DH, DW, STEP_D, STEP_H, STEP_W,
+        N, D, H, W, OD, OH, OW, M_MAX,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_dx_n, s_dx_c, s_dx_d, s_dx_h, s_dx_w,
         s_w_o, s_w_c, s_w_d, s_w_h, s_w_w,
-        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
-        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        s_kp_r, s_kp_o, s_kp_c, s_kd_r, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        C_IN_G: tl.constexpr, C_OUT_G: tl.constexpr, RANK: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr,
+        PW: tl.constexpr, DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, STEP_D: tl.constexpr,
+        STEP_H: tl.constexpr, STEP_W: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """dX = conv_transpose(dY, K0 + ΔK), the merged kernel built tile by tile, never stored.
 
         dX[n, g·C_IN_G + c, d, h, w] = Σ_{o < C_OUT_G, t} dY[n, g·C_OUT_G + o, od, oh, ow] · K[g·C_OUT_G + o, c, t]
         with d = od·SD − PD + td·DD (likewise h, w) and
-        K[o, c, t] = K0[o, c, t] + Kp[o, c]·Kd[o, t]                    (pointwise_first)
-                   = K0[o, c, t] + Kp[o, c]·Kd[g·C_IN_G + c, t]         (depthwise_first)
+        K[o, c, t] = K0[o, c, t] + Σ_i Kp[i, o, c]·Kd[i, o, t]               (pointwise_first)
+                   = K0[o, c, t] + Σ_i Kp[i, o, c]·Kd[i, g·C_IN_G + c, t]    (depthwise_first), i < RANK
 
     Implicit GEMM per group g and stride phase (d mod SD, h mod SH, w mod SW): M = the phase's input positions
     [N, ⌈(D−rd)/SD⌉, ...], N = C_IN_G, K = (the phase's taps) × C_OUT_G. Within a phase the taps that land on an
     output position form the progression first + i·STEP (STEP = S / gcd(S, DIL)), so the K loop visits only them.
+    The tile is computed transposed, dXᵀ = Kᵀ·dYᵀ, so that the merged tile (one fused multiply-add in dY's dtype)
+    is the dot's register operand, as in the forward. Geometry and channel counts are compile-time constants;
+    with stride 1 every phase is the whole input and the taps decompose by constants.
     Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups). dY: [N, C_out, OD, OH, OW], dX: [N, C_in,
-    D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [C_out, C_IN_G], Kd: [C_out or C_in, KD, KH, KW], any strides.
+    D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [RANK, C_out, C_IN_G], Kd: [RANK, C_out or C_in, KD, KH, KW],
+    any strides.
     """
+    N_KC: tl.constexpr = (C_OUT_G + BLOCK_K - 1) // BLOCK_K
+    EVEN_K: tl.constexpr = C_OUT_G % BLOCK_K == 0
+    EVEN_N: tl.constexpr = C_IN_G % BLOCK_N == 0
     i_mn, i_ph, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rw = i_ph % SW
     rh = (i_ph // SW) % SH
@@ -104,7 +119,7 @@ def _conv_bwd_input_kernel(
     m_phase = N * PHD * PHH * PHW
 
     num_m = tl.cdiv(M_MAX, BLOCK_M)
-    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    num_n: tl.constexpr = (C_IN_G + BLOCK_N - 1) // BLOCK_N
     width = GROUP_M * num_n
     first_m = (i_mn // width) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
@@ -116,9 +131,9 @@ def _conv_bwd_input_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < m_phase
     i_b, jd, jh, jw = decode_position(tl.where(m_m, o_m, 0), PHD, PHH, PHW)
-    p_row = i_b.to(tl.int64) * s_dy_n  # [BM]
+    p_row = i_b.to(tl.int64) * s_dy_n + jd.to(tl.int64) * s_dy_d + jh.to(tl.int64) * s_dy_h + jw * s_dy_w  # [BM]
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < C_IN_G
+    m_n = (o_n < C_IN_G) | EVEN_N
     o_cin = i_g * C_IN_G + o_n
 
     td0 = _first_tap(rd, PD, DD, SD, KD)
@@ -127,45 +142,56 @@ def _conv_bwd_input_kernel(
     n_td = (KD - td0 + STEP_D - 1) // STEP_D
     n_th = (KH - th0 + STEP_H - 1) // STEP_H
     n_tw = (KW - tw0 + STEP_W - 1) // STEP_W
-    n_kc = tl.cdiv(C_OUT_G, BLOCK_K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(0, n_td * n_th * n_tw * n_kc):
-        i_kc = it % n_kc
-        tap = it // n_kc
-        td = td0 + (tap // (n_tw * n_th)) * STEP_D
-        th = th0 + ((tap // n_tw) % n_th) * STEP_H
-        tw = tw0 + (tap % n_tw) * STEP_W
-        od = jd + (rd + PD - td * DD + SD * KD * DD) // SD - KD * DD
-        oh = jh + (rh + PH - th * DH + SH * KH * DH) // SH - KH * DH
-        ow = jw + (rw + PW - tw * DW + SW * KW * DW) // SW - KW * DW
+    p_kd_k = kd_ptr + (i_g * C_OUT_G + tl.arange(0, BLOCK_K)) * s_kd_c  # [BK] Kd rows of the first block
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for it in range(0, n_td * n_th * n_tw * N_KC):
+        i_kc = it % N_KC
+        tap = it // N_KC
+        if SD * SH * SW == 1:  # one phase, every tap: the decomposition by constants
+            td = tap // (KH * KW)
+            th = (tap // KW) % KH
+            tw = tap % KW
+        else:
+            td = td0 + (tap // (n_tw * n_th)) * STEP_D
+            th = th0 + ((tap // n_tw) % n_th) * STEP_H
+            tw = tw0 + (tap % n_tw) * STEP_W
+        # the output position is the phase position shifted by one scalar per tap: o = j + q
+        q_d = (rd + PD - td * DD + SD * KD * DD) // SD - KD * DD
+        q_h = (rh + PH - th * DH + SH * KH * DH) // SH - KH * DH
+        q_w = (rw + PW - tw * DW + SW * KW * DW) // SW - KW * DW
+        od = jd + q_d
+        oh = jh + q_h
+        ow = jw + q_w
         m_row = m_m & (od >= 0) & (od < OD) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-        p_dy = p_row + od.to(tl.int64) * s_dy_d + oh.to(tl.int64) * s_dy_h + ow.to(tl.int64) * s_dy_w  # [BM]
+        p_dy = p_row + (q_d * s_dy_d + q_h * s_dy_h + q_w * s_dy_w)  # [BM]
 
         o_k = i_kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        m_k = o_k < C_OUT_G
+        m_k = (o_k < C_OUT_G) | EVEN_K
         o_cout = i_g * C_OUT_G + o_k
-        b_dy = tl.load(dy_ptr + p_dy[:, None] + (o_cout * s_dy_c)[None, :],
-                       mask=m_row[:, None] & m_k[None, :], other=0.)  # [BM, BK]
-        m_w = m_k[:, None] & m_n[None, :]
+        b_dy = tl.load(dy_ptr + p_dy[None, :] + (o_cout * s_dy_c)[:, None],
+                       mask=m_row[None, :] & m_k[:, None], other=0.)  # [BK, BM]
+        m_w = m_n[:, None] & m_k[None, :]
         p_tap = td * s_w_d + th * s_w_h + tw * s_w_w
-        b_w = tl.load(w_ptr + o_cout[:, None] * s_w_o + o_n[None, :] * s_w_c + p_tap, mask=m_w, other=0.)
-        b_kp = tl.load(kp_ptr + o_cout[:, None] * s_kp_o + o_n[None, :] * s_kp_c, mask=m_w, other=0.)
+        b_k = tl.load(w_ptr + o_cout[None, :] * s_w_o + o_n[:, None] * s_w_c + p_tap, mask=m_w, other=0.)
         p_kd = td * s_kd_d + th * s_kd_h + tw * s_kd_w
-        if DEPTHWISE_FIRST:
-            b_kd = tl.load(kd_ptr + o_cin * s_kd_c + p_kd, mask=m_n, other=0.)  # [BN]
-            b_k = b_w.to(tl.float32) + b_kp.to(tl.float32) * b_kd.to(tl.float32)[None, :]  # [BK, BN]
-        else:
-            b_kd = tl.load(kd_ptr + o_cout * s_kd_c + p_kd, mask=m_k, other=0.)  # [BK]
-            b_k = b_w.to(tl.float32) + b_kp.to(tl.float32) * b_kd.to(tl.float32)[:, None]  # [BK, BN]
-        acc = tl.dot(b_dy, b_k.to(b_dy.dtype), acc)
+        for i in tl.static_range(RANK):
+            b_kp = tl.load(kp_ptr + o_cout[None, :] * s_kp_o + o_n[:, None] * s_kp_c + i * s_kp_r, mask=m_w,
+                           other=0.)
+            if DEPTHWISE_FIRST:
+                b_kd = tl.load(kd_ptr + o_cin * s_kd_c + (i * s_kd_r + p_kd), mask=m_n, other=0.)  # [BN]
+                b_k = tl.fma(b_kp, b_kd[:, None], b_k)  # [BN, BK]
+            else:
+                b_kd = tl.load(p_kd_k + (i * s_kd_r + i_kc * BLOCK_K * s_kd_c + p_kd), mask=m_k, other=0.)  # [BK]
+                b_k = tl.fma(b_kp, b_kd[None, :], b_k)  # [BN, BK]
+        acc = tl.dot(b_k.to(b_dy.dtype), b_dy, acc)  # [BN, BM]
 
     d = rd + jd * SD
     h = rh + jh * SH
     w = rw + jw * SW
     p_dx = i_b.to(tl.int64) * s_dx_n + d.to(tl.int64) * s_dx_d + h.to(tl.int64) * s_dx_h + w.to(tl.int64) * s_dx_w
-    tl.store(dx_ptr + p_dx[:, None] + (o_cin * s_dx_c)[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_m[:, None] & m_n[None, :])
+    tl.store(dx_ptr + p_dx[None, :] + (o_cin * s_dx_c)[:, None], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_n[:, None] & m_m[None, :])  # [BN, BM]
 
 
 def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor,
@@ -192,7 +218,8 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
     grad_x = new_tensor(x_shape, grad_out.dtype, device, channels_last=bool(x_channels_last))
     if grad_x.numel() == 0:
         return grad_x
-    dy, dx, w, kd = lift(grad_out, 2), lift(grad_x, 2), lift(weight, 2), lift(depthwise, 1)
+    kps, kds = adapter_terms(pointwise, depthwise)
+    dy, dx, w, kd = lift(grad_out, 2), lift(grad_x, 2), lift(weight, 2), lift(kds, 2)
     n, _, d, h, wd = dx.shape
     od, oh, ow = dy.shape[2:]
     m_max = n * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
@@ -206,8 +233,10 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
         launch(
             _conv_bwd_input_kernel, grid,
             dy, w, pointwise, kd, dx,
-            n, d, h, wd, od, oh, ow, c_in_g, c_out // groups, m_max,
-            *stride3, *pad3, *dil3, *steps,
-            *strides(dy), *strides(dx), *strides(w), *strides(pointwise), *strides(kd),
-            KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=order == "depthwise_first")
+            n, d, h, wd, od, oh, ow, m_max,
+            *strides(dy), *strides(dx), *strides(w), *strides(kps), *strides(kd),
+            C_IN_G=c_in_g, C_OUT_G=c_out // groups, RANK=kps.shape[0], KD=k3[0], KH=k3[1], KW=k3[2],
+            **dict(zip(("SD", "SH", "SW", "PD", "PH", "PW", "DD", "DH", "DW", "STEP_D", "STEP_H", "STEP_W"),
+                       (*stride3, *pad3, *dil3, *steps))),
+            DEPTHWISE_FIRST=order == "depthwise_first")
     return grad_x

@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._conv import conv_output_shape
+from .._conv import adapter_terms, conv_output_shape
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, check_conv_tensors,
                       device_problem, dtype_problem, empty_like_layout, extent, fit_configs, launch,
-                      pad3, prune_by_shared_memory, strides5, WGMMA_ROWS)
+                      pad3, prune_by_registers, prune_by_shared_memory, strides5, WGMMA_ROWS)
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
     problem = dtype_problem((x, weight), ("x", "weight"))
@@ -57,16 +57,22 @@ def interpreter_config():
     return triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)
 
 
+def thin_groups(c_out_g: int, c_in_g: int) -> bool:
+    """Whether padding both channel tiles of a group to tl.dot's 16 would waste 16× or more (depthwise and other
+    thin groups): about what tensor cores gain over FMAs, so the fused kernels multiply with FMAs there."""
+    n2, k2 = triton.next_power_of_2(c_out_g), triton.next_power_of_2(c_in_g)
+    return max(1, 16 // n2) * max(1, 16 // k2) >= 16
+
+
 def fit_channel_tiles(block_n: int, block_k: int, c_out_g: int, c_in_g: int) -> Tuple[int, int]:
     """(BLOCK_N, BLOCK_K) shrunk to the per-group channel counts.
 
-    tl.dot needs tiles of at least 16 (and 64 rows for wgmma, see WGMMA_ROWS). When padding both channel tiles
-    up to 16 would waste 16× or more (depthwise and other thin groups) — about what tensor cores gain over FMAs
-    — the tiles take the exact power-of-two sizes instead and the kernel takes its broadcast-FMA path, with
-    BLOCK_N·BLOCK_K ≤ 64 so that its [BN, BK, BM] product stays in registers.
+    tl.dot needs tiles of at least 16 (and 64 rows for wgmma, see WGMMA_ROWS). For `thin_groups` the tiles take
+    the exact power-of-two sizes instead and the kernel takes its broadcast-FMA path, with BLOCK_N·BLOCK_K ≤ 64
+    so that its [BN, BK, BM] product stays in registers.
     """
     n2, k2 = triton.next_power_of_2(c_out_g), triton.next_power_of_2(c_in_g)
-    if max(1, 16 // n2) * max(1, 16 // k2) < 16:
+    if not thin_groups(c_out_g, c_in_g):
         # BLOCK_N is the M side of the transposed dot: not below WGMMA_ROWS for groups of 16 channels or more.
         return min(block_n, max(16, n2) if n2 < 16 else max(WGMMA_ROWS, n2)), min(block_k, max(16, k2))
     block_n = min(block_n, n2)
@@ -75,7 +81,10 @@ def fit_channel_tiles(block_n: int, block_k: int, c_out_g: int, c_in_g: int) -> 
 
 def _fit_configs(configs, named_args, **kwargs):
     """The autotuner's early prune: every config with its channel tiles fitted to this conv, duplicates dropped,
-    then those whose pipeline overflows the device's shared memory (x, K0 and Kp tiles staged per stage)."""
+    then those whose pipeline overflows the device's shared memory (x, K0 and Kp tiles staged per stage), then
+    (NCHW x) those past a register budget."""
+    named_args = {**named_args, **kwargs}  # the channel counts arrive as constexpr keyword arguments
+
     def fit(kw):
         kw["BLOCK_N"], kw["BLOCK_K"] = fit_channel_tiles(kw["BLOCK_N"], kw["BLOCK_K"], named_args["C_OUT_G"],
                                                          named_args["C_IN_G"])
@@ -85,39 +94,56 @@ def _fit_configs(configs, named_args, **kwargs):
 
     def stage_bytes(cfg):
         kw = cfg.kwargs
-        return (kw["BLOCK_K"] * kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * kw["BLOCK_K"]) * x.element_size()
+        tiles = kw["BLOCK_K"] * kw["BLOCK_M"] + (1 + named_args.get("RANK", 1)) * kw["BLOCK_N"] * kw["BLOCK_K"]
+        return tiles * x.element_size()
 
-    return prune_by_shared_memory(fit_configs(configs, fit), stage_bytes, x.device)
+    configs = prune_by_shared_memory(fit_configs(configs, fit), stage_bytes, x.device)
+    if named_args["sx_c"] != 1:
+        # NCHW x and K0 are gathered across channels: a merged [BN, BK] tile beyond 32 elements a thread spills.
+        configs = prune_by_registers(configs, lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"], 32)
+    return configs
 
 
 @triton.jit
 def _colora_conv_fwd_kernel(
     x_ptr, w_ptr, kp_ptr, kd_ptr, b_ptr, db_ptr, out_ptr,
-    M, C_IN_G, C_OUT_G, GROUPS,
-    D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
-    KD, KH, KW,
-    STRIDE_D, STRIDE_H, STRIDE_W, PAD_D, PAD_H, PAD_W, DIL_D, DIL_H, DIL_W,
+    M, D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
     sx_n, sx_c, sx_d, sx_h, sx_w,
     sw_o, sw_c, sw_d, sw_h, sw_w,
-    sp_o, sp_c,
-    sk_c, sk_d, sk_h, sk_w,
+    sp_r, sp_o, sp_c,
+    sk_r, sk_c, sk_d, sk_h, sk_w,
     s_b, s_db,
     so_n, so_c, so_d, so_h, so_w,
+    C_IN_G: tl.constexpr, C_OUT_G: tl.constexpr, RANK: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_D: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     PW_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_DELTA: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MERGE: tl.constexpr = True,
 ):
     """out[n, o, od, oh, ow] = Σ_{c,tap} x[n, g·C_IN_G + c, od·s-p+td·d, ...] · (K0 + ΔK)[o, c, tap] + b0 + Δb
     with g = o // C_OUT_G.
 
     Implicit GEMM per group g: M = N·D_OUT·H_OUT·W_OUT output pixels × C_OUT_G output channels, reduced over
-    K = KD·KH·KW taps × C_IN_G input channels, tap-major so that a channels_last x is read contiguously along K.
-    x: [N, C_in, D_IN, H_IN, W_IN]; w (K0): [C_out, C_IN_G, KD, KH, KW]; kp: [C_out, C_IN_G];
-    kd: [C_out, KD, KH, KW] (PW_FIRST) or [C_in, KD, KH, KW]; b, db: [C_out]; out: [N, C_out, D_OUT, H_OUT, W_OUT];
-    all addressed by strides. The merged tile is formed in fp32, cast to x's dtype for tl.dot; fp32 accumulation.
+    K = C_IN_G input channels × KD·KH·KW taps, taps innermost. x: [N, C_in, D_IN, H_IN, W_IN]; w (K0):
+    [C_out, C_IN_G, KD, KH, KW]; kp: [RANK, C_out, C_IN_G]; kd: [RANK, C_out, KD, KH, KW] (PW_FIRST) or
+    [RANK, C_in, KD, KH, KW] (ΔK sums RANK terms); b, db: [C_out]; out: [N, C_out, D_OUT, H_OUT, W_OUT]; all
+    addressed by strides. The geometry and the channel
+    counts are compile-time constants, so the tap decomposition, the bounds and (when BLOCK_K divides C_IN_G,
+    BLOCK_N divides C_OUT_G) the channel masks leave the loop. The merged tile is one fused multiply-add in x's
+    dtype per term (K0 + Kp·Kd rounded once at rank 1: packed bf16x2/f16x2 on the GPU), the dot accumulates in
+    fp32. MERGE=False
+    convolves with K0 alone: the audit's baseline for what the merge costs.
     """
+    NT: tl.constexpr = KD * KH * KW
+    N_CB: tl.constexpr = (C_IN_G + BLOCK_K - 1) // BLOCK_K
+    EVEN_K: tl.constexpr = C_IN_G % BLOCK_K == 0
+    EVEN_N: tl.constexpr = C_OUT_G % BLOCK_N == 0
     pid = tl.program_id(0)
     n_pid_m = tl.cdiv(M, BLOCK_M)
-    n_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    n_pid_n: tl.constexpr = (C_OUT_G + BLOCK_N - 1) // BLOCK_N
     i_g = pid // (n_pid_m * n_pid_n)
     pid = pid % (n_pid_m * n_pid_n)
     # GROUP_M swizzle: consecutive programs share weight tiles and neighbouring pixel rows in L2.
@@ -136,7 +162,7 @@ def _colora_conv_fwd_kernel(
         o_n = o_n.to(tl.int64)
         o_k = o_k.to(tl.int64)
     m_m = o_m < M
-    m_n = o_n < C_OUT_G
+    m_n = (o_n < C_OUT_G) | EVEN_N
     o_w = o_m % W_OUT
     o_h = (o_m // W_OUT) % H_OUT
     o_d = (o_m // (W_OUT * H_OUT)) % D_OUT
@@ -147,39 +173,50 @@ def _colora_conv_fwd_kernel(
     c_first = i_g * C_IN_G
     i_o = i_g * C_OUT_G + o_n  # [BN] output channels
 
-    p_x = x_ptr + o_b * sx_n + c_first * sx_c  # [BM]
+    p_x = x_ptr + o_b * sx_n + c_first * sx_c + i_d0 * sx_d + i_h0 * sx_h + i_w0 * sx_w  # [BM] tap (0, 0, 0)
     p_w = w_ptr + i_o * sw_o  # [BN]
     p_p = kp_ptr + i_o * sp_o  # [BN]
+    p_d = kd_ptr + (c_first + o_k) * sk_c  # [BK] Kd rows of the first channel block (depthwise_first)
+    p_d_o = kd_ptr + i_o * sk_c  # [BN] Kd rows of the output channels (pointwise_first)
 
     # The output tile is computed transposed, out^T = (K0 + ΔK) · x^T, so that the merged tile built in registers
     # is tl.dot's A operand (Hopper's wgmma reads A from registers; B must go through shared memory).
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    n_cb = tl.cdiv(C_IN_G, BLOCK_K)
-    for k in range(0, KD * KH * KW * n_cb):
-        tap = k // n_cb
+    for k in range(0, N_CB * NT):
+        tap = k % NT
         t_d = tap // (KH * KW)
         t_h = (tap // KW) % KH
         t_w = tap % KW
-        c = (k % n_cb) * BLOCK_K + o_k  # [BK]
-        m_c = c < C_IN_G
+        c = (k // NT) * BLOCK_K + o_k  # [BK]
+        m_c = (c < C_IN_G) | EVEN_K
         i_d = i_d0 + t_d * DIL_D
         i_h = i_h0 + t_h * DIL_H
         i_w = i_w0 + t_w * DIL_W
-        m_x = m_m & (i_d >= 0) & (i_d < D_IN) & (i_h >= 0) & (i_h < H_IN) & (i_w >= 0) & (i_w < W_IN)  # [BM]
-        b_x = tl.load(p_x[None, :] + (i_d * sx_d + i_h * sx_h + i_w * sx_w)[None, :] + c[:, None] * sx_c,
-                      mask=m_c[:, None] & m_x[None, :], other=0.0)  # [BK, BM]
+        m_x = m_m
+        if KD > 1 or PAD_D > 0:
+            m_x = m_x & (i_d >= 0) & (i_d < D_IN)
+        if KH > 1 or PAD_H > 0:
+            m_x = m_x & (i_h >= 0) & (i_h < H_IN)
+        if KW > 1 or PAD_W > 0:
+            m_x = m_x & (i_w >= 0) & (i_w < W_IN)
+        tap_x = t_d * DIL_D * sx_d + t_h * DIL_H * sx_h + t_w * DIL_W * sx_w
+        b_x = tl.load(p_x[None, :] + (c[:, None] * sx_c + tap_x), mask=m_c[:, None] & m_x[None, :],
+                      other=0.0)  # [BK, BM]
 
         m_nk = m_n[:, None] & m_c[None, :]
         b_w = tl.load(p_w[:, None] + c[None, :] * sw_c + (t_d * sw_d + t_h * sw_h + t_w * sw_w),
-                      mask=m_nk, other=0.0).to(tl.float32)  # [BN, BK]
-        b_p = tl.load(p_p[:, None] + c[None, :] * sp_c, mask=m_nk, other=0.0).to(tl.float32)  # [BN, BK]
-        tap_kd = t_d * sk_d + t_h * sk_h + t_w * sk_w
-        if PW_FIRST:
-            b_d = tl.load(kd_ptr + i_o * sk_c + tap_kd, mask=m_n, other=0.0).to(tl.float32)  # [BN]
-            b_w += b_p * b_d[:, None]
-        else:
-            b_d = tl.load(kd_ptr + (c_first + c) * sk_c + tap_kd, mask=m_c, other=0.0).to(tl.float32)  # [BK]
-            b_w += b_p * b_d[None, :]
+                      mask=m_nk, other=0.0)  # [BN, BK]
+        if MERGE:
+            tap_kd = t_d * sk_d + t_h * sk_h + t_w * sk_w
+            for i in tl.static_range(RANK):
+                b_p = tl.load(p_p[:, None] + (i * sp_r + c[None, :] * sp_c), mask=m_nk, other=0.0)  # [BN, BK]
+                if PW_FIRST:
+                    b_d = tl.load(p_d_o + (i * sk_r + tap_kd), mask=m_n, other=0.0)  # [BN]
+                    b_w = tl.fma(b_p, b_d[:, None], b_w)
+                else:
+                    b_d = tl.load(p_d + (i * sk_r + (k // NT) * BLOCK_K * sk_c + tap_kd), mask=m_c,
+                                  other=0.0)  # [BK]
+                    b_w = tl.fma(b_p, b_d[None, :], b_w)
         b_w = b_w.to(x_ptr.dtype.element_ty)  # [BN, BK] merged tile, in the dtype a merged conv would use
         if BLOCK_K >= 16 and BLOCK_N >= 16:
             acc = tl.dot(b_w, b_x, acc)
@@ -196,8 +233,8 @@ def _colora_conv_fwd_kernel(
 
 _colora_conv_fwd_autotuned = triton.autotune(
     configs=forward_configs(),
-    key=["M", "C_IN_G", "C_OUT_G", "GROUPS", "D_OUT", "H_OUT", "W_OUT", "KD", "KH", "KW",
-         "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W", "sx_c"],
+    key=["M", "D_OUT", "H_OUT", "W_OUT", "sx_c", "sw_c", "C_IN_G", "C_OUT_G", "RANK", "KD", "KH", "KW",
+         "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W"],
     prune_configs_by={"early_config_prune": _fit_configs},
 )(_colora_conv_fwd_kernel)
 
@@ -247,17 +284,22 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     d_out, h_out, w_out = pad3(shape[2:], 1)
     kd, kh, kw = pad3(weight.shape[2:], 1)
     int64 = max(extent(x), extent(out), extent(weight)) >= 2 ** 31
+    kps, kds = adapter_terms(pointwise, depthwise)
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
         weight if bias_delta is None else bias_delta, out,
-        m, c_in_g, c_out_g, groups, d_in, h_in, w_in, d_out, h_out, w_out, kd, kh, kw,
-        *pad3(stride, 1), *pad3(padding, 0), *pad3(dilation, 1),
-        *strides5(x), *strides5(weight), *pointwise.stride(),
-        depthwise.stride(0), *pad3(depthwise.stride()[1:], 0),
+        m, d_in, h_in, w_in, d_out, h_out, w_out,
+        *strides5(x), *strides5(weight), *kps.stride(),
+        *kds.stride()[:2], *pad3(kds.stride()[2:], 0),
         0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0),
         *strides5(out),
     )
-    flags = dict(PW_FIRST=order == "pointwise_first", HAS_BIAS=bias is not None,
+    # Compile-time constants: one specialisation per layer geometry and channel count, as autotuning keys anyway.
+    flags = dict(C_IN_G=c_in_g, C_OUT_G=c_out_g, RANK=kps.shape[0], KD=kd, KH=kh, KW=kw,
+                 **dict(zip(("STRIDE_D", "STRIDE_H", "STRIDE_W"), pad3(stride, 1))),
+                 **dict(zip(("PAD_D", "PAD_H", "PAD_W"), pad3(padding, 0))),
+                 **dict(zip(("DIL_D", "DIL_H", "DIL_W"), pad3(dilation, 1))),
+                 PW_FIRST=order == "pointwise_first", HAS_BIAS=bias is not None,
                  HAS_BIAS_DELTA=bias_delta is not None, INT64=int64)
 
     def grid(meta):
@@ -265,7 +307,8 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
     with torch.cuda.device_of(x):
         if FIXED_CONFIG:
-            cfg = _fit_configs([interpreter_config()], {"C_OUT_G": c_out_g, "C_IN_G": c_in_g, "x_ptr": x})[0]
+            cfg = _fit_configs([interpreter_config()], {"C_OUT_G": c_out_g, "C_IN_G": c_in_g, "x_ptr": x,
+                                                         "sx_c": x.stride(1), "RANK": kps.shape[0]})[0]
             launch(_colora_conv_fwd_kernel, grid, *args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                    num_stages=cfg.num_stages)
         else:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._conv import MergeSpec
+from .._conv import MergeSpec, adapter_terms
 from ._common import (TritonBackendError, TritonBackendTypeError, backend_error, check_conv_tensors, extent, launch,
                       pad3)
 
@@ -29,12 +29,12 @@ def _merge_block(
     C_OUT, C_IN_G, C_OUT_G, KD, KH, KW,
     sw_o, sw_c, sw_d, sw_h, sw_w,
     so_o, so_c, so_d, so_h, so_w,
-    sp_o, sp_c,
-    sk_c, sk_d, sk_h, sk_w,
-    s_b, s_db,
+    sp_r, sp_o, sp_c,
+    sk_r, sk_c, sk_d, sk_h, sk_w,
+    s_b, s_db, RANK,
     PW_FIRST, HAS_BIAS, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[o, c, t] = w[o, c, t] + Kp[o, c] · Kd[·, t] in fp32 on one [BLOCK_O, BLOCK_R] block; with HAS_BIAS the
+    """out[o, c, t] = w[o, c, t] + Σ_{i<RANK} Kp[i, o, c] · Kd[i, ·, t] in fp32 on one [BLOCK_O, BLOCK_R] block; with HAS_BIAS the
     blocks with j_blk = 0 also fold b[o] += db[o].
 
     w, out: [C_OUT, C_IN_G, KD, KH, KW] by strides (out may be w: an in-place merge; each element is read and
@@ -59,15 +59,17 @@ def _merge_block(
     m = m_o[:, None] & (r < C_IN_G * n_taps)[None, :]  # [BO, BR]
     b_w = tl.load(w_ptr + i_o[:, None] * sw_o + (c * sw_c + t_d * sw_d + t_h * sw_h + t_w * sw_w)[None, :],
                   mask=m, other=0.0).to(tl.float32)  # [BO, BR]
-    b_p = tl.load(kp_ptr + i_o[:, None] * sp_o + (c * sp_c)[None, :], mask=m, other=0.0).to(tl.float32)
     kd_tap = t_d * sk_d + t_h * sk_h + t_w * sk_w  # [BR]
-    if PW_FIRST:
-        b_d = tl.load(kd_ptr + (i_o * sk_c)[:, None] + kd_tap[None, :], mask=m, other=0.0).to(tl.float32)
-    else:
-        kd_row = (i_o // C_OUT_G) * C_IN_G * sk_c  # [BO] Kd[g(o)·C_IN_G]
-        b_d = tl.load(kd_ptr + kd_row[:, None] + (c * sk_c + kd_tap)[None, :], mask=m, other=0.0).to(tl.float32)
+    for i in range(RANK):
+        b_p = tl.load(kp_ptr + i * sp_r + i_o[:, None] * sp_o + (c * sp_c)[None, :], mask=m, other=0.0)
+        if PW_FIRST:
+            b_d = tl.load(kd_ptr + i * sk_r + (i_o * sk_c)[:, None] + kd_tap[None, :], mask=m, other=0.0)
+        else:
+            kd_row = (i_o // C_OUT_G) * C_IN_G * sk_c  # [BO] Kd[g(o)·C_IN_G]
+            b_d = tl.load(kd_ptr + i * sk_r + kd_row[:, None] + (c * sk_c + kd_tap)[None, :], mask=m, other=0.0)
+        b_w += b_p.to(tl.float32) * b_d.to(tl.float32)
     p_o = out_ptr + i_o[:, None] * so_o + (c * so_c + t_d * so_d + t_h * so_h + t_w * so_w)[None, :]
-    tl.store(p_o, (b_w + b_p * b_d).to(out_ptr.dtype.element_ty), mask=m)  # [BO, BR]
+    tl.store(p_o, b_w.to(out_ptr.dtype.element_ty), mask=m)  # [BO, BR]
 
 
 @triton.jit
@@ -76,22 +78,24 @@ def _merge_kernel(
     C_OUT, C_IN_G, C_OUT_G, KD, KH, KW,
     sw_o, sw_c, sw_d, sw_h, sw_w,
     so_o, so_c, so_d, so_h, so_w,
-    sp_o, sp_c,
-    sk_c, sk_d, sk_h, sk_w,
+    sp_r, sp_o, sp_c,
+    sk_r, sk_c, sk_d, sk_h, sk_w,
     s_b, s_db,
-    PW_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+    RANK: tl.constexpr, PW_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """One layer: out = w + ΔK (and with HAS_BIAS b += db), program (i, j) on `_merge_block` (i, j), so the grid
     grows with the weight and fills the GPU."""
     _merge_block(w_ptr, out_ptr, kp_ptr, kd_ptr, b_ptr, db_ptr, tl.program_id(0), tl.program_id(1),
                  C_OUT, C_IN_G, C_OUT_G, KD, KH, KW, sw_o, sw_c, sw_d, sw_h, sw_w, so_o, so_c, so_d, so_h, so_w,
-                 sp_o, sp_c, sk_c, sk_d, sk_h, sk_w, s_b, s_db, PW_FIRST, HAS_BIAS, BLOCK_O, BLOCK_R)
+                 sp_r, sp_o, sp_c, sk_r, sk_c, sk_d, sk_h, sk_w, s_b, s_db, RANK, PW_FIRST, HAS_BIAS, BLOCK_O,
+                 BLOCK_R)
 
 
 # The columns of a `_merge_many_kernel` table row, in order (`_table_row` writes them).
 _FIELDS = ("w", "kp", "kd", "b", "db", "C_OUT", "C_IN_G", "C_OUT_G", "KD", "KH", "KW",
            "sw_o", "sw_c", "sw_d", "sw_h", "sw_w", "sp_o", "sp_c", "sk_c", "sk_d", "sk_h", "sk_w", "s_b", "s_db",
-           "PW_FIRST", "HAS_BIAS")
+           "PW_FIRST", "HAS_BIAS", "RANK", "sp_r", "sk_r")
 
 
 @triton.jit
@@ -130,10 +134,10 @@ def _merge_many_kernel(
                  tl.load(row + 4).to(tl.pointer_type(DB_DTYPE)), block // n_r, block % n_r,
                  tl.load(row + 5), C_IN_G, tl.load(row + 7), KD, KH, KW,
                  sw_o, sw_c, sw_d, sw_h, sw_w, sw_o, sw_c, sw_d, sw_h, sw_w,
-                 tl.load(row + 16), tl.load(row + 17),
-                 tl.load(row + 18), tl.load(row + 19), tl.load(row + 20), tl.load(row + 21),
-                 tl.load(row + 22), tl.load(row + 23), tl.load(row + 24) != 0, tl.load(row + 25) != 0,
-                 BLOCK_O, BLOCK_R)
+                 tl.load(row + 27), tl.load(row + 16), tl.load(row + 17),
+                 tl.load(row + 28), tl.load(row + 18), tl.load(row + 19), tl.load(row + 20), tl.load(row + 21),
+                 tl.load(row + 22), tl.load(row + 23), tl.load(row + 26), tl.load(row + 24) != 0,
+                 tl.load(row + 25) != 0, BLOCK_O, BLOCK_R)
 
 
 def _pad_strides(t: torch.Tensor, lead: int):
@@ -159,6 +163,7 @@ def _launch(weight, out, bias, pointwise, depthwise, bias_delta, groups, order):
         return
     c_out = weight.shape[0]
     kd, kh, kw = pad3(weight.shape[2:], 1)
+    kps, kds = adapter_terms(pointwise, depthwise)
     block_o, block_r, num_warps = merge_config()
     has_bias = bias is not None and bias_delta is not None
     with torch.cuda.device_of(weight):
@@ -167,9 +172,9 @@ def _launch(weight, out, bias, pointwise, depthwise, bias_delta, groups, order):
             _merge_kernel, grid,
             weight, out, pointwise, depthwise, bias if has_bias else weight, bias_delta if has_bias else weight,
             c_out, weight.shape[1], c_out // groups, kd, kh, kw,
-            *_pad_strides(weight, 2), *_pad_strides(out, 2), *pointwise.stride(), *_pad_strides(depthwise, 1),
+            *_pad_strides(weight, 2), *_pad_strides(out, 2), *kps.stride(), *_pad_strides(kds, 2),
             bias.stride(0) if has_bias else 0, bias_delta.stride(0) if has_bias else 0,
-            PW_FIRST=order == "pointwise_first", HAS_BIAS=has_bias, BLOCK_O=block_o, BLOCK_R=block_r,
+            RANK=kps.shape[0], PW_FIRST=order == "pointwise_first", HAS_BIAS=has_bias, BLOCK_O=block_o, BLOCK_R=block_r,
             num_warps=num_warps,
         )
 
@@ -178,12 +183,13 @@ def _table_row(spec: MergeSpec) -> List[int]:
     """The layer's `_merge_many_kernel` row: the columns of `_FIELDS`, in that order."""
     w, fold = spec.weight, spec.bias_delta is not None
     c_out = w.shape[0]
+    kps, kds = adapter_terms(spec.pointwise, spec.depthwise)
     return [w.data_ptr(), spec.pointwise.data_ptr(), spec.depthwise.data_ptr(),
             (spec.bias if fold else w).data_ptr(), (spec.bias_delta if fold else w).data_ptr(),
             c_out, w.shape[1], c_out // spec.groups, *pad3(w.shape[2:], 1),
-            *_pad_strides(w, 2), *spec.pointwise.stride(), *_pad_strides(spec.depthwise, 1),
+            *_pad_strides(w, 2), *kps.stride()[1:], *_pad_strides(kds, 2)[1:],
             spec.bias.stride(0) if fold else 0, spec.bias_delta.stride(0) if fold else 0,
-            int(spec.order == "pointwise_first"), int(fold)]
+            int(spec.order == "pointwise_first"), int(fold), kps.shape[0], kps.stride(0), kds.stride(0)]
 
 
 def _launch_key(spec: MergeSpec) -> tuple:
