@@ -70,9 +70,9 @@ def setup_case(case, order, dtype, device, seed=0):
     return tensors, grad_out, conv, grads
 
 
-def run_input(tensors, grad_out, conv, channels_last):
+def run_input(tensors, grad_out, conv, channels_last, split_k=None):
     return colora_conv_backward_input(grad_out, tensors["weight"], tensors["pointwise"], tensors["depthwise"],
-                                      tensors["x"].shape, channels_last, **conv)
+                                      tensors["x"].shape, channels_last, **conv, split_k=split_k)
 
 
 def run_adapters(tensors, grad_out, conv, need_bias, **kwargs):
@@ -98,6 +98,23 @@ def test_backward_input(case, order, device, dtype):
     grad_x = run_input(tensors, grad_out, conv, case.channels_last)
     assert grad_x.dtype == dtype and grad_x.device.type == device
     assert_close(grad_x, grads["x"], dtype, "grad_x", tolerance(device, dtype))
+    fmt = CHANNELS_LAST[grad_x.dim()] if case.channels_last else torch.contiguous_format
+    assert grad_x.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_backward_input_split_k(case, order):
+    """Split-K of the input gradient (stride-1 convs, late layers' sub-wave grids): 3 shares, partials summed;
+    a strided conv (several stride phases) refuses a split."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
+    if any(s != 1 for s in conv["stride"]):
+        with pytest.raises(ValueError, match="stride-1"):
+            run_input(tensors, grad_out, conv, case.channels_last, split_k=3)
+        return
+    grad_x = run_input(tensors, grad_out, conv, case.channels_last, split_k=3)
+    assert_close(grad_x, grads["x"], torch.float32, "grad_x", tolerance(device, torch.float32))
     fmt = CHANNELS_LAST[grad_x.dim()] if case.channels_last else torch.contiguous_format
     assert grad_x.is_contiguous(memory_format=fmt)
 

@@ -40,17 +40,17 @@ def nan_output(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return out.contiguous(memory_format=CHANNELS_LAST[len(shape)]) if channels_last else out
 
 
-def run_forward(case, order, t, x=None, out=None):
+def run_forward(case, order, t, x=None, out=None, split_k=None):
     x, conv = launcher_conv_args(case, t["x"] if x is None else x)
     return colora_conv_forward(x, t["weight"], t["bias"], t["pointwise"], t["depthwise"], t["bias_delta"],
-                               order=order, out=out, **conv)
+                               order=order, out=out, split_k=split_k, **conv)
 
 
-def check_forward(case, order, dtype, device, tol=None):
+def check_forward(case, order, dtype, device, tol=None, split_k=None):
     t = make_tensors(case, order, dtype, device=device)
     expected, _ = reference_output(case, order, t)
     out = nan_output(expected.shape, t["x"], case.channels_last)
-    result = run_forward(case, order, t, out=out)
+    result = run_forward(case, order, t, out=out, split_k=split_k)
     assert result is out
     assert_close(out, expected, dtype, case.id, tol=tol)
 
@@ -61,6 +61,27 @@ def check_forward(case, order, dtype, device, tol=None):
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_forward_matches_reference(case, order, dtype):
     check_forward(case, order, dtype, "cpu")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_forward_split_k_matches_reference(case, order):
+    """Split-K (the sub-wave grids of late layers): 3 shares of the K loop, partials summed, biases once."""
+    check_forward(case, order, torch.float32, "cpu", split_k=3)
+
+
+def test_forward_splits_only_grids_under_one_wave():
+    """On the audit's H100 (132 SMs): ResNet-50's 7×7 stage (100 tiles of 128×128) gets 2 shares, the 14×14
+    stage (196 tiles) none; the interpreter never splits on its own."""
+    h100 = _common.DeviceLimits(132, 232448)
+    meta = torch.device("meta")
+    with _common.recording(h100):
+        assert conv_fwd.forward_split(64 * 7 * 7, 512, 1, 512, 9, meta) == 2
+        assert conv_fwd.forward_split(64 * 14 * 14, 256, 1, 256, 9, meta) == 1
+        assert conv_fwd.forward_split(8 * 7 * 7, 512, 1, 512, 9, meta) == _common.MAX_SPLIT_K
+        assert conv_fwd.forward_split(8 * 7 * 7, 512, 1, 64, 1, meta) == 1  # too short a K loop to share
+    assert conv_fwd.forward_split(64 * 7 * 7, 512, 1, 512, 9, torch.device("cpu")) == 1
 
 
 @requires_interpreter

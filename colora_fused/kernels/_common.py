@@ -106,6 +106,31 @@ def device_limits(device: torch.device) -> DeviceLimits:
     return _INTERPRETER_LIMITS
 
 
+def auto_tunes(device: torch.device) -> bool:
+    """Whether launch-shape heuristics (split-K, ...) apply: on a GPU, or for the audit's target (recording); the
+    interpreter runs the plain shapes unless a test asks for others."""
+    return device.type == "cuda" or _recorder() is not None
+
+
+# Split-K: the most K shares a sub-wave grid is cut into, and the fewest K-loop iterations a share keeps.
+MAX_SPLIT_K = 4
+MIN_SPLIT_ITERS = 8
+
+
+def k_split(tiles: int, iters: int, device: torch.device, channels_last: bool = True) -> int:
+    """K shares for an implicit-GEMM conv kernel of `tiles` 128×128 output tiles and `iters` K-loop iterations
+    (64-channel blocks × taps): 1, unless the grid is under one wave of the device (a late, small layer), then
+    enough shares to fill it, at most MAX_SPLIT_K, each of ≥ MIN_SPLIT_ITERS iterations. Only where the device
+    is a GPU (or the audit's target), and for channels-last activations: the NCHW gather path has no registers
+    to spare for the shares (the audit sees it spill)."""
+    if not auto_tunes(device) or not channels_last:
+        return 1
+    sms = device_limits(device).sm_count
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), iters // MIN_SPLIT_ITERS, MAX_SPLIT_K))
+
+
 def fit_configs(configs, fit: Callable[[dict], dict]):
     """`configs` with their meta-parameters passed through `fit` (e.g. tiles shrunk to a small conv), duplicates
     dropped, order kept."""

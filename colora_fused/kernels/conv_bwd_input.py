@@ -8,7 +8,7 @@ is assumed below 2³¹ elements). fp16/bf16 operands feed `tl.dot` with fp32 acc
 """
 import contextlib
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -16,7 +16,8 @@ import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
 from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, fail, fit_configs,
-                      launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides, WGMMA_ROWS)
+                      k_split, launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides,
+                      WGMMA_ROWS)
 
 
 def _bwd_input_configs():
@@ -73,22 +74,24 @@ def _first_tap(r, P, DIL, S, K: tl.constexpr):
 
 
 @triton.autotune(configs=_bwd_input_configs(),
-                 key=["M_MAX", "s_dy_c", "s_w_o", "C_IN_G", "C_OUT_G", "RANK", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH",
-                      "DW", "DEPTHWISE_FIRST"],
+                 key=["M_MAX", "s_dy_c", "s_w_o", "C_IN_G", "C_OUT_G", "RANK", "SPLIT_K", "KD", "KH", "KW", "SD",
+                      "SH", "SW", "DD", "DH", "DW", "DEPTHWISE_FIRST"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _conv_bwd_input_kernel(
-        dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr,
-        N, D, H, W, OD, OH, OW, M_MAX,
+        dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr, part_ptr,
+        N, D, H, W, OD, OH, OW, M_MAX, S_PART,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_dx_n, s_dx_c, s_dx_d, s_dx_h, s_dx_w,
         s_w_o, s_w_c, s_w_d, s_w_h, s_w_w,
         s_kp_r, s_kp_o, s_kp_c, s_kd_r, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
-        C_IN_G: tl.constexpr, C_OUT_G: tl.constexpr, RANK: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        C_IN_G: tl.constexpr, C_OUT_G: tl.constexpr, RANK: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr,
+        KW: tl.constexpr,
         SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr,
         PW: tl.constexpr, DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, STEP_D: tl.constexpr,
         STEP_H: tl.constexpr, STEP_W: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr = 1):
     """dX = conv_transpose(dY, K0 + ΔK), the merged kernel built tile by tile, never stored.
 
         dX[n, g·C_IN_G + c, d, h, w] = Σ_{o < C_OUT_G, t} dY[n, g·C_OUT_G + o, od, oh, ow] · K[g·C_OUT_G + o, c, t]
@@ -102,14 +105,18 @@ def _conv_bwd_input_kernel(
     The tile is computed transposed, dXᵀ = Kᵀ·dYᵀ, so that the merged tile (one fused multiply-add in dY's dtype)
     is the dot's register operand, as in the forward. Geometry and channel counts are compile-time constants;
     with stride 1 every phase is the whole input and the taps decompose by constants.
-    Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups). dY: [N, C_out, OD, OH, OW], dX: [N, C_in,
+    SPLIT_K > 1 (stride 1 only, grids under one wave): program (tile, 0, g·SPLIT_K + s) reduces the s-th of
+    SPLIT_K contiguous shares of the K loop into part [SPLIT_K, C_in, M_MAX] (fp32, contiguous), which the
+    launcher sums in a fixed order.
+    Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups · SPLIT_K). dY: [N, C_out, OD, OH, OW], dX: [N, C_in,
     D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [RANK, C_out, C_IN_G], Kd: [RANK, C_out or C_in, KD, KH, KW],
     any strides.
     """
     N_KC: tl.constexpr = (C_OUT_G + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = C_OUT_G % BLOCK_K == 0
     EVEN_N: tl.constexpr = C_IN_G % BLOCK_N == 0
-    i_mn, i_ph, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_mn, i_ph = tl.program_id(0), tl.program_id(1)
+    i_g, i_s = tl.program_id(2) // SPLIT_K, tl.program_id(2) % SPLIT_K
     rw = i_ph % SW
     rh = (i_ph // SW) % SH
     rd = i_ph // (SW * SH)
@@ -145,7 +152,14 @@ def _conv_bwd_input_kernel(
 
     p_kd_k = kd_ptr + (i_g * C_OUT_G + tl.arange(0, BLOCK_K)) * s_kd_c  # [BK] Kd rows of the first block
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for it in range(0, n_td * n_th * n_tw * N_KC):
+    if SPLIT_K == 1:
+        it_lo = 0
+        n_it = n_td * n_th * n_tw * N_KC
+    else:  # a fixed trip count per share keeps wgmma asynchronous; the last share's overrun loads nothing
+        n_it = (KD * KH * KW * N_KC + SPLIT_K - 1) // SPLIT_K
+        it_lo = i_s * n_it
+    for kk in range(0, n_it):
+        it = it_lo + kk
         i_kc = it % N_KC
         tap = it // N_KC
         if SD * SH * SW == 1:  # one phase, every tap: the decomposition by constants
@@ -168,6 +182,8 @@ def _conv_bwd_input_kernel(
 
         o_k = i_kc * BLOCK_K + tl.arange(0, BLOCK_K)
         m_k = (o_k < C_OUT_G) | EVEN_K
+        if SPLIT_K > 1:
+            m_k = m_k & (it < KD * KH * KW * N_KC)
         o_cout = i_g * C_OUT_G + o_k
         b_dy = tl.load(dy_ptr + p_dy[None, :] + (o_cout * s_dy_c)[:, None],
                        mask=m_row[None, :] & m_k[:, None], other=0.)  # [BK, BM]
@@ -189,19 +205,25 @@ def _conv_bwd_input_kernel(
     d = rd + jd * SD
     h = rh + jh * SH
     w = rw + jw * SW
-    p_dx = i_b.to(tl.int64) * s_dx_n + d.to(tl.int64) * s_dx_d + h.to(tl.int64) * s_dx_h + w.to(tl.int64) * s_dx_w
-    tl.store(dx_ptr + p_dx[None, :] + (o_cin * s_dx_c)[:, None], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_n[:, None] & m_m[None, :])  # [BN, BM]
+    if SPLIT_K == 1:
+        p_dx = (i_b.to(tl.int64) * s_dx_n + d.to(tl.int64) * s_dx_d + h.to(tl.int64) * s_dx_h
+                + w.to(tl.int64) * s_dx_w)
+        tl.store(dx_ptr + p_dx[None, :] + (o_cin * s_dx_c)[:, None], acc.to(dx_ptr.dtype.element_ty),
+                 mask=m_n[:, None] & m_m[None, :])  # [BN, BM]
+    else:
+        p_part = part_ptr + i_s.to(tl.int64) * S_PART + (o_cin.to(tl.int64) * M_MAX)[:, None]
+        tl.store(p_part + o_m[None, :], acc, mask=m_n[:, None] & m_m[None, :])  # [BN, BM] fp32
 
 
 def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor,
                                depthwise: torch.Tensor, x_shape: Sequence[int], x_channels_last: bool,
                                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                               order: str) -> torch.Tensor:
+                               order: str, split_k: Optional[int] = None) -> torch.Tensor:
     """dL/dX of `conv(X, K0 + Kp ⊛ Kd, stride, padding, dilation, groups)` given dL/dO = grad_out.
 
     grad_out: [N, C_out, *out], any strides; stride/padding/dilation: one int per spatial dim (symmetric zero
     padding). Returns `x_shape` in grad_out's dtype, channels innermost when `x_channels_last`, else contiguous.
+    `split_k`: K shares for a stride-1 conv (None: `k_split` on a GPU), fp32 partials summed in a fixed order.
     """
     device = check_backward_tensors(grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
     stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups,
@@ -225,18 +247,28 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
     m_max = n * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
     steps = tuple(s // math.gcd(s, dl) for s, dl in zip(stride3, dil3))
 
+    one_phase = math.prod(stride3) == 1
+    tiles128 = groups * triton.cdiv(m_max, 128) * triton.cdiv(c_in_g, 128)
+    split = split_k or (k_split(tiles128, triton.cdiv(c_out // groups, 64) * math.prod(k3), device,
+                                bool(x_channels_last)) if one_phase else 1)
+    if split > 1 and not one_phase:
+        fail(ValueError, f"split_k={split} needs a stride-1 conv (one stride phase), got stride {tuple(stride)}")
+    part = torch.empty((split, c_in_g * groups, m_max), dtype=torch.float32, device=device) if split > 1 else dx
+
     def grid(meta):
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_in_g, meta["BLOCK_N"])
-        return tiles, math.prod(stride3), groups
+        return tiles, math.prod(stride3), groups * split
 
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         launch(
             _conv_bwd_input_kernel, grid,
-            dy, w, pointwise, kd, dx,
-            n, d, h, wd, od, oh, ow, m_max,
+            dy, w, pointwise, kd, dx, part,
+            n, d, h, wd, od, oh, ow, m_max, c_in_g * groups * m_max,
             *strides(dy), *strides(dx), *strides(w), *strides(kps), *strides(kd),
             C_IN_G=c_in_g, C_OUT_G=c_out // groups, RANK=kps.shape[0], KD=k3[0], KH=k3[1], KW=k3[2],
             **dict(zip(("SD", "SH", "SW", "PD", "PH", "PW", "DD", "DH", "DW", "STEP_D", "STEP_H", "STEP_W"),
                        (*stride3, *pad3, *dil3, *steps))),
-            DEPTHWISE_FIRST=order == "depthwise_first")
+            DEPTHWISE_FIRST=order == "depthwise_first", SPLIT_K=split)
+    if split > 1:  # the partials summed in a fixed order, into grad_x's layout and dtype
+        grad_x.copy_(part.sum(0).view(c_in_g * groups, x_shape[0], *x_shape[2:]).transpose(0, 1))
     return grad_x

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, check_conv_tensors,
-                      device_problem, dtype_problem, empty_like_layout, extent, fit_configs, launch,
-                      pad3, prune_by_registers, prune_by_shared_memory, strides5, WGMMA_ROWS)
+                      device_problem, dtype_problem, empty_like_layout, extent, fit_configs, k_split, launch, pad3,
+                      prune_by_registers, prune_by_shared_memory, strides5, WGMMA_ROWS)
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
     problem = dtype_problem((x, weight), ("x", "weight"))
@@ -106,8 +106,8 @@ def _fit_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _colora_conv_fwd_kernel(
-    x_ptr, w_ptr, kp_ptr, kd_ptr, b_ptr, db_ptr, out_ptr,
-    M, D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
+    x_ptr, w_ptr, kp_ptr, kd_ptr, b_ptr, db_ptr, out_ptr, part_ptr,
+    M, S_PART, D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
     sx_n, sx_c, sx_d, sx_h, sx_w,
     sw_o, sw_c, sw_d, sw_h, sw_w,
     sp_r, sp_o, sp_c,
@@ -121,7 +121,7 @@ def _colora_conv_fwd_kernel(
     DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     PW_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_DELTA: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    MERGE: tl.constexpr = True,
+    SPLIT_K: tl.constexpr = 1, MERGE: tl.constexpr = True,
 ):
     """out[n, o, od, oh, ow] = Σ_{c,tap} x[n, g·C_IN_G + c, od·s-p+td·d, ...] · (K0 + ΔK)[o, c, tap] + b0 + Δb
     with g = o // C_OUT_G.
@@ -136,6 +136,10 @@ def _colora_conv_fwd_kernel(
     dtype per term (K0 + Kp·Kd rounded once at rank 1: packed bf16x2/f16x2 on the GPU), the dot accumulates in
     fp32. MERGE=False
     convolves with K0 alone: the audit's baseline for what the merge costs.
+
+    SPLIT_K > 1 (grids under one wave): program (tile, s) reduces the s-th of SPLIT_K contiguous shares of the
+    K loop and stores its fp32 partial tile to part [SPLIT_K, C_out, M] (contiguous; split 0 adds the biases);
+    the launcher sums the partials in a fixed order.
     """
     NT: tl.constexpr = KD * KH * KW
     N_CB: tl.constexpr = (C_IN_G + BLOCK_K - 1) // BLOCK_K
@@ -182,13 +186,24 @@ def _colora_conv_fwd_kernel(
     # The output tile is computed transposed, out^T = (K0 + ΔK) · x^T, so that the merged tile built in registers
     # is tl.dot's A operand (Hopper's wgmma reads A from registers; B must go through shared memory).
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(0, N_CB * NT):
+    # Each share runs a fixed trip count (the pipeliner needs one to keep wgmma asynchronous); iterations past
+    # the K loop's end, in the last share when SPLIT_K does not divide it, load nothing.
+    CHUNK: tl.constexpr = (N_CB * NT + SPLIT_K - 1) // SPLIT_K
+    TAIL: tl.constexpr = CHUNK * SPLIT_K != N_CB * NT
+    if SPLIT_K == 1:
+        k_lo = 0
+    else:
+        k_lo = tl.program_id(1) * CHUNK
+    for kk in range(0, CHUNK):
+        k = k_lo + kk
         tap = k % NT
         t_d = tap // (KH * KW)
         t_h = (tap // KW) % KH
         t_w = tap % KW
         c = (k // NT) * BLOCK_K + o_k  # [BK]
         m_c = (c < C_IN_G) | EVEN_K
+        if TAIL:
+            m_c = m_c & (k < N_CB * NT)
         i_d = i_d0 + t_d * DIL_D
         i_h = i_h0 + t_h * DIL_H
         i_w = i_w0 + t_w * DIL_W
@@ -223,18 +238,23 @@ def _colora_conv_fwd_kernel(
         else:
             acc += tl.sum(b_w.to(tl.float32)[:, :, None] * b_x.to(tl.float32)[None, :, :], axis=1)
 
+    first = tl.program_id(1) == 0  # the split that adds the biases
     if HAS_BIAS:
-        acc += tl.load(b_ptr + i_o * s_b, mask=m_n, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(b_ptr + i_o * s_b, mask=m_n & first, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS_DELTA:
-        acc += tl.load(db_ptr + i_o * s_db, mask=m_n, other=0.0).to(tl.float32)[:, None]
-    p_o = out_ptr + (i_o * so_c)[:, None] + (o_b * so_n + o_d * so_d + o_h * so_h + o_w * so_w)[None, :]
-    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])  # [BN, BM]
+        acc += tl.load(db_ptr + i_o * s_db, mask=m_n & first, other=0.0).to(tl.float32)[:, None]
+    if SPLIT_K == 1:
+        p_o = out_ptr + (i_o * so_c)[:, None] + (o_b * so_n + o_d * so_d + o_h * so_h + o_w * so_w)[None, :]
+        tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])  # [BN, BM]
+    else:
+        p_part = part_ptr + tl.program_id(1).to(tl.int64) * S_PART + (i_o.to(tl.int64) * M)[:, None]
+        tl.store(p_part + o_m[None, :], acc, mask=m_n[:, None] & m_m[None, :])  # [BN, BM] fp32
 
 
 _colora_conv_fwd_autotuned = triton.autotune(
     configs=forward_configs(),
-    key=["M", "D_OUT", "H_OUT", "W_OUT", "sx_c", "sw_c", "C_IN_G", "C_OUT_G", "RANK", "KD", "KH", "KW",
-         "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W"],
+    key=["M", "D_OUT", "H_OUT", "W_OUT", "sx_c", "sw_c", "C_IN_G", "C_OUT_G", "RANK", "SPLIT_K", "KD", "KH",
+         "KW", "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W"],
     prune_configs_by={"early_config_prune": _fit_configs},
 )(_colora_conv_fwd_kernel)
 
@@ -259,14 +279,24 @@ def output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilatio
     return shape
 
 
+def forward_split(m: int, c_out_g: int, groups: int, c_in_g: int, taps: int, device: torch.device,
+                  channels_last: bool = True) -> int:
+    """K shares for the fused forward (`k_split`): its grid at 128×128 tiles, its K loop of 64-channel blocks
+    × taps."""
+    tiles = groups * triton.cdiv(m, 128) * triton.cdiv(c_out_g, 128)
+    return k_split(tiles, triton.cdiv(c_in_g, 64) * taps, device, channels_last)
+
+
 def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         pointwise: torch.Tensor, depthwise: torch.Tensor, bias_delta: Optional[torch.Tensor],
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                        order: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        order: str, out: Optional[torch.Tensor] = None, split_k: Optional[int] = None
+                        ) -> torch.Tensor:
     """conv(x, weight + ΔK, stride, padding, dilation, groups) + bias + bias_delta in one fused kernel.
 
     `padding` is symmetric zero padding, one int per spatial dim. The output takes x's memory format, or is
-    written into `out` (any strides, x's dtype and the output's shape), which is returned.
+    written into `out` (any strides, x's dtype and the output's shape), which is returned. `split_k`: K shares
+    (None: `forward_split`), whose fp32 partials are summed in a fixed order (deterministic).
     """
     _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order)
     shape = output_shape(x, weight, stride, padding, dilation)
@@ -285,10 +315,12 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     kd, kh, kw = pad3(weight.shape[2:], 1)
     int64 = max(extent(x), extent(out), extent(weight)) >= 2 ** 31
     kps, kds = adapter_terms(pointwise, depthwise)
+    split = split_k or forward_split(m, c_out_g, groups, c_in_g, kd * kh * kw, x.device, x.stride(1) == 1)
+    part = torch.empty((split, c_out, m), dtype=torch.float32, device=x.device) if split > 1 else out
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
-        weight if bias_delta is None else bias_delta, out,
-        m, d_in, h_in, w_in, d_out, h_out, w_out,
+        weight if bias_delta is None else bias_delta, out, part,
+        m, c_out * m, d_in, h_in, w_in, d_out, h_out, w_out,
         *strides5(x), *strides5(weight), *kps.stride(),
         *kds.stride()[:2], *pad3(kds.stride()[2:], 0),
         0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0),
@@ -300,10 +332,10 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                  **dict(zip(("PAD_D", "PAD_H", "PAD_W"), pad3(padding, 0))),
                  **dict(zip(("DIL_D", "DIL_H", "DIL_W"), pad3(dilation, 1))),
                  PW_FIRST=order == "pointwise_first", HAS_BIAS=bias is not None,
-                 HAS_BIAS_DELTA=bias_delta is not None, INT64=int64)
+                 HAS_BIAS_DELTA=bias_delta is not None, INT64=int64, SPLIT_K=split)
 
     def grid(meta):
-        return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]),)
+        return groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), split
 
     with torch.cuda.device_of(x):
         if FIXED_CONFIG:
@@ -313,4 +345,6 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                    num_stages=cfg.num_stages)
         else:
             launch(_colora_conv_fwd_autotuned, grid, *args, **flags)
+    if split > 1:  # the partials summed in a fixed order, into out's layout and dtype
+        out.copy_(part.sum(0).view(c_out, shape[0], *shape[2:]).transpose(0, 1))
     return out
