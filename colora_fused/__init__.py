@@ -6,7 +6,9 @@ and a depthwise kernel) plus a bias delta, folded into K0 by `merge_colora` afte
 `CoLoRATrainerCallback` (HF transformers) and `CoLoRALightningCallback` (PyTorch Lightning) are built on first
 access, so that neither framework is needed to import the package.
 """
-from . import callbacks, functional
+from . import adapters, callbacks, functional
+from .adapters import (active_adapters, add_adapter, delete_adapter, set_active_adapters,
+                       set_trainable_adapters)
 from .capacity import RankPlan, allocate_rank
 from .callbacks import MergeSchedule
 from .config import CoLoRAConfig
@@ -23,11 +25,11 @@ _LAZY_CALLBACKS = ("CoLoRALightningCallback", "CoLoRATrainerCallback")
 
 # The lazy callback names stay out of __all__: `from colora_fused import *` must work without their frameworks.
 __all__ = [
-    "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "RankPlan", "allocate_rank",
-    "apply_colora", "callbacks",
-    "colora_conv", "colora_layers", "colora_state_dict", "count_parameters", "disable_colora", "functional",
-    "get_colora_model", "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora",
-    "print_trainable_parameters", "save_merged", "unapply_colora",
+    "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "RankPlan", "active_adapters",
+    "adapters", "add_adapter", "allocate_rank", "apply_colora", "callbacks", "colora_conv", "colora_layers",
+    "colora_state_dict", "count_parameters", "delete_adapter", "disable_colora", "functional", "get_colora_model",
+    "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora", "print_trainable_parameters",
+    "save_merged", "set_active_adapters", "set_trainable_adapters", "unapply_colora",
 ]
 
 

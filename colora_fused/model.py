@@ -1,7 +1,7 @@
 """Whole-model CoLoRA: wrap, merge, unwrap, save and load adapters, count parameters, PEFT-style helpers."""
 import contextlib
 import re
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ._conv import check_order, check_rank
 from .config import CoLoRAConfig, Selector
 from .functional import check_backend
-from .modules import CONV_TO_COLORA, _CoLoRAConvNd, merge_layers_
+from .modules import CONV_TO_COLORA, DEFAULT, _CoLoRAConvNd, merge_layers_
 
 ADAPTER_KEYS = ("pointwise", "depthwise", "bias_delta")
 
@@ -148,22 +148,24 @@ def _broadcast_from_rank0(tensors: Iterable[Tensor]) -> None:
             dist.broadcast(t, src=0)
 
 
-def _check_mergeable(layers: List[Tuple[str, _CoLoRAConvNd]], caller: str) -> None:
+def _check_mergeable(layers: List[Tuple[str, _CoLoRAConvNd]], caller: str,
+                     adapters: Sequence[str] = (DEFAULT,)) -> None:
     for name, layer in layers:
         try:
-            layer.check_mergeable()
+            layer.check_mergeable(adapters)
         except ValueError as err:
             raise ValueError(f"{caller}: layer {name!r}: {err}") from None
 
 
-def _check_optimizer_holds_adapters(layers: List[Tuple[str, _CoLoRAConvNd]],
-                                    optimizer: torch.optim.Optimizer) -> None:
-    """ValueError naming the trainable adapter tensors `optimizer` does not update (its state could not be
-    the one to clear: a wrong optimizer passed, or one built before apply_colora)."""
+def _check_optimizer_holds_adapters(layers: List[Tuple[str, _CoLoRAConvNd]], optimizer: torch.optim.Optimizer,
+                                    adapters: Sequence[str] = (DEFAULT,)) -> None:
+    """ValueError naming the trainable adapter tensors (of `adapters`) `optimizer` does not update (its state
+    could not be the one to clear: a wrong optimizer passed, or one built before apply_colora)."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [f"{name}.{key}" for name, layer in layers for key in ADAPTER_KEYS
-               if getattr(layer, key) is not None and getattr(layer, key).requires_grad
-               and id(getattr(layer, key)) not in held]
+    missing = [f"{name}.{prefix}{key}" for name, layer in layers for adapter in adapters
+               for prefix, module in [(_adapter_prefix(adapter), layer.adapter(adapter))] for key in ADAPTER_KEYS
+               if getattr(module, key) is not None and getattr(module, key).requires_grad
+               and id(getattr(module, key)) not in held]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"merge_colora: the optimizer does not hold the trainable adapter tensors {shown} "
@@ -172,7 +174,7 @@ def _check_optimizer_holds_adapters(layers: List[Tuple[str, _CoLoRAConvNd]],
 
 @torch.no_grad()
 def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 names: Optional[Iterable[str]] = None) -> List[str]:
+                 names: Optional[Iterable[str]] = None, adapters: Sequence[str] = (DEFAULT,)) -> List[str]:
     """Fold every CoLoRA layer's ΔK, Δb into its base weights and reset its adapters (eq. 10–13); on CUDA in one
     Triton launch per dtype combination for the whole model (`modules.merge_layers_`).
 
@@ -180,8 +182,8 @@ def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = 
     trainable adapter tensor, ValueError is raised and nothing changes. With `optimizer`, the state of the
     reset tensors (Adam's moments, step) is cleared. Under torch.distributed the fresh Kp of rank 0 is
     broadcast so that replicas stay identical. Raises ValueError on a model without CoLoRA layers.
-    `names` (qualified layer names) merges only those layers, as an adaptive schedule does; returns the names
-    merged.
+    `names` (qualified layer names) merges only those layers, as an adaptive schedule does; `adapters` names
+    the adapters folded (and reset), "default" unless told. Returns the layer names merged.
     """
     layers = _require_layers(model, "merge_colora")
     if names is not None:
@@ -190,15 +192,21 @@ def merge_colora(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = 
         if unknown:
             raise ValueError(f"merge_colora: names {', '.join(unknown)} are not CoLoRA layers of the model")
         layers = [(n, layer) for n, layer in layers if n in wanted]
-    _check_mergeable(layers, "merge_colora")
+    adapters = tuple([adapters] if isinstance(adapters, str) else adapters)
+    if not adapters or len(set(adapters)) != len(adapters):
+        raise ValueError(f"merge_colora: adapters={list(adapters)} must name each adapter to fold once")
+    for name, layer in layers:
+        for adapter in adapters:
+            layer.adapter(adapter)  # KeyError naming the layer's adapters
+    _check_mergeable(layers, "merge_colora", adapters)
     if optimizer is not None:
-        _check_optimizer_holds_adapters(layers, optimizer)
-    merge_layers_([layer for _, layer in layers])
+        _check_optimizer_holds_adapters(layers, optimizer, adapters)
+    merge_layers_([layer for _, layer in layers], adapters)
     if optimizer is not None:
         for _, layer in layers:
-            for p in layer.adapter_parameters():
+            for p in layer.adapter_parameters(adapters):
                 optimizer.state.pop(p, None)
-    _broadcast_from_rank0(layer.pointwise for _, layer in layers)
+    _broadcast_from_rank0(layer.adapter(a).pointwise for _, layer in layers for a in adapters)
     return [n for n, _ in layers]
 
 
@@ -249,11 +257,25 @@ def disable_colora(model: nn.Module) -> Iterator[nn.Module]:
             layer.disable_adapters = value
 
 
-def colora_state_dict(model: nn.Module) -> Dict[str, Tensor]:
-    """The adapter tensors (pointwise, depthwise, bias_delta) of every CoLoRA layer, keyed as in model.state_dict()."""
-    return {f"{name}.{key}" if name else key: value
-            for name, layer in colora_layers(model)
-            for key, value in layer.state_dict().items() if key in ADAPTER_KEYS}
+def _adapter_prefix(adapter: str) -> str:
+    """Where a layer's state dict keeps an adapter's tensors: at the top for "default", else under
+    colora_adapters.<name>."""
+    return "" if adapter == DEFAULT else f"colora_adapters.{adapter}."
+
+
+def _adapter_tensors(model: nn.Module, adapter: str) -> Dict[str, Tensor]:
+    """The tensors of adapter `adapter` of every CoLoRA layer, keyed as in model.state_dict() (every layer must
+    have it: KeyError otherwise)."""
+    prefix = _adapter_prefix(adapter)
+    return {f"{name}.{prefix}{key}" if name else f"{prefix}{key}": getattr(layer.adapter(adapter), key)
+            for name, layer in colora_layers(model) for key in ADAPTER_KEYS
+            if getattr(layer.adapter(adapter), key) is not None}
+
+
+def colora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> Dict[str, Tensor]:
+    """The adapter tensors (pointwise, depthwise, bias_delta) of every CoLoRA layer, keyed as in
+    model.state_dict(): of the "default" adapter, or of the named `adapter`."""
+    return {k: v.detach() for k, v in _adapter_tensors(model, adapter).items()}
 
 
 def _state_dict_problems(own: Dict[str, Tensor], state_dict: Dict[str, object]) -> List[str]:
@@ -279,16 +301,15 @@ def _state_dict_problems(own: Dict[str, Tensor], state_dict: Dict[str, object]) 
 
 
 @torch.no_grad()
-def load_colora_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> None:
-    """Load adapter tensors, all or nothing.
+def load_colora_state_dict(model: nn.Module, state_dict: Dict[str, Tensor], adapter: str = DEFAULT) -> None:
+    """Load the tensors of the "default" adapter (or of the named `adapter`) of every CoLoRA layer, all or nothing.
 
     Every key is checked first; any nested dict, non-tensor, missing, unexpected or mis-shaped key, any tensor
     of another dtype than the adapter's, any meta tensor and any NaN/Inf raise ValueError naming the keys, and
     nothing is loaded. Tensors may sit on another device than the model (a CPU state dict loads into a CUDA
     model): each is copied to its adapter's device.
     """
-    own = {f"{name}.{key}" if name else key: getattr(layer, key)
-           for name, layer in colora_layers(model) for key in ADAPTER_KEYS if getattr(layer, key) is not None}
+    own = _adapter_tensors(model, adapter)
     problems = _state_dict_problems(own, state_dict)
     if problems:
         raise ValueError("load_colora_state_dict: " + "; ".join(problems) + " (nothing was loaded)")

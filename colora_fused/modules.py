@@ -1,13 +1,26 @@
 """CoLoRAConv1d/2d/3d: drop-in `nn.ConvNd` subclasses with a frozen base and a trainable Kp ⊛ Kd residual."""
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import functional, ops
-from ._conv import MergeSpec, adapter_shapes, check_order, check_rank
+from ._conv import MergeSpec, adapter_rank, adapter_shapes, adapter_terms, check_order, check_rank
 from .functional import check_backend, chosen_backend, colora_conv
+
+DEFAULT = "default"  # the adapter a layer is built with: its own pointwise, depthwise, bias_delta
+
+
+class _Adapter(nn.Module):
+    """A named adapter of a CoLoRA layer: `pointwise` (Kp), `depthwise` (Kd), `bias_delta` (Δb, or None when
+    `c_out` is 0), shaped as the layer's own."""
+
+    def __init__(self, kp_shape, kd_shape, c_out: int, device, dtype):
+        super().__init__()
+        self.pointwise = nn.Parameter(torch.empty(kp_shape, device=device, dtype=dtype))
+        self.depthwise = nn.Parameter(torch.empty(kd_shape, device=device, dtype=dtype))
+        self.bias_delta = nn.Parameter(torch.empty(c_out, device=device, dtype=dtype)) if c_out else None
 
 
 class _CoLoRAConvNd:
@@ -22,6 +35,11 @@ class _CoLoRAConvNd:
     `cache_merged_weight` (True): the torch and hybrid backends keep K0 + ΔK in one buffer per dtype between calls,
     rebuilt when K0, Kp or Kd changed (`ops.MergedWeightCache`; one weight-sized copy per layer); False merges
     on every forward and backward instead.
+
+    Named adapters (`colora_fused.adapters`): besides its own adapter, "default" (`pointwise`, `depthwise`,
+    `bias_delta`), a layer may hold more in `colora_adapters` (created by the first `add_adapter`).
+    `active_adapters` (("default",)) names those the forward sums: ΔK = Σ over them of their terms, Δb the sum
+    of their Δb.
     """
 
     _conv_cls: type
@@ -41,6 +59,7 @@ class _CoLoRAConvNd:
         self.rank = check_rank(rank)
         self.backend = check_backend(backend)
         self.disable_adapters = False
+        self.active_adapters = (DEFAULT,)
         self.cache_merged_weight = True
         self._merge_cache = ops.MergedWeightCache()
         self.weight.requires_grad_(False)
@@ -80,69 +99,134 @@ class _CoLoRAConvNd:
             self.reset_adapter_()
 
     @torch.no_grad()
-    def reset_adapter_(self):
-        """Kd = 0, Δb = 0, Kp Glorot-uniform (fan_in = C_in/groups, fan_out = C_out; each term at rank r): ΔK = 0
-        again."""
-        fan_in, fan_out = self.pointwise.shape[-1], self.pointwise.shape[-2]
+    def reset_adapter_(self, name: str = "default"):
+        """Kd = 0, Δb = 0, Kp Glorot-uniform (fan_in = C_in/groups, fan_out = C_out; each term at rank r) for the
+        adapter `name`: its ΔK = 0 again."""
+        adapter = self.adapter(name)
+        fan_in, fan_out = adapter.pointwise.shape[-1], adapter.pointwise.shape[-2]
         bound = math.sqrt(6.0 / (fan_in + fan_out))
-        self.pointwise.uniform_(-bound, bound)
-        self.depthwise.zero_()
-        if self.bias_delta is not None:
-            self.bias_delta.zero_()
+        adapter.pointwise.uniform_(-bound, bound)
+        adapter.depthwise.zero_()
+        if adapter.bias_delta is not None:
+            adapter.bias_delta.zero_()
         return self
 
-    def delta_weight(self) -> Tensor:
-        """ΔK = Kp ⊛ Kd (summed over the terms at rank r), shaped like `weight`."""
-        return ops.delta_weight(self.pointwise, self.depthwise, self.groups, self.order)
+    def add_adapter(self, name: str, rank: int = 1, train_bias: Optional[bool] = None) -> None:
+        """A new adapter `name` of `rank` terms beside "default", fresh (ΔK = 0, Kp drawn, Kd = Δb = 0), trainable
+        and not yet active; `train_bias` as for the layer (None: a Δb iff the base conv has a bias)."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"adapter names are Python identifiers (they become state-dict keys), got {name!r}")
+        if name in self.adapter_names():
+            raise ValueError(f"{type(self).__name__} already has an adapter {name!r}")
+        check_rank(rank)
+        if not hasattr(self, "colora_adapters"):
+            self.colora_adapters = nn.ModuleDict()
+        kp_shape, kd_shape = adapter_shapes(self.weight.shape, self.groups, self.order, rank)
+        has_bias_delta = self.bias is not None if train_bias is None else bool(train_bias)
+        self.colora_adapters[name] = _Adapter(kp_shape, kd_shape, self.out_channels if has_bias_delta else 0,
+                                              self.weight.device, self.weight.dtype)
+        self.reset_adapter_(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (not "default") and drop it from the active ones."""
+        if name == DEFAULT:
+            raise ValueError('the "default" adapter is the layer\'s own and cannot be deleted')
+        self.adapter(name)
+        del self.colora_adapters[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def adapter_names(self) -> List[str]:
+        """"default", then the named adapters in the order they were added."""
+        return [DEFAULT] + list(getattr(self, "colora_adapters", {}))
+
+    def adapter(self, name: str) -> nn.Module:
+        """The module holding adapter `name`'s `pointwise`, `depthwise`, `bias_delta`: the layer itself for
+        "default". Raises KeyError naming the adapters there are."""
+        if name == DEFAULT:
+            return self
+        named = getattr(self, "colora_adapters", {})
+        if name not in named:
+            raise KeyError(f"{type(self).__name__} has no adapter {name!r}; it has {self.adapter_names()}")
+        return named[name]
+
+    def factors(self, names: Optional[Sequence[str]] = None):
+        """(Kp, Kd, Δb) of the adapters `names` (default: the active ones) as one adapter: their terms stacked
+        along the rank dim (a plain adapter's own tensors when it is alone), Δb summed (None when none has one).
+        None for Kp and Kd when `names` is empty."""
+        names = self.active_adapters if names is None else tuple(names)
+        adapters = [self.adapter(n) for n in names]
+        if len(adapters) == 1:
+            a = adapters[0]
+            return a.pointwise, a.depthwise, a.bias_delta
+        if not adapters:
+            return None, None, None
+        terms = [adapter_terms(a.pointwise, a.depthwise) for a in adapters]
+        deltas = [a.bias_delta for a in adapters if a.bias_delta is not None]
+        return (torch.cat([kp for kp, _ in terms]), torch.cat([kd for _, kd in terms]),
+                sum(deltas[1:], deltas[0]) if deltas else None)
+
+    def delta_weight(self, names: Sequence[str] = (DEFAULT,)) -> Tensor:
+        """ΔK = Kp ⊛ Kd (summed over the terms at rank r, and over the adapters `names`), shaped like `weight`."""
+        kp, kd, _ = self.factors(names)
+        return ops.delta_weight(kp, kd, self.groups, self.order)
 
     @torch.no_grad()
-    def check_mergeable(self) -> None:
-        """Raise ValueError if merging would write a non-finite value into the base weight or bias."""
+    def check_mergeable(self, names: Sequence[str] = (DEFAULT,)) -> None:
+        """Raise ValueError if merging the adapters `names` would write a non-finite value into the base weight
+        or bias."""
         finite = lambda t: t is None or bool(torch.isfinite(t).all())  # noqa: E731
-        if not (finite(self.pointwise) and finite(self.depthwise) and finite(self.bias_delta)):
+        kp, kd, db = self.factors(names)
+        if not (finite(kp) and finite(kd) and finite(db)):
             raise ValueError(f"{type(self).__name__}: the adapters hold non-finite values; merge refused, "
                              "weights unchanged")
-        # |K0 + ΔK| ≤ max|K0| + max|Kp|·max|Kd|: only when that bound could overflow is ΔK built to look.
-        bound = (self.weight.abs().amax().double() + self.rank * self.pointwise.abs().amax().double()
-                 * self.depthwise.abs().amax().double())
-        if bound >= torch.finfo(self.weight.dtype).max and not finite(self.weight + self.delta_weight()):
+        # |K0 + ΔK| ≤ max|K0| + r·max|Kp|·max|Kd|: only when that bound could overflow is ΔK built to look.
+        bound = (self.weight.abs().amax().double() + adapter_rank(kp) * kp.abs().amax().double()
+                 * kd.abs().amax().double())
+        if bound >= torch.finfo(self.weight.dtype).max and not finite(self.weight + self.delta_weight(names)):
             raise ValueError(f"{type(self).__name__}: K0 + ΔK overflows {self.weight.dtype}; merge refused, "
                              "weights unchanged")
-        if self.bias is not None and self.bias_delta is not None and not finite(self.bias + self.bias_delta):
+        if self.bias is not None and db is not None and not finite(self.bias + db):
             raise ValueError(f"{type(self).__name__}: b0 + Δb overflows {self.bias.dtype}; merge refused, "
                              "weights unchanged")
 
     @torch.no_grad()
-    def merge_(self):
-        """K0 ← K0 + ΔK, b0 ← b0 + Δb (eq. 10–11), then reset the adapters. The layer's output is unchanged."""
-        self.check_mergeable()
-        merge_layers_([self])
+    def merge_(self, names: Sequence[str] = (DEFAULT,)):
+        """K0 ← K0 + ΔK, b0 ← b0 + Δb (eq. 10–11) of the adapters `names`, then reset them. The output of the
+        layer with those adapters active is unchanged."""
+        self.check_mergeable(names)
+        merge_layers_([self], names)
         return self
 
     @torch.no_grad()
     def to_conv(self) -> nn.Module:
-        """A plain `nn.ConvNd` holding K0 + ΔK and b0 + Δb (for inference and export); this layer is untouched."""
-        has_bias = self.bias is not None or self.bias_delta is not None
+        """A plain `nn.ConvNd` holding K0 + ΔK and b0 + Δb of the active adapters (for inference and export); this
+        layer is untouched."""
+        _, _, db = self.factors()
+        has_bias = self.bias is not None or db is not None
         conv = self._conv_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                               self.dilation, self.groups, has_bias, self.padding_mode, device="meta",
                               dtype=self.weight.dtype)
-        conv.weight = nn.Parameter(self.weight + self.delta_weight(), requires_grad=self.weight.requires_grad)
+        delta = self.delta_weight(self.active_adapters) if self.active_adapters else torch.zeros_like(self.weight)
+        conv.weight = nn.Parameter(self.weight + delta, requires_grad=self.weight.requires_grad)
         if has_bias:
-            bias = ops._summed_bias(self.bias, self.bias_delta).clone()
+            bias = ops._summed_bias(self.bias, db).clone()
             base_grad = self.bias.requires_grad if self.bias is not None else False
             conv.bias = nn.Parameter(bias, requires_grad=base_grad)
         conv.train(self.training)
         return conv
 
-    def adapter_parameters(self):
-        return [p for p in (self.pointwise, self.depthwise, self.bias_delta) if p is not None]
+    def adapter_parameters(self, names: Optional[Sequence[str]] = None):
+        """The adapter tensors of the adapters `names` (default: all of them, "default" first)."""
+        adapters = [self.adapter(n) for n in (self.adapter_names() if names is None else names)]
+        return [p for a in adapters for p in (a.pointwise, a.depthwise, a.bias_delta) if p is not None]
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.disable_adapters:
+        if self.disable_adapters or not self.active_adapters:
             return self._conv_cls.forward(self, input)
-        return colora_conv(input, self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta,
-                           self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.order,
-                           self.backend, merge_cache=self._merge_cache if self.cache_merged_weight else None)
+        kp, kd, db = self.factors()
+        return colora_conv(input, self.weight, self.bias, kp, kd, db, self.stride, self.padding, self.dilation,
+                           self.groups, self.padding_mode, self.order, self.backend,
+                           merge_cache=self._merge_cache if self.cache_merged_weight else None)
 
     def clear_merged_cache(self) -> None:
         """Drop the cached K0 + ΔK (it is rebuilt at the next forward): needed only after writes through
@@ -153,36 +237,41 @@ class _CoLoRAConvNd:
         """The path forward(input) takes now: "torch" (merged K0 + ΔK, one library conv), "triton" (fused
         kernels), "reference", "composite" (torch.func / forward AD) or "base" (`disable_adapters`); see
         `functional.chosen_backend`."""
-        if self.disable_adapters:
+        if self.disable_adapters or not self.active_adapters:
             return "base"
-        return chosen_backend(input, self.weight, self.bias, self.pointwise, self.depthwise, self.bias_delta,
-                              self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.order,
-                              self.backend)
+        kp, kd, db = self.factors()
+        return chosen_backend(input, self.weight, self.bias, kp, kd, db, self.stride, self.padding, self.dilation,
+                              self.groups, self.padding_mode, self.order, self.backend)
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.adapter_parameters())
         rank = f", rank={self.rank}" if self.rank > 1 else ""
-        return f"{super().extra_repr()}, order={self.order}{rank}, backend={self.backend}, adapter_params={n}"
+        active = f", active_adapters={list(self.active_adapters)}" if self.active_adapters != (DEFAULT,) else ""
+        return (f"{super().extra_repr()}, order={self.order}{rank}, backend={self.backend}, adapter_params={n}"
+                f"{active}")
 
 
 @torch.no_grad()
-def merge_layers_(layers: Sequence[_CoLoRAConvNd]) -> None:
-    """K0 ← K0 + ΔK, b0 ← b0 + Δb (eq. 10–11) for every layer, then reset their adapters; outputs are unchanged.
+def merge_layers_(layers: Sequence[_CoLoRAConvNd], names: Sequence[str] = (DEFAULT,)) -> None:
+    """K0 ← K0 + ΔK, b0 ← b0 + Δb (eq. 10–11) of the adapters `names` for every layer, then reset those adapters;
+    outputs are unchanged.
 
     On CUDA one Triton launch per dtype combination merges them all (`functional.merge_`). A layer with Δb and no
     b0 gets a frozen b0 = Δb. The caller has run `check_mergeable` on each: nothing here refuses a non-finite
     delta.
     """
-    new_bias = {id(layer): torch.zeros_like(layer.bias_delta) for layer in layers
-                if layer.bias_delta is not None and layer.bias is None}
-    functional.merge_([MergeSpec(layer.weight, new_bias.get(id(layer), layer.bias), layer.pointwise, layer.depthwise,
-                                 layer.bias_delta, layer.groups, layer.order) for layer in layers])
+    factors = {id(layer): layer.factors(names) for layer in layers}
+    new_bias = {id(layer): torch.zeros_like(factors[id(layer)][2]) for layer in layers
+                if factors[id(layer)][2] is not None and layer.bias is None}
+    functional.merge_([MergeSpec(layer.weight, new_bias.get(id(layer), layer.bias), *factors[id(layer)][:2],
+                                 factors[id(layer)][2], layer.groups, layer.order) for layer in layers])
     for layer in layers:
         if id(layer) in new_bias:
             layer.bias = nn.Parameter(new_bias[id(layer)], requires_grad=False)
         # Versions already tell the cache that K0 changed; dropping the buffer also frees it until the next forward.
         layer.clear_merged_cache()
-        layer.reset_adapter_()
+        for name in names:
+            layer.reset_adapter_(name)
 
 
 class CoLoRAConv1d(_CoLoRAConvNd, nn.Conv1d):
