@@ -11,6 +11,9 @@ fully connected layers — and is fine-tuned with one of three strategies, on th
 With no ``--data`` it runs a demo that needs no download: a small CNN is pre-trained on scikit-learn's digits
 0–4, then fine-tuned on digits 5–9 with each strategy, and a comparison table is printed.
 
+``--tasks N`` runs the collaborative recipe instead (``colora_fused.collab``): N tasks of related classes, each
+with its head, trained with shared+personal, personal-only and shared-only named CoLoRA adapters.
+
 Merge schedule on small data. A merge folds ΔK into the frozen weights, resets Kd = 0, draws a fresh Kp and
 clears Adam's moments for them, so every merge period restarts the adapters from ΔK = 0 (with dL/dKp = 0 until
 Kd has moved) and Adam from its first step. Each period needs enough steps to make progress. Measured on the
@@ -84,6 +87,7 @@ from torch import nn
 import colora_fused as cf
 from . import metrics
 from .data import DataError, EpochSampler, load_data, load_digits_task, make_loader, subset, truncate_per_class
+from . import collab
 from .callbacks import layers_due
 from .serialization import atomic_write, load_merged, save_merged
 
@@ -748,6 +752,12 @@ def build_parser():
                         "relative update ||dK||/||K0|| reached T (see --merge-scope); default: merge every layer there")
     p.add_argument("--merge-scope", choices=("layer", "model"), default="layer",
                    help="--merge-when per layer, or once for all layers by the whole model's ||dK||/||K0|| (default: layer)")
+    p.add_argument("--tasks", type=int, metavar="N",
+                   help="the collaborative recipe instead of --strategy: N tasks of related classes (t, t+1), each with "
+                        "its head, trained as shared+personal, personal-only and shared-only CoLoRA adapters side by side; "
+                        "an epoch is then one step per task (the study uses --epochs 40)")
+    p.add_argument("--task-samples", type=int, default=10, metavar="K",
+                   help="with --tasks: training images per class and task, no image in two tasks (default: 10)")
     p.add_argument("--rank", type=int, default=1, metavar="R",
                    help="Kp (x) Kd terms of each CoLoRA layer (default: 1, the paper)")
     p.add_argument("--rank-budget", type=int, metavar="PARAMS",
@@ -811,6 +821,11 @@ def parse_args(argv=None):
         raise UsageError("--merge-every must be >= 0")
     if args.rank < 1:
         raise UsageError("--rank must be >= 1")
+    if args.tasks is not None and (args.tasks < 1 or args.task_samples < 1):
+        raise UsageError("--tasks and --task-samples must be >= 1")
+    if args.tasks is not None and args.merge_when is not None:
+        raise UsageError("--tasks trains without merges (a personal adapter cannot be folded into shared weights): "
+                         "drop --merge-when")
     if args.rank_budget is not None and args.rank_budget < 1:
         raise UsageError("--rank-budget must be a positive number of parameters")
     if args.merge_when is not None and not (math.isfinite(args.merge_when) and args.merge_when > 0):
@@ -834,6 +849,14 @@ def format_table(results):
 ALLOCATION_BATCHES = 4
 
 
+def batch_of(dataset, indices, spec, image_size, device):
+    """(normalised images, labels) of `dataset`'s items at `indices`, on `device`, one item at a time (image
+    folders hold images of several sizes until resized)."""
+    items = [dataset[int(i)] for i in indices]
+    x = torch.cat([prepare_batch(image.unsqueeze(0), spec, image_size, device, False) for image, _ in items])
+    return x, torch.as_tensor([int(label) for _, label in items], device=device)
+
+
 def allocated_ranks(args, spec, splits, device, log=None):
     """With ``--rank-budget``, the ranks ``cf.allocate_rank`` gives the backbone convs of ``spec`` within it,
     measured on ``ALLOCATION_BATCHES`` training batches (a draw fixed by the seed: the same plan on a resume) on
@@ -844,11 +867,7 @@ def allocated_ranks(args, spec, splits, device, log=None):
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train), generator=g)[:ALLOCATION_BATCHES * args.batch_size]
     size = args.image_size or spec.image_size
-    batches = []
-    for chunk in order.split(args.batch_size):
-        items = [train[int(i)] for i in chunk]
-        x = torch.cat([prepare_batch(image.unsqueeze(0), spec, size, device, False) for image, _ in items])
-        batches.append((x, torch.as_tensor([int(label) for _, label in items], device=device)))
+    batches = [batch_of(train, chunk, spec, size, device) for chunk in order.split(args.batch_size)]
     spec.model.to(device)
     plan = cf.allocate_rank(spec.model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), args.rank_budget,
                             include=lambda n, m: not _in_head(n, spec.head), order=args.order, apply=False)
@@ -923,6 +942,14 @@ def run(argv=None):
                     dist.barrier()
                 weights = read_state_dict(os.path.join(pre_dir, "model_final.safetensors"))
                 log(f"demo: fine-tuning on {splits.description}")
+            if args.tasks:
+                spec = build_model(args.model, splits.num_classes, splits.in_channels, weights, args.weights or "weights",
+                                   args.head_hidden)
+                size = args.image_size or spec.image_size
+                prepare = lambda ds, idx: batch_of(ds, idx, spec, size, ctx.device)  # noqa: E731
+                results = collab.run(args, splits, spec, ctx.device, prepare, log)
+                log(f"\noutputs in {os.path.abspath(args.out)} | {duration(log.elapsed())} elapsed")
+                return results
             results = [run_strategy(args, splits, weights, s, ctx, log) for s in args.strategies]
         except NonFiniteError as e:
             log(f"error: {e}", console=False)

@@ -46,6 +46,15 @@ class ConformanceBudget:
 _BUDGET = pytest.StashKey[ConformanceBudget]()
 
 
+@pytest.fixture
+def one_thread():
+    """The digits demo's 8×8 convs are fastest on one thread, and one thread keeps runs bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("colora conformance")
     group.addoption("--conformance-examples", type=int, default=None, metavar="N",

@@ -23,13 +23,7 @@ from colora_fused.serialization import load_merged
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The demo's 8×8 convs are fastest on one thread, and one thread keeps runs bit-reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the demo runs on one thread
 
 
 def run(*argv, out):
