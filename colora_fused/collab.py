@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import add_adapter, set_active_adapters
-from .model import apply_colora
+from .model import apply_colora, colora_layers
 
 STRATEGIES = ("shared+personal", "personal-only", "shared-only")
 
@@ -70,7 +70,7 @@ def run_strategy(strategy: str, spec, splits, tasks, args, device, prepare) -> D
     heads = [copy.deepcopy(head).requires_grad_(True) for _ in tasks]
     active = {"shared+personal": lambda n: ["default", n], "personal-only": lambda n: [n],
               "shared-only": lambda n: ["default"]}[strategy]
-    layers = [m for m in features.modules() if hasattr(m, "adapter_parameters")]
+    layers = [layer for _, layer in colora_layers(features)]
     for layer in layers:
         for adapter in layer.adapter_names():
             wanted = adapter != "default" or strategy != "personal-only"
