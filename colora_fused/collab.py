@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import add_adapter, set_active_adapters
+from .adapters import add_adapter, set_active_adapters, set_trainable_adapters
 from .model import apply_colora, colora_layers
 
 STRATEGIES = ("shared+personal", "personal-only", "shared-only")
@@ -70,13 +70,8 @@ def run_strategy(strategy: str, spec, splits, tasks, args, device, prepare) -> D
     heads = [copy.deepcopy(head).requires_grad_(True) for _ in tasks]
     active = {"shared+personal": lambda n: ["default", n], "personal-only": lambda n: [n],
               "shared-only": lambda n: ["default"]}[strategy]
-    layers = [layer for _, layer in colora_layers(features)]
-    for layer in layers:
-        for adapter in layer.adapter_names():
-            wanted = adapter != "default" or strategy != "personal-only"
-            for p in layer.adapter_parameters([adapter]):
-                p.requires_grad_(wanted)
-    params = [p for layer in layers for p in layer.adapter_parameters() if p.requires_grad]
+    set_trainable_adapters(features, {n for name in names for n in active(name)})
+    params = [p for _, layer in colora_layers(features) for p in layer.adapter_parameters() if p.requires_grad]
     params += [p for h in heads for p in h.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     train = [(classes, prepare(splits.train, idx)) for classes, idx in tasks]

@@ -162,10 +162,8 @@ def _check_optimizer_holds_adapters(layers: List[Tuple[str, _CoLoRAConvNd]], opt
     """ValueError naming the trainable adapter tensors (of `adapters`) `optimizer` does not update (its state
     could not be the one to clear: a wrong optimizer passed, or one built before apply_colora)."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [f"{name}.{prefix}{key}" for name, layer in layers for adapter in adapters
-               for prefix, module in [(_adapter_prefix(adapter), layer.adapter(adapter))] for key in ADAPTER_KEYS
-               if getattr(module, key) is not None and getattr(module, key).requires_grad
-               and id(getattr(module, key)) not in held]
+    missing = [key for adapter in adapters for key, t in _adapter_tensors(layers, adapter).items()
+               if t.requires_grad and id(t) not in held]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"merge_colora: the optimizer does not hold the trainable adapter tensors {shown} "
@@ -263,19 +261,18 @@ def _adapter_prefix(adapter: str) -> str:
     return "" if adapter == DEFAULT else f"colora_adapters.{adapter}."
 
 
-def _adapter_tensors(model: nn.Module, adapter: str) -> Dict[str, Tensor]:
-    """The tensors of adapter `adapter` of every CoLoRA layer, keyed as in model.state_dict() (every layer must
-    have it: KeyError otherwise)."""
+def _adapter_tensors(layers: List[Tuple[str, _CoLoRAConvNd]], adapter: str) -> Dict[str, Tensor]:
+    """The tensors of adapter `adapter` of these (qualified name, CoLoRA layer) pairs, keyed as in the model's
+    state_dict() (every layer must have it: KeyError otherwise)."""
     prefix = _adapter_prefix(adapter)
     return {f"{name}.{prefix}{key}" if name else f"{prefix}{key}": getattr(layer.adapter(adapter), key)
-            for name, layer in colora_layers(model) for key in ADAPTER_KEYS
-            if getattr(layer.adapter(adapter), key) is not None}
+            for name, layer in layers for key in ADAPTER_KEYS if getattr(layer.adapter(adapter), key) is not None}
 
 
 def colora_state_dict(model: nn.Module, adapter: str = DEFAULT) -> Dict[str, Tensor]:
     """The adapter tensors (pointwise, depthwise, bias_delta) of every CoLoRA layer, keyed as in
     model.state_dict(): of the "default" adapter, or of the named `adapter`."""
-    return {k: v.detach() for k, v in _adapter_tensors(model, adapter).items()}
+    return {k: v.detach() for k, v in _adapter_tensors(colora_layers(model), adapter).items()}
 
 
 def _state_dict_problems(own: Dict[str, Tensor], state_dict: Dict[str, object]) -> List[str]:
@@ -309,7 +306,7 @@ def load_colora_state_dict(model: nn.Module, state_dict: Dict[str, Tensor], adap
     nothing is loaded. Tensors may sit on another device than the model (a CPU state dict loads into a CUDA
     model): each is copied to its adapter's device.
     """
-    own = _adapter_tensors(model, adapter)
+    own = _adapter_tensors(colora_layers(model), adapter)
     problems = _state_dict_problems(own, state_dict)
     if problems:
         raise ValueError("load_colora_state_dict: " + "; ".join(problems) + " (nothing was loaded)")

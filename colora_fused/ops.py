@@ -227,9 +227,6 @@ def _reduce_gradw(grad_weight: Tensor, pointwise: Tensor, depthwise: Tensor, gro
     Broadcast multiply-and-sum rather than einsum: with one or two taps, einsum's batched GEMMs cost more than
     the arithmetic. These are weight-sized passes, which is what a 1×1 layer's step costs beyond the convs.
     """
-    if pointwise.dim() == 3:  # rank r: the reduction of each term, against the one weight gradient
-        grads = [_reduce_gradw(grad_weight, kp, kd, groups, order) for kp, kd in zip(pointwise, depthwise)]
-        return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
     c_out, c_in_g = pointwise.shape
     taps = depthwise[0].numel()
     if taps == 1 and order == "pointwise_first" and owned:
@@ -275,12 +272,7 @@ def _grad_weight(grad: Tensor, x: Tensor, weight_shape, stride, padding, dilatio
 
 
 def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order):
-    """dKp, dKd at ≈ 2F/prod(k) FLOPs: one 1×1 weight-gradient GEMM, one recomputed 1×1 conv, two stencils (per
-    term at rank r)."""
-    if pointwise.dim() == 3:
-        grads = [_adapter_grads_cheap(grad, x, kp, kd, stride, padding, dilation, groups, order)
-                 for kp, kd in zip(pointwise, depthwise)]
-        return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
+    """dKp, dKd at ≈ 2F/prod(k) FLOPs: one 1×1 weight-gradient GEMM, one recomputed 1×1 conv, two stencils."""
     nd = x.dim() - 2
     conv = CONV_FNS[nd]
     c_out, c_in_g = pointwise.shape
@@ -311,8 +303,14 @@ def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, grou
     ≈ 2F/prod(k) route, by aten ops or, with `use_triton` (the `hybrid` backend), by the one-pass Triton kernel
     (`weight`, K0 or any tensor of its shape, gives it the conv's geometry).
 
-    The one place that picks how the adapter gradients of the merged path are computed.
+    The one place that picks how the adapter gradients of the merged path are computed. At rank r each term's
+    gradients are those of a rank-1 adapter of that term (ΔK is linear in the terms): the terms run one after
+    another (the gradW route reducing the one weight gradient against each) and stack.
     """
+    if pointwise.dim() == 3:
+        grads = [adapter_grads(grad, x, kp, kd, stride, padding, dilation, groups, order, route, grad_weight,
+                               weight=weight, use_triton=use_triton) for kp, kd in zip(pointwise, depthwise)]
+        return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
     if route == "gradw":
         return _reduce_gradw(grad_weight, pointwise, depthwise, groups, order, grad_weight_owned)
     if use_triton:
@@ -364,7 +362,8 @@ def _differentiable_backward(grad, x, weight, pointwise, depthwise, stride, padd
         [need_x, need_weight or need_adapters, False])
     d_kp = d_kd = None
     if need_adapters:
-        d_kp, d_kd = _reduce_gradw(grad_w, pointwise, depthwise, groups, order)
+        d_kp, d_kd = adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order, "gradw",
+                                   grad_w)
     return grad_x, (grad_w if need_weight else None), d_kp, d_kd
 
 

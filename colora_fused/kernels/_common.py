@@ -131,6 +131,20 @@ def k_split(tiles: int, iters: int, device: torch.device, channels_last: bool = 
     return max(1, min(triton.cdiv(sms, tiles), iters // MIN_SPLIT_ITERS, MAX_SPLIT_K))
 
 
+def split_partials(split: int, channels: int, positions: int, out: torch.Tensor) -> torch.Tensor:
+    """Where a kernel cut into `split` K shares stores its fp32 partial tiles: [split, channels, positions]
+    (contiguous), or `out` itself without a split."""
+    return torch.empty((split, channels, positions), dtype=torch.float32, device=out.device) if split > 1 else out
+
+
+def sum_partials_(out: torch.Tensor, part: torch.Tensor, split: int) -> torch.Tensor:
+    """out [N, C, *spatial] (any layout and dtype) ← the sum of `split_partials`' shares, in a fixed order; no-op
+    without a split (the kernel wrote `out` itself)."""
+    if split > 1:
+        out.copy_(part.sum(0).view(out.shape[1], out.shape[0], *out.shape[2:]).transpose(0, 1))
+    return out
+
+
 def fit_configs(configs, fit: Callable[[dict], dict]):
     """`configs` with their meta-parameters passed through `fit` (e.g. tiles shrunk to a small conv), duplicates
     dropped, order kept."""

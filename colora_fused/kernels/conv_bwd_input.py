@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
 from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, fail, fit_configs,
-                      k_split, launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory, strides,
-                      WGMMA_ROWS)
+                      k_split, launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory,
+                      split_partials, strides, sum_partials_, WGMMA_ROWS)
 
 
 def _bwd_input_configs():
@@ -253,7 +253,7 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
                                 bool(x_channels_last)) if one_phase else 1)
     if split > 1 and not one_phase:
         fail(ValueError, f"split_k={split} needs a stride-1 conv (one stride phase), got stride {tuple(stride)}")
-    part = torch.empty((split, c_in_g * groups, m_max), dtype=torch.float32, device=device) if split > 1 else dx
+    part = split_partials(split, c_in_g * groups, m_max, dx)
 
     def grid(meta):
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_in_g, meta["BLOCK_N"])
@@ -269,6 +269,4 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
             **dict(zip(("SD", "SH", "SW", "PD", "PH", "PW", "DD", "DH", "DW", "STEP_D", "STEP_H", "STEP_W"),
                        (*stride3, *pad3, *dil3, *steps))),
             DEPTHWISE_FIRST=order == "depthwise_first", SPLIT_K=split)
-    if split > 1:  # the partials summed in a fixed order, into grad_x's layout and dtype
-        grad_x.copy_(part.sum(0).view(c_in_g * groups, x_shape[0], *x_shape[2:]).transpose(0, 1))
-    return grad_x
+    return sum_partials_(grad_x, part, split)

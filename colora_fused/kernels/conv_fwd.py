@@ -16,7 +16,8 @@ import triton.language as tl
 from .._conv import adapter_terms, conv_output_shape
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, check_conv_tensors,
                       device_problem, dtype_problem, empty_like_layout, extent, fit_configs, k_split, launch, pad3,
-                      prune_by_registers, prune_by_shared_memory, strides5, WGMMA_ROWS)
+                      prune_by_registers, prune_by_shared_memory, split_partials, strides5, sum_partials_,
+                      WGMMA_ROWS)
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
     problem = dtype_problem((x, weight), ("x", "weight"))
@@ -316,7 +317,7 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     int64 = max(extent(x), extent(out), extent(weight)) >= 2 ** 31
     kps, kds = adapter_terms(pointwise, depthwise)
     split = split_k or forward_split(m, c_out_g, groups, c_in_g, kd * kh * kw, x.device, x.stride(1) == 1)
-    part = torch.empty((split, c_out, m), dtype=torch.float32, device=x.device) if split > 1 else out
+    part = split_partials(split, c_out, m, out)
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
         weight if bias_delta is None else bias_delta, out, part,
@@ -345,6 +346,4 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                    num_stages=cfg.num_stages)
         else:
             launch(_colora_conv_fwd_autotuned, grid, *args, **flags)
-    if split > 1:  # the partials summed in a fixed order, into out's layout and dtype
-        out.copy_(part.sum(0).view(c_out, shape[0], *shape[2:]).transpose(0, 1))
-    return out
+    return sum_partials_(out, part, split)
