@@ -333,10 +333,11 @@ def _prune_one_pass(configs, named_args, **kwargs):
 @triton.jit
 def _adapter_grads_one_pass_kernel(
         x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr,
-        D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile,
+        C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile,
         s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        D: tl.constexpr, H: tl.constexpr, W: tl.constexpr, OD: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr,
         SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DD: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, T_PAD: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
@@ -768,9 +769,10 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
             launch(
                 _adapter_grads_one_pass_kernel, (tiles, groups, split),
                 xs, dy, pointwise, kd, dkp, dkd,
-                d, h, w, od, oh, ow, c_in_g, c_out_g, p_pos, split,
+                c_in_g, c_out_g, p_pos, split,
                 _lead_stride(dkp, 0), _lead_stride(dkd, 0), _lead_stride(dkd, 1),
                 *io_strides, *strides(pointwise), *strides(kd),
+                D=d, H=h, W=w, OD=od, OH=oh, OW=ow,
                 KD=k3[0], KH=k3[1], KW=k3[2], SD=stride3[0], SH=stride3[1], SW=stride3[2], PD=pad3[0],
                 PH=pad3[1], PW=pad3[2], DD=dil3[0], DH=dil3[1], DW=dil3[2], T_PAD=triton.next_power_of_2(taps),
                 DEPTHWISE_FIRST=dw_first, USE_ATOMIC=use_atomic, BLOCK_S=bs, BLOCK_P=bp)
