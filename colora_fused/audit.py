@@ -4,7 +4,8 @@ Each kernel family's real launcher is driven with `meta` tensors of representati
 `kernels._common.recording`, so the launches it records carry exactly the arguments, grids and autotune configs
 (after pruning, for the target's SM count and shared memory) of a real launch. Every recorded launch is compiled
 by Triton for the target, and the audit reads what the compiler made: registers, spills and wgmma serialisation
-from ptxas, shared memory from Triton, and the main loop from the SASS (cuobjdump).
+from ptxas, shared memory from Triton, and the main loop from the SASS (cuobjdump). NCHW units record what an NCHW
+input runs: the launchers stage it channels-innermost with one copy (not counted) before the channels-last kernel.
 
 The estimate (an issue-slot model, not a timing). The main loop is the innermost loop of the SASS that holds a
 tensor-core instruction. Per loop iteration a CTA of W warps issues I·W instructions (I: the loop's SASS
@@ -541,6 +542,11 @@ def write_reports(rows: Sequence[dict], out: str, env: dict) -> None:
         "tensor-core share is an upper bound from issue slots: `tensor / max(tensor, issue)` per main-loop "
         "iteration, with `issue = loop SASS instructions × warps / 4` and `tensor = MMA FLOPs / peak FLOP per "
         "cycle per SM`.",
+        "",
+        "The `nchw` rows audit what an NCHW input runs: the launchers stage NCHW activations and weights "
+        "channels-innermost with one copy before the kernel (`kernels._common.channels_innermost`), so their "
+        "kernels are the channels-last ones; the copy (one read and one write of the tensor, memory-bound) is not "
+        "in the estimate.",
         "",
         "## Summary: bf16, channels_last, sm_90, best config per kernel and shape",
         "",

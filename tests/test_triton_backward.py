@@ -170,6 +170,26 @@ def test_cheap_route_runs_one_kernel_pass(case, order):
     assert names == ["_adapter_grads_one_pass_kernel", "_channel_sum_kernel"]
 
 
+@pytest.mark.parametrize("case_id", ["2d-k3-pad1", "1d-k3-stride2", "3d-1x3x3-channels-last"])
+def test_kernels_read_operands_channels_innermost(case_id):
+    """NCHW activations and weights reach the kernels' main loops channels-innermost (one staging copy each), the
+    layout the pipelined path reads; what the kernels write keeps the caller's layout."""
+    from colora_fused.kernels.conv_fwd import colora_conv_forward
+    case = next(c for c in CASES if c.id == case_id)
+    tensors, grad_out, conv = meta_case(case, "pointwise_first")
+    x, weight = tensors["x"], tensors["weight"]
+    with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
+        out = colora_conv_forward(x, weight, None, tensors["pointwise"], tensors["depthwise"], None, **conv)
+        dx = run_input(tensors, grad_out, conv, case.channels_last)
+        run_adapters(tensors, grad_out, conv, False, route="cheap")
+    fwd, bwd_in, adapters = launches
+    innermost = [fwd.args[0], fwd.args[1], bwd_in.args[0], bwd_in.args[1], adapters.args[0], adapters.args[1]]
+    assert all(t.stride(1) == 1 for t in innermost), [t.stride() for t in innermost]
+    if not case.channels_last:
+        assert x.stride(1) != 1 and out.is_contiguous() and dx.is_contiguous()
+        assert fwd.args[6] is out, "the forward writes the caller's NCHW output itself"
+
+
 def test_depthwise_base_conv_takes_two_pass_route(caplog, monkeypatch):
     from colora_fused.kernels import conv_bwd_adapters
     monkeypatch.setattr(conv_bwd_adapters, "_TWO_PASS_LOGGED", set())

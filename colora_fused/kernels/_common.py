@@ -117,13 +117,12 @@ MAX_SPLIT_K = 4
 MIN_SPLIT_ITERS = 8
 
 
-def k_split(tiles: int, iters: int, device: torch.device, channels_last: bool = True) -> int:
+def k_split(tiles: int, iters: int, device: torch.device) -> int:
     """K shares for an implicit-GEMM conv kernel of `tiles` 128×128 output tiles and `iters` K-loop iterations
     (64-channel blocks × taps): 1, unless the grid is under one wave of the device (a late, small layer), then
     enough shares to fill it, at most MAX_SPLIT_K, each of ≥ MIN_SPLIT_ITERS iterations. Only where the device
-    is a GPU (or the audit's target), and for channels-last activations: the NCHW gather path has no registers
-    to spare for the shares (the audit sees it spill)."""
-    if not auto_tunes(device) or not channels_last:
+    is a GPU (or the audit's target). The kernels read channels-innermost operands (`channels_innermost`)."""
+    if not auto_tunes(device):
         return 1
     sms = device_limits(device).sm_count
     if tiles >= sms:
@@ -247,6 +246,17 @@ def empty_like_layout(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     perm = (0, *range(2, len(shape)), 1)
     return torch.empty([shape[p] for p in perm], dtype=x.dtype, device=x.device).permute(
         0, len(shape) - 1, *range(1, len(shape) - 1))
+
+
+def channels_innermost(t: torch.Tensor) -> torch.Tensor:
+    """`t` with its channels (dim 1) innermost in memory, the layout the kernels' pipelined main loops read
+    (cp.async moves 16-byte runs of channels): `t` itself where they already are or there is one channel, else a
+    channels-innermost copy. NCHW activations and weights are staged this way, as cuDNN stages NCHW for its
+    tensor-core convolutions: one extra read and write of the tensor, against a main loop that gathers channels
+    two bytes at a time (about twice the instructions per MMA; see the audit)."""
+    if t.dim() < 3 or t.shape[1] == 1 or t.stride(1) == 1:
+        return t
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
 def fail(exc: type, message: str):

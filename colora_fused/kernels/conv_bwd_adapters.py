@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from .._conv import ROUTES, conv_output_shape
-from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, device_limits, fail, launch,
-                      lift, locate_position, new_tensor, prune_by_registers, prune_by_shared_memory, strides,
-                      WGMMA_ROWS)
+from ._common import (FIXED_CONFIG, channels_innermost, check_backward_conv, check_backward_tensors, device_limits,
+                      fail, launch, lift, locate_position, new_tensor, prune_by_registers, prune_by_shared_memory,
+                      strides, WGMMA_ROWS)
 
 logger = logging.getLogger(__name__)
 
@@ -721,7 +721,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     if route not in ROUTES:
         fail(ValueError, f"unknown route {route!r}; choose one of {ROUTES} or None")
 
-    xs, dy, kd = lift(x, 2), lift(grad_out, 2), lift(depthwise, 1)
+    # The main loops read X and dY channels-innermost (NCHW ones are staged).
+    xs, dy, kd = lift(channels_innermost(x), 2), lift(channels_innermost(grad_out), 2), lift(depthwise, 1)
     n, _, d, h, w = xs.shape
     od, oh, ow = dy.shape[2:]
     p_in = n * d * h * w

@@ -2,7 +2,8 @@
 tile built in registers from K0, Kp and Kd, split into stride phases so that no stride hole is multiplied.
 
 Every tensor is seen as 5-d `[N, C, D, H, W]` with arbitrary strides (Conv1d/2d arrive as views with unit
-depth/height), so NCHW and channels_last need no copies; offsets that scale with the batch are int64 (one sample
+depth/height); dY and K0 are read channels-innermost (NCHW ones are staged by one copy, `channels_innermost`) and
+dX takes x's layout. Offsets that scale with the batch are int64 (one sample
 is assumed below 2³¹ elements). fp16/bf16 operands feed `tl.dot` with fp32 accumulation. With
 `COLORA_NAN_FILL=1` the output starts as NaN, so a tile the kernel fails to write shows up (the tests set it).
 """
@@ -15,9 +16,9 @@ import triton
 import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
-from ._common import (FIXED_CONFIG, check_backward_conv, check_backward_tensors, decode_position, fail, fit_configs,
-                      k_split, launch, lift, new_tensor, prune_by_registers, prune_by_shared_memory,
-                      split_partials, strides, sum_partials_, WGMMA_ROWS)
+from ._common import (FIXED_CONFIG, channels_innermost, check_backward_conv, check_backward_tensors, decode_position,
+                      fail, fit_configs, k_split, launch, lift, new_tensor, prune_by_registers,
+                      prune_by_shared_memory, split_partials, strides, sum_partials_, WGMMA_ROWS)
 
 
 def _bwd_input_configs():
@@ -241,7 +242,9 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
     if grad_x.numel() == 0:
         return grad_x
     kps, kds = adapter_terms(pointwise, depthwise)
-    dy, dx, w, kd = lift(grad_out, 2), lift(grad_x, 2), lift(weight, 2), lift(kds, 2)
+    # The main loop reads dY and K0 channels-innermost (NCHW ones are staged); dX keeps x's layout.
+    dy, dx = lift(channels_innermost(grad_out), 2), lift(grad_x, 2)
+    w, kd = lift(channels_innermost(weight), 2), lift(kds, 2)
     n, _, d, h, wd = dx.shape
     od, oh, ow = dy.shape[2:]
     m_max = n * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
@@ -249,8 +252,8 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
 
     one_phase = math.prod(stride3) == 1
     tiles128 = groups * triton.cdiv(m_max, 128) * triton.cdiv(c_in_g, 128)
-    split = split_k or (k_split(tiles128, triton.cdiv(c_out // groups, 64) * math.prod(k3), device,
-                                bool(x_channels_last)) if one_phase else 1)
+    split = split_k or (k_split(tiles128, triton.cdiv(c_out // groups, 64) * math.prod(k3), device)
+                        if one_phase else 1)
     if split > 1 and not one_phase:
         fail(ValueError, f"split_k={split} needs a stride-1 conv (one stride phase), got stride {tuple(stride)}")
     part = split_partials(split, c_in_g * groups, m_max, dx)

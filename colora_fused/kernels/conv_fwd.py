@@ -5,7 +5,8 @@
 
 ΔK[o, c, t] = Kp[o, c] · Kd[o, t] (pointwise_first) or Kp[o, c] · Kd[g(o)·C_in/groups + c, t] (depthwise_first).
 Conv1d/2d/3d share one kernel over (D, H, W): missing leading spatial dims get size 1 and stride 0, so no
-tensor is copied or reshaped. Every tensor is addressed through its strides (NCHW or channels_last alike).
+tensor is reshaped. Every tensor is addressed through its strides; x and K0 are read channels-innermost, so NCHW
+ones are staged by one copy (`channels_innermost`), and the output takes x's layout.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -14,10 +15,10 @@ import triton
 import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
-from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, check_conv_tensors,
-                      device_problem, dtype_problem, empty_like_layout, extent, fit_configs, k_split, launch, pad3,
-                      prune_by_registers, prune_by_shared_memory, split_partials, strides5, sum_partials_,
-                      WGMMA_ROWS)
+from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, channels_innermost,
+                      check_conv_tensors, device_problem, dtype_problem, empty_like_layout, extent, fit_configs,
+                      k_split, launch, pad3, prune_by_registers, prune_by_shared_memory, split_partials, strides5,
+                      sum_partials_, WGMMA_ROWS)
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
     problem = dtype_problem((x, weight), ("x", "weight"))
@@ -280,12 +281,11 @@ def output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilatio
     return shape
 
 
-def forward_split(m: int, c_out_g: int, groups: int, c_in_g: int, taps: int, device: torch.device,
-                  channels_last: bool = True) -> int:
+def forward_split(m: int, c_out_g: int, groups: int, c_in_g: int, taps: int, device: torch.device) -> int:
     """K shares for the fused forward (`k_split`): its grid at 128×128 tiles, its K loop of 64-channel blocks
     × taps."""
     tiles = groups * triton.cdiv(m, 128) * triton.cdiv(c_out_g, 128)
-    return k_split(tiles, triton.cdiv(c_in_g, 64) * taps, device, channels_last)
+    return k_split(tiles, triton.cdiv(c_in_g, 64) * taps, device)
 
 
 def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -308,6 +308,7 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                             f"on {x.device}")
     if out.numel() == 0:
         return out
+    x, weight = channels_innermost(x), channels_innermost(weight)  # out keeps the caller's layout
     c_out = weight.shape[0]
     c_in_g, c_out_g = weight.shape[1], c_out // groups
     m = out.numel() // c_out  # output pixels N·D_OUT·H_OUT·W_OUT
@@ -316,7 +317,7 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     kd, kh, kw = pad3(weight.shape[2:], 1)
     int64 = max(extent(x), extent(out), extent(weight)) >= 2 ** 31
     kps, kds = adapter_terms(pointwise, depthwise)
-    split = split_k or forward_split(m, c_out_g, groups, c_in_g, kd * kh * kw, x.device, x.stride(1) == 1)
+    split = split_k or forward_split(m, c_out_g, groups, c_in_g, kd * kh * kw, x.device)
     part = split_partials(split, c_out, m, out)
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
