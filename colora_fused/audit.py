@@ -14,6 +14,8 @@ do `mma_flops` floating-point operations (HGMMA m×n×k per warpgroup, HMMA per 
 retire at a peak rate per cycle (dense: sm_90 4096 bf16/fp16 and 2048 tf32 FLOP/cycle; sm_80 half that):
 `tensor = mma_flops / rate` cycles. The estimated tensor-core share of the loop is `tensor / max(tensor, issue)`:
 an upper bound (memory stalls and latency are not modelled; loops nested around the main loop are not counted).
+mma.sync (HMMA) on sm_90 is rated at the wgmma peak, which it does not reach: for a loop that uses it (`mma`
+says so) the share holds, but the tensor cycles, hence the loop's time, are underestimated.
 
 Run `python -m colora_fused.audit` (or `colora-audit`, `colora-bench --audit`); `--help` lists the options.
 Writes results.md, results.csv and env.json to `--out` (default benchmarks/results/audit-sm90).
@@ -137,7 +139,7 @@ def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config
     kp, kd = _tensor(s.weight[:2], dtype), _tensor((s.weight[0], *s.weight[2:]), dtype)
     bias = _tensor(s.weight[:1], dtype) if s.bias else None
     conv = (stride, padding, dilation, s.groups, "pointwise_first")
-    with _common.recording(_common.DeviceLimits(arch.sm_count, arch.smem_per_block)) as launches:
+    with _common.recording(_common.DeviceLimits(arch.sm_count, arch.smem_per_block, arch.capability)) as launches:
         if unit.family in ("forward", BASELINE):
             colora_conv_forward(x, w, bias, kp, kd, bias, *conv)
             if unit.family == BASELINE:
@@ -191,7 +193,7 @@ class Compiled:
     num_warps: int
     num_stages: int
     serialized: bool  # ptxas: "wgmma.mma_async instructions are serialized"
-    mma: str  # wgmma / mma.sync / none
+    mma: str  # wgmma / mma.sync / wgmma+mma.sync (both in the main loop) / none
     loop_instrs: int  # the main loop's SASS instructions (0 without a tensor-core loop)
     loop_mmas: int
     loop_mma_flops: int  # per CTA and iteration
@@ -252,7 +254,9 @@ def main_loop(instrs: List[Tuple[int, str, str]], num_warps: int) -> dict:
     mmas = [op for op, _ in best if _is_mma(op)]
     flops = [_mma_flops(op, num_warps) for op in mmas]
     waits = sum(1 for op, operands in best if op.startswith("WARPGROUP.DEPBAR") and operands.strip().endswith("0x0"))
-    return dict(mma="wgmma" if mmas[0].startswith("HGMMA") else "mma.sync", loop_instrs=len(best),
+    kinds = {op.startswith("HGMMA") for op in mmas}
+    return dict(mma="wgmma" if kinds == {True} else "mma.sync" if kinds == {False} else "wgmma+mma.sync",
+                loop_instrs=len(best),
                 loop_mmas=len(mmas), loop_mma_flops=sum(f for f, _ in flops), loop_waits=waits,
                 mma_type=flops[0][1], outer_instrs=outer)
 

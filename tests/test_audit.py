@@ -73,7 +73,10 @@ def test_half_precision_kernels_use_wgmma_for_wide_groups(audit_rows):
     rows = [r for r in audit_rows if r["dtype"] in ("bf16", "fp16") and r["kernel"] in TENSOR_CORE_KERNELS
             and r["shape"] in WIDE_GROUP_SHAPES]
     assert rows
-    not_wgmma = [f"{_where(r)}: {r['mma']}" for r in rows if r["mma"] != "wgmma"]
+    # The one-pass adapter kernel may run its 1×1 product on mma.sync beside its wgmma dKp GEMM: with 32 positions
+    # on its M side (to keep one accumulator per tap in registers), not with 64.
+    allowed = {r["kernel"]: ("wgmma",) for r in rows} | {"adapter_grads_one_pass_kernel": ("wgmma", "wgmma+mma.sync")}
+    not_wgmma = [f"{_where(r)}: {r['mma']}" for r in rows if r["mma"] not in allowed[r["kernel"]]]
     assert not not_wgmma, not_wgmma
 
 

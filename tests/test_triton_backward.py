@@ -251,6 +251,31 @@ def test_strided_views(device):
     check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, True), grads, True, torch.float32, tol)
 
 
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case_id", ["2d-k3-pad1", "2d-valid"])
+def test_channels_last_views_with_spatial_gaps(case_id, order):
+    """Channels-innermost views whose positions are not evenly spaced (every other row of a taller channels_last
+    tensor) take the one-pass kernel's decoded addressing; dense ones its flat offsets (`position_stride`). Both
+    against the float64 reference, with output sizes equal to the input's (2d-k3-pad1: flat tap offsets) and not
+    (2d-valid)."""
+    from colora_fused.kernels._common import position_stride
+    case = next(c for c in CASES if c.id == case_id)
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, "cpu")
+
+    def gapped(t):
+        tall = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], t.shape[-1]).to(memory_format=torch.channels_last)
+        view = tall[..., ::2, :]
+        view.copy_(t)
+        return view
+
+    x_view, g_view = gapped(tensors["x"]), gapped(grad_out)
+    assert x_view.stride(1) == 1 and position_stride(x_view.unsqueeze(2)) == 0
+    assert position_stride(tensors["x"].contiguous(memory_format=torch.channels_last).unsqueeze(2)) == case.c_in
+    tol = tolerance("cpu", torch.float32)
+    check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, case.bias, route="cheap"), grads, case.bias,
+                   torch.float32, tol)
+
+
 def bad_input_args(device="cpu", dtype=torch.float32):
     case = next(c for c in CASES if c.id == "2d-k3-pad1")
     tensors, grad_out, conv, _ = setup_case(case, "pointwise_first", torch.float32, "cpu")

@@ -43,9 +43,11 @@ def backend_error(reason: str, kind: type = TritonBackendError) -> Exception:
 
 @dataclass(frozen=True)
 class DeviceLimits:
-    """What a launch may use: streaming multiprocessors, and shared memory per block (opt-in maximum, bytes)."""
+    """What a launch may use: streaming multiprocessors, shared memory per block (opt-in maximum, bytes), and the
+    compute capability (major·10 + minor) that the tile choices are made for."""
     sm_count: int
     smem_per_block: int
+    capability: int = 90
 
 
 # Under the interpreter nothing limits shared memory; two "SMs" keep the reduction splits CI-sized.
@@ -102,7 +104,8 @@ def device_limits(device: torch.device) -> DeviceLimits:
         return recorder.limits
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return DeviceLimits(props.multi_processor_count, props.shared_memory_per_block_optin)
+        return DeviceLimits(props.multi_processor_count, props.shared_memory_per_block_optin,
+                            props.major * 10 + props.minor)
     return _INTERPRETER_LIMITS
 
 
@@ -259,6 +262,21 @@ def channels_innermost(t: torch.Tensor) -> torch.Tensor:
     return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
+def position_stride(t: torch.Tensor) -> int:
+    """For a 5-d [N, C, D, H, W] tensor: the stride s such that position (n, d, h, w) starts at element
+    (((n·D + d)·H + h)·W + w)·s, i.e. its positions are evenly spaced (dense NDHWC, or dense NCDHW with one
+    channel); 0 where they are not."""
+    dims = [(size, st) for size, st in zip((t.shape[0], *t.shape[2:]), (t.stride(0), *t.stride()[2:])) if size != 1]
+    if not dims:
+        return 1
+    base = expect = dims[-1][1]
+    for size, st in reversed(dims):
+        if st != expect:
+            return 0
+        expect *= size
+    return base
+
+
 def fail(exc: type, message: str):
     raise backend_error(message, TritonBackendTypeError if exc is TypeError else TritonBackendError)
 
@@ -325,6 +343,20 @@ def new_tensor(shape, dtype, device, channels_last: bool = False) -> torch.Tenso
 
 def strides(t: torch.Tensor) -> Tuple[int, ...]:
     return tuple(t.stride())
+
+
+_INTERPRETED = tl.constexpr(bool(INTERPRET))
+
+
+@triton.jit
+def widen(x):
+    """x as fp32. bf16 pairs widen in two instructions (a shift and a mask of the packed pair) where the compiler
+    emits three (it moves the high half down, then shifts it back up); the interpreter, and other dtypes, take
+    the plain conversion (the bits are the same: bf16 → fp32 is exact)."""
+    if _INTERPRETED or x.dtype != tl.bfloat16:
+        return x.to(tl.float32)
+    return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
 
 
 @triton.jit

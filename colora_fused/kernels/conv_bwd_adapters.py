@@ -25,10 +25,16 @@ import triton.language as tl
 
 from .._conv import ROUTES, conv_output_shape
 from ._common import (FIXED_CONFIG, channels_innermost, check_backward_conv, check_backward_tensors, device_limits,
-                      fail, launch, lift, locate_position, new_tensor, prune_by_registers, prune_by_shared_memory,
-                      strides, WGMMA_ROWS)
+                      extent, fail, launch, lift, locate_position, new_tensor, position_stride, prune_by_registers,
+                      prune_by_shared_memory, strides, widen, WGMMA_ROWS)
 
 logger = logging.getLogger(__name__)
+
+
+@triton.jit
+def _tuple_add(tup, i: tl.constexpr, value):
+    """`tup` with `value` added to item i: one loop-carried accumulator per tap (tuples are immutable)."""
+    return tup[:i] + (tup[i] + value,) + tup[i + 1:]
 
 
 @triton.jit
@@ -302,15 +308,18 @@ def _one_pass_configs():
     if FIXED_CONFIG:
         return [triton.Config({"BLOCK_K": 16})]
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(64, 8, 3), (64, 8, 2), (32, 8, 3), (64, 4, 3), (32, 4, 3), (128, 8, 2), (16, 8, 3)]]
+            for bk, w, s in [(64, 8, 3), (64, 8, 2), (32, 8, 3), (32, 8, 2), (64, 4, 3), (32, 4, 3), (128, 8, 2),
+                             (16, 8, 3), (16, 8, 2)]]
 
 
 def _prune_one_pass(configs, named_args, **kwargs):
     """Configs whose pipeline fits shared memory (per stage the plain [BK, BP] tile and one [BK, BS] stencil tile
     per tap, which the pipeliner stages; plus the Kp tile held throughout) and whose fp32 tiles (the [BP, BS]
-    accumulator, the 1×1 product and the stencil, [BS, BK] each) stay within a register budget a thread: 80
-    elements with channels_last operands (48 for pointwise_first with a stride: the transposed taps' index
-    arithmetic), 40 with NCHW (gathered across channels). The largest the audit finds spill-free for sm_90."""
+    accumulator, one [BK, BS] dKd accumulator per tap, the 1×1 product and G) stay within a register budget a
+    thread: 160 elements where a tap's source is a fixed offset from the block's position (stride 1, or
+    depthwise_first), 112 for pointwise_first with a stride (the transposed taps' index arithmetic), 80 with
+    operands not channels-innermost; before sm_90 at most 100 (mma.sync layouts). The largest the audit finds
+    spill-free."""
     bs, bp, x = kwargs["BLOCK_S"], kwargs["BLOCK_P"], named_args["x_ptr"]
     taps = kwargs["KD"] * kwargs["KH"] * kwargs["KW"]
     size = x.element_size()
@@ -321,9 +330,10 @@ def _prune_one_pass(configs, named_args, **kwargs):
 
     configs = prune_by_shared_memory(configs, stage_bytes, x.device)
     strided = not kwargs["DEPTHWISE_FIRST"] and (kwargs["SD"], kwargs["SH"], kwargs["SW"]) != (1, 1, 1)
-    channels_last = named_args["s_x_c"] == 1
-    per_thread = (48 if strided else 80) if channels_last else 40
-    return prune_by_registers(configs, lambda c: bs * bp + 2 * c.kwargs["BLOCK_K"] * bs, per_thread)
+    per_thread = (112 if strided else 160) if named_args["s_x_c"] == 1 else 80
+    if x.device.type != "cpu" and device_limits(x.device).capability < 90:
+        per_thread = min(per_thread, 100)
+    return prune_by_registers(configs, lambda c: bs * bp + (taps + 2) * c.kwargs["BLOCK_K"] * bs, per_thread)
 
 
 @triton.autotune(configs=_one_pass_configs(),
@@ -336,11 +346,12 @@ def _adapter_grads_one_pass_kernel(
         C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile,
         s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
-        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w, s_q_pos, s_s_pos,
+        FLAT_Q: tl.constexpr, FLAT_S: tl.constexpr, I64: tl.constexpr,
         D: tl.constexpr, H: tl.constexpr, W: tl.constexpr, OD: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr,
         SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DD: tl.constexpr,
-        DH: tl.constexpr, DW: tl.constexpr, T_PAD: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
         USE_ATOMIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """dKp and dKd of the cheap route in one pass over X and dY (DESIGN §5), per group.
 
@@ -351,15 +362,20 @@ def _adapter_grads_one_pass_kernel(
     transposed position, or X at the forward one; zero where fractional or out of range). Then:
 
         A[pos, s]  = Σ_t Kd[s, t]·S_t[pos, s]          (G = Kdᵀ-stencil of dY, or Z1 = Kd ⊛ X)
-        dKp        += Aᵀ·Q  on tensor cores            ([BS, BP]: dKp[o, c], or dKp[o, c]ᵀ)
+        dKp        += Qᵀ·A  on tensor cores            ([BP, BS]: dKp[o, c]ᵀ, or dKp[o, c])
         Y[pos, s]  = Σ_{p in tile} Q[pos, p]·Kp[·, ·]   (the tile's share of Z1 = Kp ⊛ X, or dZ1 = Kpᵀ ⊛ dY)
         dKd[s, t]  += Σ_pos Y[pos, s]·S_t[pos, s]
 
-    dKd is linear in Y, so each plain-channel tile contributes its share; the launcher sums the shares with the
-    position splits in a fixed order. The conv geometry is compile-time, so the taps unroll and the index
-    arithmetic folds. Grid: (S tiles × P tiles, groups, SPLIT). Writes fp32 partials dkp[split, o, c]
-    ([SPLIT, C_out, C_IN_G]) and dkd[split, p tile, s, t]; with USE_ATOMIC the split and tile strides are 0 and
-    the partials are added atomically.
+    Every [BK, BS] tile (Y, A, each S_t) shares Y's MMA layout, in which a thread holds pairs of adjacent
+    channels, so S_t is read from shared memory once per tap and widened two bf16 at a time (`widen`). dKd keeps
+    one [BK, BS] fp32 accumulator per tap (a tuple) and reduces over positions once, after the loop: no shuffles
+    or barriers per tap. dKd is linear in Y, so each plain-channel tile contributes its share; the launcher sums
+    the shares with the position splits in a fixed order. The conv geometry and the spatial sizes are
+    compile-time, so the taps unroll and decoding a position is a multiply-shift; where positions are evenly
+    spaced (FLAT_Q, FLAT_S: `position_stride`) an address is the flat position times one stride, and a tap's
+    source (stride 1, equal input and output sizes) that plus a constant. Grid: (S tiles × P tiles, groups,
+    SPLIT). Writes fp32 partials dkp[split, o, c] ([SPLIT, C_out, C_IN_G]) and dkd[split, p tile, s, t]; with
+    USE_ATOMIC the split and tile strides are 0 and the partials are added atomically.
     """
     i_sp, i_g, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if DEPTHWISE_FIRST:
@@ -375,7 +391,6 @@ def _adapter_grads_one_pass_kernel(
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_p = o_p < P_G
     T: tl.constexpr = KD * KH * KW
-    o_t = tl.arange(0, T_PAD)
     if DEPTHWISE_FIRST:
         ch_s = i_g * C_IN_G + o_s  # channels of X and rows of Kd
         ch_p = i_g * C_OUT_G + o_p  # channels of dY
@@ -388,14 +403,17 @@ def _adapter_grads_one_pass_kernel(
         p_kp = kp_ptr + ch_s[None, :] * s_kp_o + o_p[:, None] * s_kp_c
         q_ptr = x_ptr + (ch_p * s_x_c)[None, :]
         s_ptr = dy_ptr + (ch_s * s_dy_c)[None, :]
-    # Kp for the tile as [BS, BP] (Kp[s, p] or Kp[p, s]ᵀ), held for the whole pass.
-    b_kp = tl.trans(tl.load(p_kp, mask=m_p[:, None] & m_s[None, :], other=0.).to(x_ptr.dtype.element_ty))
+    # Kp for the tile as [BP, BS] (Kp[s, p]ᵀ or Kp[p, s]), held for the whole pass.
+    b_kp = tl.load(p_kp, mask=m_p[:, None] & m_s[None, :], other=0.).to(x_ptr.dtype.element_ty)  # [BP, BS]
 
     chunk = tl.cdiv(tl.cdiv(P, SPLIT), BLOCK_K) * BLOCK_K
     start = i_split * chunk
     end = tl.minimum(start + chunk, P)
     acc = tl.zeros((BLOCK_P, BLOCK_S), dtype=tl.float32)
-    acc_kd = tl.zeros((BLOCK_S, T_PAD), dtype=tl.float32)
+    # One [BK, BS] accumulator per tap, reduced over positions once after the loop.
+    acc_kd = ()
+    for _ in tl.static_range(T):
+        acc_kd = acc_kd + (tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float32),)
     for k0 in range(start, end, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < end
@@ -403,10 +421,16 @@ def _adapter_grads_one_pass_kernel(
             i_b, i1, i2, i3, p_q = locate_position(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
         else:
             i_b, i1, i2, i3, p_q = locate_position(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
+        if FLAT_Q:
+            # Evenly spaced positions: the offset is the flat index times one stride (no decode, no int64 sum).
+            o_kq = tl.where(m_k, o_k, 0)
+            p_q = (o_kq.to(tl.int64) if I64 else o_kq) * s_q_pos
         b_q = tl.load(q_ptr + p_q[:, None], mask=m_k[:, None] & m_p[None, :], other=0.)  # [BK, BP]
-        # Channels on the M side and positions on N: the reductions over positions stay within a warp.
-        b_y = tl.dot(b_kp, tl.trans(b_q))  # [BS, BK] fp32
-        b_a = tl.zeros_like(b_y)
+        # Positions on the M side (32 of them: mma.sync; 64 for wgmma would double the per-tap accumulators).
+        b_y = tl.dot(b_q, b_kp)  # [BK, BS] fp32
+        # G starts from Y's layout (a multiply by zero, not foldable): the S_t tiles are then read once, in it. A
+        # non-finite Y (inputs holding inf) makes its G entries NaN, where the gradients are not finite anyway.
+        b_a = b_y * 0.0
         # With depthwise_first, or stride 1, a tap's source position is the block's position (scaled by the
         # stride) plus a constant: one address per position per block, a scalar offset per tap.
         DIRECT: tl.constexpr = DEPTHWISE_FIRST or (SD == 1 and SH == 1 and SW == 1)
@@ -421,6 +445,11 @@ def _adapter_grads_one_pass_kernel(
             s_sd, s_sh, s_sw = s_dy_d, s_dy_h, s_dy_w
             p_base = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
             v1, v2, v3 = i1, i2, i3
+        if FLAT_S:
+            # Stride 1, equal input and output sizes, evenly spaced positions: a tap's source is the block's own
+            # flat position plus a constant.
+            o_ks = tl.where(m_k, o_k, 0)
+            p_q_s = (o_ks.to(tl.int64) if I64 else o_ks) * s_s_pos
         for td in tl.static_range(KD):
             for th in tl.static_range(KH):
                 for tw in tl.static_range(KW):
@@ -431,7 +460,10 @@ def _adapter_grads_one_pass_kernel(
                             c1, c2, c3 = PD - td * DD, PH - th * DH, PW - tw * DW
                         m_tap = (m_k & (v1 >= -c1) & (v1 < LD - c1) & (v2 >= -c2) & (v2 < LH - c2) & (v3 >= -c3)
                                  & (v3 < LW - c3))
-                        p_t = p_base + (c1 * s_sd + c2 * s_sh + c3 * s_sw)
+                        if FLAT_S:
+                            p_t = p_q_s + (c1 * s_sd + c2 * s_sh + c3 * s_sw)
+                        else:
+                            p_t = p_base + (c1 * s_sd + c2 * s_sh + c3 * s_sw)
                     else:
                         # Offsets kept non-negative so that // and % are floor division.
                         ed = i1 + (PD - td * DD + SD * KD * DD)
@@ -444,14 +476,13 @@ def _adapter_grads_one_pass_kernel(
                                  & (ed % SD == 0) & (eh % SH == 0) & (ew % SW == 0))
                         p_t = (i_b.to(tl.int64) * s_dy_n + d.to(tl.int64) * s_dy_d + h.to(tl.int64) * s_dy_h
                                + w * s_dy_w)
-                    b_src = tl.trans(tl.load(s_ptr + p_t[:, None], mask=m_tap[:, None] & m_s[None, :],
-                                             other=0.).to(tl.float32))  # [BS, BK]
+                    b_src = widen(tl.load(s_ptr + p_t[:, None], mask=m_tap[:, None] & m_s[None, :],
+                                          other=0.))  # [BK, BS] fp32
                     b_kd = tl.load(kd_ptr + ch_s * s_kd_c + (td * s_kd_d + th * s_kd_h + tw * s_kd_w), mask=m_s,
                                    other=0.).to(tl.float32)  # [BS]
-                    b_a += b_src * b_kd[:, None]
-                    acc_kd += tl.where(o_t[None, :] == (td * KH + th) * KW + tw,
-                                       tl.sum(b_y * b_src, axis=1)[:, None], 0.)
-        acc = tl.dot(tl.trans(b_q), tl.trans(b_a.to(b_q.dtype)), acc)  # [BP, BS]
+                    b_a += b_src * b_kd[None, :]
+                    acc_kd = _tuple_add(acc_kd, (td * KH + th) * KW + tw, b_y * b_src)
+        acc = tl.dot(tl.trans(b_q), b_a.to(b_q.dtype), acc)  # [BP, BS]
 
     p_dkp = dkp_ptr + i_split * s_dkp_s
     if DEPTHWISE_FIRST:
@@ -459,8 +490,9 @@ def _adapter_grads_one_pass_kernel(
     else:
         p_dkp += ch_s[None, :] * C_IN_G + o_p[:, None]
     _store_partial(p_dkp, acc, m_p[:, None] & m_s[None, :], USE_ATOMIC)
-    _store_partial(dkd_ptr + i_split * s_dkd_s + i_p * s_dkd_tile + ch_s[:, None] * T + o_t[None, :], acc_kd,
-                   m_s[:, None] & (o_t < T)[None, :], USE_ATOMIC)
+    for t in tl.static_range(T):
+        _store_partial(dkd_ptr + i_split * s_dkd_s + i_p * s_dkd_tile + ch_s * T + t, tl.sum(acc_kd[t], axis=0), m_s,
+                       USE_ATOMIC)
 
 
 def _channel_sum_configs():
@@ -624,14 +656,17 @@ def _log_two_pass(reason: str, x_shape, weight_shape, groups: int) -> None:
                     list(x_shape), list(weight_shape), groups, reason)
 
 
-def _one_pass_blocks(s_g: int, p_g: int, channels_last: bool, device: torch.device) -> Tuple[int, int]:
-    """(BLOCK_S, BLOCK_P) of the one-pass kernel. Both are a dot's M side (the 1×1 product [BS, BK], dKp
-    [BP, BS]), kept at ≥ 64 on a GPU for wgmma. BS ≤ 64, BP ≤ 256 (128 with NCHW operands, whose gathers need
-    more registers): the [BP, BS] accumulator and two [BS, BK] fp32 tiles stay in registers, and the per-tap
-    stencil work, which does not grow with BP, is spread over as many plain channels as fit (the estimate's
-    tensor-core share grows with BP)."""
-    return (_channel_block(s_g, 64, rows=True, device=device),
-            _channel_block(p_g, 256 if channels_last else 128, rows=True, device=device))
+def _one_pass_blocks(s_g: int, p_g: int, taps: int, device: torch.device) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_P) of the one-pass kernel. BP is the dKp accumulator's M side ([BP, BS]), kept at ≥ 64 on a
+    GPU for wgmma, up to 256: the per-tap stencil work, which does not grow with BP, is spread over as many plain
+    channels as fit (the estimate's tensor-core share grows with BP). BS (the stencil channels) is the N side of
+    both products; it shrinks with the taps, because the kernel keeps one [BK, BS] fp32 accumulator per tap in
+    registers: 64 up to 9 taps, 32 up to 25, else 16. Before sm_90 (no wgmma: both products on mma.sync, whose
+    layouts need more registers) 16, the widest the audit finds spill-free for sm_80."""
+    bs_cap = 64 if taps <= 9 else 32 if taps <= 25 else 16
+    if device.type != "cpu" and device_limits(device).capability < 90:
+        bs_cap = 16
+    return _channel_block(s_g, bs_cap), _channel_block(p_g, 256, rows=True, device=device)
 
 
 def _bias_delta(dy: torch.Tensor, c_out: int, p_out: int, use_atomic: bool, device: torch.device) -> torch.Tensor:
@@ -762,7 +797,12 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
         elif one_pass is None:
             p_pos = p_out if dw_first else p_in
             s_g, p_g = (c_in_g, c_out_g) if dw_first else (c_out_g, c_in_g)
-            bs, bp = _one_pass_blocks(s_g, p_g, xs.stride(1) == 1, device)
+            bs, bp = _one_pass_blocks(s_g, p_g, taps, device)
+            q, src = (dy, xs) if dw_first else (xs, dy)
+            q_pos = position_stride(q)
+            # The taps' sources as flat offsets too: stride 1 and equal input and output sizes.
+            same = math.prod(stride3) == 1 and (d, h, w) == (od, oh, ow)
+            s_pos = position_stride(src) if same and q_pos else 0
             tiles = triton.cdiv(s_g, bs) * triton.cdiv(p_g, bp)
             split = _split(tiles * groups, p_pos, device, min_rows=128)
             dkp = _partials((split,), (c_out, c_in_g), use_atomic, device)
@@ -772,10 +812,11 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
                 xs, dy, pointwise, kd, dkp, dkd,
                 c_in_g, c_out_g, p_pos, split,
                 _lead_stride(dkp, 0), _lead_stride(dkd, 0), _lead_stride(dkd, 1),
-                *io_strides, *strides(pointwise), *strides(kd),
+                *io_strides, *strides(pointwise), *strides(kd), q_pos, s_pos,
+                FLAT_Q=q_pos != 0, FLAT_S=s_pos != 0, I64=max(extent(xs), extent(dy)) >= 2 ** 31,
                 D=d, H=h, W=w, OD=od, OH=oh, OW=ow,
                 KD=k3[0], KH=k3[1], KW=k3[2], SD=stride3[0], SH=stride3[1], SW=stride3[2], PD=pad3[0],
-                PH=pad3[1], PW=pad3[2], DD=dil3[0], DH=dil3[1], DW=dil3[2], T_PAD=triton.next_power_of_2(taps),
+                PH=pad3[1], PW=pad3[2], DD=dil3[0], DH=dil3[1], DW=dil3[2],
                 DEPTHWISE_FIRST=dw_first, USE_ATOMIC=use_atomic, BLOCK_S=bs, BLOCK_P=bp)
             dkd = dkd.sum(1)
             if need_bias_delta:
