@@ -7,6 +7,7 @@ with another padding mode, or asymmetric/string padding, pad x here and compare 
 padded x with padding 0.
 """
 import dataclasses
+import math
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from cases import CASE_PARAMS, CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_
 from colora_fused._conv import f_pad_arg, ntuple, pad_amounts
 
 pytest.importorskip("triton")
-from colora_fused.kernels import _common  # noqa: E402
+from colora_fused.kernels import _common, conv_bwd_adapters  # noqa: E402
 from colora_fused.kernels.conv_bwd_adapters import colora_conv_backward_adapters  # noqa: E402
 from colora_fused.kernels.conv_bwd_input import colora_conv_backward_input  # noqa: E402
 
@@ -158,8 +159,13 @@ def meta_case(case, order):
     return meta, grad_out.to("meta"), conv
 
 
+def _taps(case):
+    return math.prod(case.kernel)
+
+
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("case", [c for c in CASE_PARAMS if c.values[0].groups < c.values[0].c_in])
+@pytest.mark.parametrize("case", [c for c in CASE_PARAMS if c.values[0].groups < c.values[0].c_in
+                                  and _taps(c.values[0]) <= conv_bwd_adapters.ONE_PASS_MAX_TAPS])
 def test_cheap_route_runs_one_kernel_pass(case, order):
     """On the cheap route one kernel computes dKp and dKd (plus the dΔb sum when asked), where the one-pass kernel
     serves the shape; the depthwise base conv goes to the two-kernel route."""
@@ -190,8 +196,23 @@ def test_kernels_read_operands_channels_innermost(case_id):
         assert fwd.args[6] is out, "the forward writes the caller's NCHW output itself"
 
 
+@pytest.mark.parametrize("capability,case_id,one_pass", [(90, "3d-k3-groups2", False), (90, "2d-5x5-stride2", True),
+                                                         (80, "2d-5x5-stride2", False), (80, "2d-k3-pad1", True)])
+def test_one_pass_serves_up_to_a_number_of_taps(capability, case_id, one_pass, caplog, monkeypatch):
+    """The one-pass kernel keeps one accumulator per tap: up to 25 taps on sm_90, 9 before; more go to the
+    two-kernel route, the reason logged."""
+    monkeypatch.setattr(conv_bwd_adapters, "_TWO_PASS_LOGGED", set())
+    case = next(c for c in CASES if c.id == case_id)
+    tensors, grad_out, conv = meta_case(case, "pointwise_first")
+    with _common.recording(_common.DeviceLimits(132, 232448, capability)) as launches, caplog.at_level("INFO"):
+        run_adapters(tensors, grad_out, conv, False, route="cheap")
+    names = [launch.kernel.fn.__name__ for launch in launches]
+    assert names == (["_adapter_grads_one_pass_kernel"] if one_pass
+                     else ["_pointwise_grad_kernel", "_depthwise_grad_kernel"])
+    assert ("one accumulator per tap" in caplog.text) == (not one_pass)
+
+
 def test_depthwise_base_conv_takes_two_pass_route(caplog, monkeypatch):
-    from colora_fused.kernels import conv_bwd_adapters
     monkeypatch.setattr(conv_bwd_adapters, "_TWO_PASS_LOGGED", set())
     case = next(c for c in CASES if c.groups == c.c_in)
     tensors, grad_out, conv = meta_case(case, "pointwise_first")

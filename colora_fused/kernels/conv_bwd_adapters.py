@@ -628,20 +628,24 @@ def _split(tiles: int, positions: int, device: torch.device, min_rows: int = 512
     return max(1, min(triton.cdiv(2 * device_limits(device).sm_count, tiles), positions // min_rows))
 
 
-# The one-pass kernel unrolls every tap; beyond this many, compile time and code size outgrow the gain.
-ONE_PASS_MAX_TAPS = 64
+# The one-pass kernel unrolls every tap and keeps one register accumulator per tap: beyond this many taps
+# (sm_90; before sm_90, where mma.sync layouts need more registers, ONE_PASS_MAX_TAPS_SM80) it spills in the audit.
+ONE_PASS_MAX_TAPS = 25
+ONE_PASS_MAX_TAPS_SM80 = 9
 
 
-def one_pass_unsupported(c_in_g: int, c_out_g: int, taps: int) -> Optional[str]:
-    """Why the one-pass adapter-gradient kernel does not serve a conv of these group widths and taps, or None.
+def one_pass_unsupported(c_in_g: int, c_out_g: int, taps: int, capability: int = 90) -> Optional[str]:
+    """Why the one-pass adapter-gradient kernel does not serve a conv of these group widths and taps on a GPU of
+    this compute capability, or None.
 
     Depthwise base convs (one input or output channel per group) leave both of its GEMMs one channel wide, so
     the two-kernel cheap route, which does not tile that side, serves them.
     """
     if c_in_g == 1 or c_out_g == 1:
         return "one channel per group on a side (a depthwise base conv)"
-    if taps > ONE_PASS_MAX_TAPS:
-        return f"{taps} taps (the one-pass kernel unrolls at most {ONE_PASS_MAX_TAPS})"
+    most = ONE_PASS_MAX_TAPS if capability >= 90 else ONE_PASS_MAX_TAPS_SM80
+    if taps > most:
+        return f"{taps} taps (the one-pass kernel keeps one accumulator per tap, at most {most} here)"
     return None
 
 
@@ -763,7 +767,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     p_in = n * d * h * w
     one_pass = None
     if route == "cheap":
-        one_pass = "two_pass forced" if two_pass else one_pass_unsupported(c_in_g, c_out // groups, taps)
+        capability = device_limits(device).capability if device.type != "cpu" else 90
+        one_pass = "two_pass forced" if two_pass else one_pass_unsupported(c_in_g, c_out // groups, taps, capability)
         if one_pass is not None and not two_pass:
             _log_two_pass(one_pass, tuple(x.shape), tuple(weight.shape), groups)
     c_out_g = c_out // groups
