@@ -308,6 +308,9 @@ def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, grou
     another (the gradW route reducing the one weight gradient against each) and stack.
     """
     if pointwise.dim() == 3:
+        if use_triton and route == "cheap":
+            from .kernels._common import channels_innermost
+            grad, x = channels_innermost(grad), channels_innermost(x)  # the kernel's layout, staged once
         grads = [adapter_grads(grad, x, kp, kd, stride, padding, dilation, groups, order, route, grad_weight,
                                weight=weight, use_triton=use_triton) for kp, kd in zip(pointwise, depthwise)]
         return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])

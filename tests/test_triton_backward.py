@@ -297,6 +297,56 @@ def test_channels_last_views_with_spatial_gaps(case_id, order):
                    torch.float32, tol)
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_one_pass_flat_addressing_flags(order):
+    """Dense channels-innermost operands take flat offsets (FLAT_Q; FLAT_S where stride 1 keeps the sizes), views
+    with uneven positions the decoded addresses."""
+    flags = {}
+    for case_id in ("2d-k3-pad1", "2d-valid", "2d-channels-last-groups"):
+        case = next(c for c in CASES if c.id == case_id)
+        tensors, grad_out, conv = meta_case(case, order)
+        with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
+            run_adapters(tensors, grad_out, conv, False, route="cheap")
+        flags[case_id] = (launches[0].kwargs["FLAT_Q"], launches[0].kwargs["FLAT_S"])
+    assert flags == {"2d-k3-pad1": (True, True), "2d-valid": (True, False), "2d-channels-last-groups": (True, False)}
+    case = next(c for c in CASES if c.id == "2d-k3-pad1")
+    tensors, grad_out, conv = meta_case(case, order)
+    tall = torch.empty(case.batch, case.c_in, 2 * case.size[0], case.size[1], device="meta")
+    gapped = tall.to(memory_format=torch.channels_last)[:, :, ::2]
+    with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
+        run_adapters(dict(tensors, x=gapped), grad_out, conv, False, route="cheap")
+    assert launches[0].kwargs["FLAT_Q" if order == "pointwise_first" else "FLAT_S"] is False
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("kernel,padding,stride", [((3, 3, 1), (1, 1, 0), (1, 1, 1)), ((2, 3, 3), (1, 1, 1), (2, 1, 2))])
+def test_one_pass_3d_taps(kernel, padding, stride, order):
+    """3-d kernels of ≤ 25 taps in the one-pass kernel (depth taps, depth stride) against the float64 reference."""
+    case = dataclasses.replace(next(c for c in CASES if c.id == "3d-k3-groups2"), kernel=kernel, padding=padding,
+                               stride=stride)
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, "cpu")
+    with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
+        run_adapters({k: None if v is None else v.to("meta") for k, v in tensors.items()}, grad_out.to("meta"), conv,
+                     case.bias, route="cheap")
+    assert launches[0].kernel.fn.__name__ == "_adapter_grads_one_pass_kernel"
+    check_adapters(run_adapters(tensors, grad_out, conv, case.bias, route="cheap"), grads, case.bias, torch.float32,
+                   tolerance("cpu", torch.float32))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_one_pass_inf_input_channel_leaves_other_channels_finite(order):
+    """An inf in one input channel (with pointwise_first it makes the 1×1 product inf there) leaves dKp of the
+    other input channels finite and equal to the reference's: they never read the inf channel."""
+    case = next(c for c in CASES if c.id == "2d-k3-pad1")
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, "cpu")
+    x = tensors["x"].clone()
+    x[0, 0, 2, 3] = float("inf")
+    d_kp, _, _ = run_adapters(dict(tensors, x=x), grad_out, conv, False, route="cheap")
+    assert torch.isfinite(d_kp[:, 1:]).all()
+    assert_close(d_kp[:, 1:], grads["pointwise"][:, 1:], torch.float32, "d_pointwise without the inf channel",
+                 tolerance("cpu", torch.float32))
+
+
 def bad_input_args(device="cpu", dtype=torch.float32):
     case = next(c for c in CASES if c.id == "2d-k3-pad1")
     tensors, grad_out, conv, _ = setup_case(case, "pointwise_first", torch.float32, "cpu")

@@ -426,11 +426,12 @@ def _adapter_grads_one_pass_kernel(
             o_kq = tl.where(m_k, o_k, 0)
             p_q = (o_kq.to(tl.int64) if I64 else o_kq) * s_q_pos
         b_q = tl.load(q_ptr + p_q[:, None], mask=m_k[:, None] & m_p[None, :], other=0.)  # [BK, BP]
-        # Positions on the M side (32 of them: mma.sync; 64 for wgmma would double the per-tap accumulators).
+        # Positions on the M side (BK of them: at 32, the best sm_90 config, mma.sync; wgmma needs 64, which would
+        # double the per-tap accumulators).
         b_y = tl.dot(b_q, b_kp)  # [BK, BS] fp32
-        # G starts from Y's layout (a multiply by zero, not foldable): the S_t tiles are then read once, in it. A
-        # non-finite Y (inputs holding inf) makes its G entries NaN, where the gradients are not finite anyway.
-        b_a = b_y * 0.0
+        # G starts as a zero computed from Y (min(|Y|, 0): zero for inf and NaN too, and not folded away), so it
+        # takes Y's layout and the S_t tiles are read once, in it.
+        b_a = tl.minimum(tl.abs(b_y), 0.0)
         # With depthwise_first, or stride 1, a tap's source position is the block's position (scaled by the
         # stride) plus a constant: one address per position per block, a scalar offset per tap.
         DIRECT: tl.constexpr = DEPTHWISE_FIRST or (SD == 1 and SH == 1 and SW == 1)
@@ -736,6 +737,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     """
     if pointwise.dim() == 3:
         check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups, order)
+        check_backward_tensors(x=x, grad_out=grad_out)
+        x, grad_out = channels_innermost(x), channels_innermost(grad_out)  # staged once for all the terms
         grads = [colora_conv_backward_adapters(x, grad_out, weight, kp, kd, stride, padding, dilation, groups, order,
                                                need_bias_delta and i == 0, deterministic, route=route,
                                                two_pass=two_pass)
