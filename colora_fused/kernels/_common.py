@@ -44,7 +44,7 @@ def backend_error(reason: str, kind: type = TritonBackendError) -> Exception:
 @dataclass(frozen=True)
 class DeviceLimits:
     """What a launch may use: streaming multiprocessors, shared memory per block (opt-in maximum, bytes), and the
-    compute capability (major·10 + minor) that the tile choices are made for."""
+    compute capability (major·10 + minor) that the tile choices are made for (90 under the interpreter)."""
     sm_count: int
     smem_per_block: int
     capability: int = 90
@@ -367,6 +367,14 @@ def decode_position(p, S1, S2, S3):
     i2 = t % S2
     t = t // S2
     return t // S1, t % S1, i2, i3
+
+
+@triton.jit
+def flat_offset(p, mask, stride, I64: tl.constexpr):
+    """Flat indices p of evenly spaced positions (`position_stride`; masked-off ones read as 0) → element offsets,
+    int64 where the tensor spans 2³¹ elements or more."""
+    p = tl.where(mask, p, 0)
+    return (p.to(tl.int64) if I64 else p) * stride
 
 
 @triton.jit

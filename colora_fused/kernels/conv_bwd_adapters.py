@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .._conv import ROUTES, conv_output_shape
 from ._common import (FIXED_CONFIG, channels_innermost, check_backward_conv, check_backward_tensors, device_limits,
-                      extent, fail, launch, lift, locate_position, new_tensor, position_stride, prune_by_registers,
-                      prune_by_shared_memory, strides, widen, WGMMA_ROWS)
+                      extent, fail, flat_offset, launch, lift, locate_position, new_tensor, position_stride,
+                      prune_by_registers, prune_by_shared_memory, strides, widen, WGMMA_ROWS)
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def _prune_one_pass(configs, named_args, **kwargs):
     configs = prune_by_shared_memory(configs, stage_bytes, x.device)
     strided = not kwargs["DEPTHWISE_FIRST"] and (kwargs["SD"], kwargs["SH"], kwargs["SW"]) != (1, 1, 1)
     per_thread = (112 if strided else 160) if named_args["s_x_c"] == 1 else 80
-    if x.device.type != "cpu" and device_limits(x.device).capability < 90:
+    if device_limits(x.device).capability < 90:
         per_thread = min(per_thread, 100)
     return prune_by_registers(configs, lambda c: bs * bp + (taps + 2) * c.kwargs["BLOCK_K"] * bs, per_thread)
 
@@ -423,8 +423,7 @@ def _adapter_grads_one_pass_kernel(
             i_b, i1, i2, i3, p_q = locate_position(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
         if FLAT_Q:
             # Evenly spaced positions: the offset is the flat index times one stride (no decode, no int64 sum).
-            o_kq = tl.where(m_k, o_k, 0)
-            p_q = (o_kq.to(tl.int64) if I64 else o_kq) * s_q_pos
+            p_q = flat_offset(o_k, m_k, s_q_pos, I64)
         b_q = tl.load(q_ptr + p_q[:, None], mask=m_k[:, None] & m_p[None, :], other=0.)  # [BK, BP]
         # Positions on the M side (BK of them: at 32, the best sm_90 config, mma.sync; wgmma needs 64, which would
         # double the per-tap accumulators).
@@ -449,8 +448,7 @@ def _adapter_grads_one_pass_kernel(
         if FLAT_S:
             # Stride 1, equal input and output sizes, evenly spaced positions: a tap's source is the block's own
             # flat position plus a constant.
-            o_ks = tl.where(m_k, o_k, 0)
-            p_q_s = (o_ks.to(tl.int64) if I64 else o_ks) * s_s_pos
+            p_q_s = flat_offset(o_k, m_k, s_s_pos, I64)
         for td in tl.static_range(KD):
             for th in tl.static_range(KH):
                 for tw in tl.static_range(KW):
@@ -669,7 +667,7 @@ def _one_pass_blocks(s_g: int, p_g: int, taps: int, device: torch.device) -> Tup
     registers: 64 up to 9 taps, 32 up to 25, else 16. Before sm_90 (no wgmma: both products on mma.sync, whose
     layouts need more registers) 16, the widest the audit finds spill-free for sm_80."""
     bs_cap = 64 if taps <= 9 else 32 if taps <= 25 else 16
-    if device.type != "cpu" and device_limits(device).capability < 90:
+    if device_limits(device).capability < 90:
         bs_cap = 16
     return _channel_block(s_g, bs_cap), _channel_block(p_g, 256, rows=True, device=device)
 
@@ -770,8 +768,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     p_in = n * d * h * w
     one_pass = None
     if route == "cheap":
-        capability = device_limits(device).capability if device.type != "cpu" else 90
-        one_pass = "two_pass forced" if two_pass else one_pass_unsupported(c_in_g, c_out // groups, taps, capability)
+        one_pass = "two_pass forced" if two_pass else one_pass_unsupported(c_in_g, c_out // groups, taps,
+                                                                          device_limits(device).capability)
         if one_pass is not None and not two_pass:
             _log_two_pass(one_pass, tuple(x.shape), tuple(weight.shape), groups)
     c_out_g = c_out // groups
