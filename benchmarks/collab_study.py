@@ -10,8 +10,6 @@ data (40 passes of one step per task, Adam 3e-3, rank 1). Writes results.csv (st
 results.md (per strategy and task: mean ± std of the test accuracy over seeds; trained parameters) and
 study.log.
 """
-import argparse
-import csv
 import os
 import statistics
 import sys
@@ -22,19 +20,17 @@ import torch
 
 from colora_fused import collab, finetune
 
+import study_common
+
 SAMPLES = (3, 10)
 TASKS = 5
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default: 10)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "collab-study"), help="results folder")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(1)  # the demo's 8×8 convs run fastest, and reproducibly, on one thread
+    args = study_common.parse_args(argv, __doc__.split("\n\n")[0], 10, "collab-study")
     rows, params, start = [], {}, time.monotonic()
     with open(os.path.join(args.out, "study.log"), "w") as log, tempfile.TemporaryDirectory() as work:
+        say = study_common.progress(log)
         total = args.seeds * len(SAMPLES)
         for samples in SAMPLES:
             for seed in range(args.seeds):
@@ -47,15 +43,9 @@ def main(argv=None):
                         rows.append(dict(samples=samples, strategy=r["strategy"], seed=seed, task=task, test_acc=acc))
                 done = (SAMPLES.index(samples)) * args.seeds + seed + 1
                 elapsed = time.monotonic() - start
-                msg = (f"[collab-study] {done}/{total} {samples} per class, seed {seed}: "
-                       + ", ".join(f"{r['strategy']} {r['mean_acc']:.3f}" for r in results)
-                       + f" | {elapsed:.0f} s elapsed, ~{elapsed / done * (total - done):.0f} s left")
-                print(msg, flush=True)
-                log.write(msg + "\n")
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+                say(f"[collab-study] {done}/{total} {samples} per class, seed {seed}: "
+                    + ", ".join(f"{r['strategy']} {r['mean_acc']:.3f}" for r in results)
+                    + f" | {elapsed:.0f} s elapsed, ~{elapsed / done * (total - done):.0f} s left")
     tasks = [f"({5 + t}, {5 + (t + 1) % 5})" for t in range(TASKS)]
     lines = ["# The collaborative recipe: shared + personal CoLoRA adapters on digits tasks", "",
              f"Command: `python benchmarks/collab_study.py --seeds {args.seeds}` (CPU, one thread, torch "
@@ -76,9 +66,7 @@ def main(argv=None):
             lines.append(f"| {strategy} | {params[strategy]:,} | " + " | ".join(cells)
                          + f" | {statistics.mean(per_seed):.4f} ± {statistics.stdev(per_seed):.4f} |")
         lines.append("")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    study_common.write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

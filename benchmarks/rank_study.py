@@ -16,8 +16,6 @@ Writes results.csv (one row per setting and seed), results.md (mean ± std per s
 plans) and study.log (progress).
 The test accuracy is the best-validation model's, as `colora-finetune` reports it.
 """
-import argparse
-import csv
 import os
 import statistics
 import sys
@@ -28,6 +26,8 @@ import torch
 
 import colora_fused as cf
 from colora_fused import finetune
+
+import study_common
 
 THRESHOLD = 0.1
 
@@ -54,19 +54,11 @@ def settings():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 (default: 20)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "rank-study"), help="results folder")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(1)  # the demo's 8×8 convs run fastest, and reproducibly, on one thread
+    args = study_common.parse_args(argv, __doc__.split("\n\n")[0], 20, "rank-study")
     table = settings()
     rows, plans, start = [], {}, time.monotonic()
     with open(os.path.join(args.out, "study.log"), "w") as log, tempfile.TemporaryDirectory() as work:
-        def say(msg):
-            print(msg, flush=True)
-            log.write(msg + "\n")
-            log.flush()
+        say = study_common.progress(log)
 
         total = args.seeds * len(table)
         for seed in range(args.seeds):
@@ -89,10 +81,6 @@ def main(argv=None):
                 elapsed = time.monotonic() - start
                 say(f"[rank-study] {len(rows)}/{total} seed {seed} | {name}: test acc {result['test_acc']:.4f}, "
                     f"{result['merges']} merges | {elapsed:.0f} s elapsed, ~{elapsed / len(rows) * (total - len(rows)):.0f} s left")
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     lines = ["# Rank, allocated capacity and merge schedules: the digits demo of colora-finetune", "",
              f"Command: `python benchmarks/rank_study.py --seeds {args.seeds}` (CPU, one thread, "
              f"torch {torch.__version__}). Test accuracy of the best-validation model, mean ± std over seeds "
@@ -109,9 +97,7 @@ def main(argv=None):
                      f"{statistics.mean(r['merges'] for r in rs):.1f} | {statistics.mean(accs):.4f} ± {std:.4f} |")
     for name, plan in plans.items():
         lines += ["", f"Seed 0, {name}: the plan `cf.allocate_rank` made (printed by colora-finetune).", "", plan]
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    study_common.write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":
