@@ -7,11 +7,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["colora_fused", "colora_fused.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "triton>=3.0; platform_system == 'Linux'",
+        # The lower bounds are what CI tests: .ci/image_leg.sh runs the GPU image's torch 2.11 / triton 3.6.
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.22",
         "tqdm>=4.60",
         "safetensors>=0.4",

@@ -13,11 +13,11 @@ from .capacity import RankPlan, allocate_rank
 from .callbacks import MergeSchedule
 from .config import CoLoRAConfig
 from .functional import colora_conv
-from .model import (apply_colora, colora_layers, colora_state_dict, count_parameters, disable_colora,
-                    get_colora_model, load_colora_state_dict, merge_and_unload, merge_colora,
-                    print_trainable_parameters, unapply_colora)
+from .model import (apply_colora, colora_layers, count_parameters, disable_colora, get_colora_model,
+                    merge_and_unload, merge_colora, print_trainable_parameters, unapply_colora)
 from .modules import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
 from .serialization import load_merged, save_merged
+from .state_dict import colora_state_dict, load_colora_state_dict
 
 __version__ = "0.1.0"
 

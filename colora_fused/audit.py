@@ -18,7 +18,8 @@ mma.sync (HMMA) on sm_90 is rated at the wgmma peak, which it does not reach: fo
 says so) the share holds, but the tensor cycles, hence the loop's time, are underestimated.
 
 Run `python -m colora_fused.audit` (or `colora-audit`, `colora-bench --audit`); `--help` lists the options.
-Writes results.md, results.csv and env.json to `--out` (default benchmarks/results/audit-sm90).
+Writes results.md, results.csv and env.json to `--out` (default audit-results/; the committed audit is
+benchmarks/results/audit-sm90, rewritten only when named).
 """
 import argparse
 import concurrent.futures as futures
@@ -46,7 +47,7 @@ from triton.compiler import ASTSource, compile as triton_compile, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from ._conv import conv_output_shape
+from ._conv import ORDERS, adapter_shapes, conv_output_shape
 from .kernels import _common
 from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
 from .kernels.conv_bwd_input import colora_conv_backward_input
@@ -104,6 +105,10 @@ QUICK_SHAPES = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
 FAMILIES = ("forward", "forward_plain", "input_grad", "adapters_cheap", "adapters_gradw", "merge")
+# Besides FAMILIES, `record` takes the adapter gradients on the route the launcher picks ("adapters") and on the
+# two-kernel cheap route (TWO_PASS), which the GPU check's warm-up compiles.
+TWO_PASS = "adapters_two_pass"
+ADAPTER_ROUTES = {"adapters": None, "adapters_cheap": "cheap", "adapters_gradw": "gradw", TWO_PASS: "cheap"}
 # forward_plain: the fused forward compiled with MERGE=False (a convolution by K0 alone), the yardstick for what
 # building K0 + ΔK in registers costs; bf16 on sm_90 only.
 BASELINE = "forward_plain"
@@ -111,12 +116,25 @@ BASELINE = "forward_plain"
 
 @dataclass(frozen=True)
 class Unit:
-    """One thing to record: a kernel family's launcher on one shape, layout, dtype and target."""
+    """One thing to record: a kernel family's launcher on one shape, layout, dtype, target and adapter order (the
+    audit's tables audit pointwise_first; the GPU check's warm-up records both)."""
     family: str
     shape: Shape
     layout: str
     dtype: str
     arch: str
+    order: str = "pointwise_first"
+
+
+def live_arch(device: torch.device) -> str:
+    """Register the CUDA device `device` as a target named "live" (its SMs, shared memory and capability; the
+    tensor-core rates of its generation) and return that name: what the GPU check's warm-up compiles for."""
+    props = torch.cuda.get_device_properties(device)
+    capability = props.major * 10 + props.minor
+    rates = ARCHS["sm90" if capability >= 90 else "sm80"].mma_rate
+    ARCHS["live"] = Arch(f"{props.name} (sm_{capability})", capability, props.multi_processor_count,
+                         props.shared_memory_per_block_optin, props.shared_memory_per_multiprocessor, rates)
+    return "live"
 
 
 def _tensor(shape: Sequence[int], dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
@@ -136,9 +154,10 @@ def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config
     # The weight takes the activations' layout, as `model.to(memory_format=torch.channels_last)` (the benchmarks'
     # setting) gives it.
     x, w = _tensor(s.x, dtype, cl), _tensor(s.weight, dtype, cl)
-    kp, kd = _tensor(s.weight[:2], dtype), _tensor((s.weight[0], *s.weight[2:]), dtype)
+    kp_shape, kd_shape = adapter_shapes(s.weight, s.groups, unit.order)
+    kp, kd = _tensor(kp_shape, dtype), _tensor(kd_shape, dtype)
     bias = _tensor(s.weight[:1], dtype) if s.bias else None
-    conv = (stride, padding, dilation, s.groups, "pointwise_first")
+    conv = (stride, padding, dilation, s.groups, unit.order)
     with _common.recording(_common.DeviceLimits(arch.sm_count, arch.smem_per_block, arch.capability)) as launches:
         if unit.family in ("forward", BASELINE):
             colora_conv_forward(x, w, bias, kp, kd, bias, *conv)
@@ -147,11 +166,11 @@ def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config
                     launch.kwargs["MERGE"] = False
         elif unit.family == "input_grad":
             colora_conv_backward_input(_tensor(out_shape, dtype, cl), w, kp, kd, s.x, cl, *conv)
-        elif unit.family.startswith("adapters_"):
+        elif unit.family.startswith("adapters"):
             colora_conv_backward_adapters(x, _tensor(out_shape, dtype, cl), w, kp, kd, *conv, s.bias,
-                                          route=unit.family[len("adapters_"):])
+                                          route=ADAPTER_ROUTES[unit.family], two_pass=unit.family == TWO_PASS)
         else:
-            merged_weight(w, kp, kd, s.groups, "pointwise_first")
+            merged_weight(w, kp, kd, s.groups, unit.order)
         # The autotuners prune for the device they see: the target, inside the recording.
         return [(launch, configs_of(launch)) for launch in launches]
 
@@ -345,7 +364,7 @@ def estimate(c: Compiled, arch: Arch) -> Tuple[Optional[float], Optional[float],
     return issue, tensor, tensor / max(tensor, issue)
 
 
-CSV_FIELDS = ("family", "kernel", "shape", "layout", "dtype", "arch", "config", "grid", "sms", "ctas_per_sm", "waves",
+CSV_FIELDS = ("family", "kernel", "shape", "layout", "dtype", "arch", "order", "config", "grid", "sms", "ctas_per_sm", "waves",
               "regs", "spill_bytes", "smem", "smem_limit", "mma", "loop_instrs", "loop_mmas", "instrs_per_mma",
               "loop_waits", "outer_instrs", "wgmma_serialized", "issue_cycles", "tensor_cycles", "est_tensor_share",
               "error")
@@ -364,7 +383,8 @@ def row(unit: Unit, launch: _common.Launch, config: Optional[triton.Config], c: 
     issue, tensor, share = estimate(c, arch)
     return dict(
         family=unit.family, kernel=_jit_fn(launch.kernel).fn.__name__.strip("_"), shape=unit.shape.name,
-        layout=unit.layout, dtype=unit.dtype, arch=unit.arch, config=_config_text(launch, config, c), grid=grid,
+        layout=unit.layout, dtype=unit.dtype, arch=unit.arch, order=unit.order,
+        config=_config_text(launch, config, c), grid=grid,
         sms=arch.sm_count, ctas_per_sm=ctas, waves=round(grid / (arch.sm_count * ctas), 2) if ctas else "",
         regs=c.regs, spill_bytes=c.spill_bytes, smem=c.smem, smem_limit=arch.smem_per_block, mma=c.mma,
         loop_instrs=c.loop_instrs or "", loop_mmas=c.loop_mmas or "",
@@ -380,17 +400,71 @@ def row(unit: Unit, launch: _common.Launch, config: Optional[triton.Config], c: 
 _WORKER_CACHE: Dict[Unit, list] = {}
 
 
+def _recorded(unit: Unit) -> list:
+    if unit not in _WORKER_CACHE:
+        _WORKER_CACHE[unit] = record(unit)
+    return _WORKER_CACHE[unit]
+
+
 def _worker_compile(job: Tuple[Unit, int, int]) -> Tuple[Tuple[Unit, int, int], Compiled]:
     """Compile launch `li`, config `ci` of `unit` (re-recorded here: launches do not pickle)."""
     unit, li, ci = job
-    if unit not in _WORKER_CACHE:
-        _WORKER_CACHE[unit] = record(unit)
-    launch, configs = _WORKER_CACHE[unit][li]
+    launch, configs = _recorded(unit)[li]
     return job, compile_launch(launch, configs[ci], unit.arch)
 
 
+def _worker_warm(job: Tuple[Unit, int, int]) -> Tuple[Tuple[Unit, int, int], str]:
+    """Compile launch `li`, config `ci` of `unit` through Triton's cache (a cached kernel is loaded, not compiled
+    again); the compiler's error, or ""."""
+    unit, li, ci = job
+    launch, configs = _recorded(unit)[li]
+    target, backend, fn, kwargs, bound, specialization, options = _bind(launch, configs[ci], unit.arch)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    except Exception as exc:  # reported by the caller; the other compilations go on
+        lines = str(exc).strip().splitlines()
+        return job, f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
+    return job, ""
+
+
+def _distinct_jobs(units: Sequence[Unit]):
+    """Every (unit, launch, config, compile key) the units record, and one job per distinct compile key."""
+    recorded, jobs = [], {}
+    for unit in units:
+        for li, (launch, configs) in enumerate(record(unit)):
+            for ci, config in enumerate(configs):
+                key = compile_key(launch, config, unit.arch)
+                jobs.setdefault(key, (unit, li, ci))
+                recorded.append((unit, launch, config, key))
+    return recorded, jobs
+
+
+def _run_jobs(worker, jobs: Dict[tuple, tuple], workers: int, stream) -> Dict[tuple, object]:
+    """worker(job) for every job, in `workers` forked processes (0: one per CPU), with progress lines; the
+    results by compile key."""
+    progress = Progress(len(jobs), stream)
+    by_job = {job: key for key, job in jobs.items()}
+    results: Dict[tuple, object] = {}
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        outcomes = map(worker, jobs.values())
+    else:
+        pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        outcomes = pool.map(worker, jobs.values(), chunksize=1)
+    try:
+        for job, result in outcomes:
+            results[by_job[job]] = result
+            progress.step(job[0].family)
+    finally:
+        if workers != 1:
+            pool.shutdown()
+    return results
+
+
 def plan_units(shapes: Sequence[Shape], dtypes: Sequence[str], layouts: Sequence[str], archs: Sequence[str],
-           families: Sequence[str]) -> List[Unit]:
+               families: Sequence[str], orders: Sequence[str] = ("pointwise_first",)) -> List[Unit]:
     units = []
     for arch in archs:
         for shape in shapes:
@@ -400,7 +474,9 @@ def plan_units(shapes: Sequence[Shape], dtypes: Sequence[str], layouts: Sequence
                         continue
                     # The merge reads weights only: the activation layout does not reach it.
                     for layout in (layouts[:1] if family == "merge" else layouts):
-                        units.append(Unit(family, shape, "-" if family == "merge" else layout, dtype, arch))
+                        for order in orders:
+                            units.append(Unit(family, shape, "-" if family == "merge" else layout, dtype, arch,
+                                              order))
     return units
 
 
@@ -426,34 +502,29 @@ class Progress:
 
 def run_audit(units: Sequence[Unit], workers: int = 0, stream=sys.stderr) -> List[dict]:
     """Record every unit, compile each distinct specialisation once (in `workers` processes), return the rows."""
+    _refuse_interpreter()
+    recorded, jobs = _distinct_jobs(units)
+    print(f"[audit] {len(units)} launch sets, {len(recorded)} (launch, config) pairs, {len(jobs)} distinct "
+          f"compilations", file=stream, flush=True)
+    results = _run_jobs(_worker_compile, jobs, workers, stream)
+    return [row(unit, launch, config, results[key]) for unit, launch, config, key in recorded]
+
+
+def warm_cache(units: Sequence[Unit], workers: int = 0, stream=sys.stderr) -> Tuple[int, List[str]]:
+    """Compile every distinct specialisation the units launch (every config their autotuners may try) into
+    Triton's cache, in `workers` processes: a later launch of the same specialisation on that target loads the
+    binary instead of compiling it. Returns (distinct compilations, the errors, one line each)."""
+    _refuse_interpreter()
+    _, jobs = _distinct_jobs(units)
+    print(f"[audit] warming Triton's cache: {len(jobs)} distinct compilations", file=stream, flush=True)
+    results = _run_jobs(_worker_warm, jobs, workers, stream)
+    return len(jobs), [f"{key[0]}: {error}" for key, error in results.items() if error]
+
+
+def _refuse_interpreter() -> None:
     if _common.INTERPRET:
         raise RuntimeError("colora_fused.audit compiles the kernels for a GPU: run it without TRITON_INTERPRET=1 "
                            "(under the interpreter the kernels are not compiled)")
-    recorded = []
-    jobs: Dict[tuple, Tuple[Unit, int, int]] = {}
-    for unit in units:
-        for li, (launch, configs) in enumerate(record(unit)):
-            for ci, config in enumerate(configs):
-                key = compile_key(launch, config, unit.arch)
-                jobs.setdefault(key, (unit, li, ci))
-                recorded.append((unit, launch, config, key))
-    print(f"[audit] {len(units)} launch sets, {len(recorded)} (launch, config) pairs, {len(jobs)} distinct "
-          f"compilations", file=stream, flush=True)
-    progress = Progress(len(jobs), stream)
-    results: Dict[tuple, Compiled] = {}
-    by_job = {job: key for key, job in jobs.items()}
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        for key, job in jobs.items():
-            results[key] = _worker_compile(job)[1]
-            progress.step(job[0].family)
-    else:
-        context = multiprocessing.get_context("fork")
-        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for job, compiled in pool.map(_worker_compile, jobs.values(), chunksize=1):
-                results[by_job[job]] = compiled
-                progress.step(job[0].family)
-    return [row(unit, launch, config, results[key]) for unit, launch, config, key in recorded]
 
 
 # --- reports ---------------------------------------------------------------------------------------------------
@@ -466,11 +537,16 @@ def _best_key(r: dict) -> tuple:
     return r["est_tensor_share"] or 0, -(r["instrs_per_mma"] or 0)
 
 
+def _tables_order(rows: Sequence[dict]) -> List[dict]:
+    """The rows of the order the report's tables show (pointwise_first; `--order` adds rows to the CSV)."""
+    return [r for r in rows if r.get("order", "pointwise_first") == "pointwise_first"]
+
+
 def summary(rows: Sequence[dict]) -> List[dict]:
     """Per kernel and shape (bf16, channels_last, sm_90): the config with the best estimated share, and the worst
     spills and shared memory over all configs."""
     groups: Dict[tuple, List[dict]] = {}
-    for r in rows:
+    for r in _tables_order(rows):
         if r["family"] == "merge" or all(r[k] == v for k, v in HEADLINE.items()):
             if r["dtype"] == "bf16" and r["arch"] == "sm90":
                 groups.setdefault((r["family"], r["kernel"], r["shape"]), []).append(r)
@@ -489,6 +565,7 @@ def summary(rows: Sequence[dict]) -> List[dict]:
 def merge_cost(rows: Sequence[dict]) -> List[dict]:
     """Per shape (bf16, sm_90, both layouts): the fused forward's main loop at its best config beside the same
     loop compiled without the merge (`forward_plain`, same config): what building K0 + ΔK in registers costs."""
+    rows = _tables_order(rows)
     plain = {(r["shape"], r["layout"], r["config"]): r for r in rows if r["family"] == BASELINE}
     by_shape: Dict[tuple, List[dict]] = {}
     for r in rows:
@@ -517,6 +594,8 @@ def problems(rows: Sequence[dict]) -> List[str]:
     found = []
     for r in rows:
         where = f"{r['kernel']} {r['shape']} {r['layout']} {r['dtype']} {r['arch']} {r['config']}"
+        if r.get("order", "pointwise_first") != "pointwise_first":
+            where += f" {r['order']}"
         if r["error"]:
             found.append(f"{where}: compile error {r['error']}")
         elif r["smem"] > r["smem_limit"]:
@@ -524,6 +603,12 @@ def problems(rows: Sequence[dict]) -> List[str]:
         elif r["spill_bytes"] > 0:
             found.append(f"{where}: {r['spill_bytes']} B of spills")
     return found
+
+
+def strict_problems(rows: Sequence[dict]) -> List[str]:
+    """The findings that fail `--strict`: compile errors and shared-memory overflows in any dtype, spills in
+    bf16/fp16."""
+    return problems([r for r in rows if r["error"] or r["smem"] > r["smem_limit"] or r["dtype"] != "fp32"])
 
 
 def write_reports(rows: Sequence[dict], out: str, env: dict) -> None:
@@ -591,17 +676,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="colora-audit", description=__doc__.split("\n\n")[0] + " Results are compile-time estimates.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "audit-sm90"),
-                   help="folder for results.md, results.csv and env.json")
+    p.add_argument("--out", default="audit-results",
+                   help="folder for results.md, results.csv and env.json (the committed audit is "
+                        "benchmarks/results/audit-sm90: pass it to regenerate that one)")
     p.add_argument("--arch", action="append", choices=tuple(ARCHS),
                    help="target(s); default: sm90, and sm80 in bf16 and channels_last")
     p.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="dtype(s); default: all three")
     p.add_argument("--layout", action="append", choices=LAYOUTS, help="activation layout(s); default: both")
     p.add_argument("--family", action="append", choices=FAMILIES, help="kernel families; default: all")
+    p.add_argument("--order", action="append", choices=ORDERS,
+                   help="adapter order(s); default: pointwise_first (the tables' rows)")
     p.add_argument("--shape", action="append", metavar="NAME",
                    help="shape name(s) from the table: " + ", ".join(s.name for s in SHAPES + QUICK_SHAPES))
     p.add_argument("--quick", action="store_true", help="the small CI shapes instead of the model shapes")
     p.add_argument("--workers", type=int, default=0, help="compile processes (0: one per CPU)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 on a compile error, a shared-memory overflow or a bf16/fp16 spill (the "
+                        "rules CI holds the kernels to); fp32 spills are reported, not fatal")
     return p
 
 
@@ -616,22 +707,27 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
         raise SystemExit(f"colora-audit: unknown shape(s) {unknown}; choose from {sorted(known)}")
     shapes = [known[n] for n in args.shape] if args.shape else table
     dtypes, layouts, families = args.dtype or list(DTYPES), args.layout or list(LAYOUTS), args.family or FAMILIES
+    orders = args.order or ["pointwise_first"]
     if args.arch:
-        archs, units = args.arch, plan_units(shapes, dtypes, layouts, args.arch, families)
+        archs, units = args.arch, plan_units(shapes, dtypes, layouts, args.arch, families, orders)
     else:
         # By default sm_80 (no wgmma) is audited in bf16 and channels_last only, which keeps the run within
         # 10 minutes on 2 cores; `--arch sm80` audits it in full.
         archs = list(ARCHS)
         sm80_dtypes = [d for d in dtypes if d == "bf16"]
         sm80_layouts = [lay for lay in layouts if lay == "channels_last"]
-        units = (plan_units(shapes, dtypes, layouts, ["sm90"], families)
-                 + plan_units(shapes, sm80_dtypes, sm80_layouts, ["sm80"], families))
+        units = (plan_units(shapes, dtypes, layouts, ["sm90"], families, orders)
+                 + plan_units(shapes, sm80_dtypes, sm80_layouts, ["sm80"], families, orders))
     start = time.monotonic()
     rows = run_audit(units, args.workers)
     write_reports(rows, args.out, environment(argv, archs, time.monotonic() - start))
     print(_markdown_table(summary(rows), ("kernel", "shape", "best_config", "grid", "mma", "instrs_per_mma",
                                           "est_tensor_share", "max_spill", "max_smem")))
     print(f"\n{len(problems(rows))} finding(s); wrote {args.out}/results.md, results.csv, env.json")
+    fatal = strict_problems(rows)
+    if args.strict and fatal:
+        print("\n".join(["colora-audit --strict: what breaks the rules:"] + fatal), file=sys.stderr)
+        raise SystemExit(1)
     return rows
 
 

@@ -189,6 +189,13 @@ def bench_layers(model_name: str, cfg: Config, progress: Progress) -> List[dict]
     """Rows of results.csv in layer mode: per distinct conv shape, method and mode (forward / step)."""
     shapes = model_conv_shapes(build_base_model(model_name, cfg), cfg.image_size)
     release_memory(cfg.device)
+    return bench_shapes(model_name, shapes, cfg, progress)
+
+
+def bench_shapes(model_name: str, shapes: Sequence[Tuple[ConvShape, int]], cfg: Config,
+                 progress: Progress) -> List[dict]:
+    """Layer mode's rows for these (shape, count) pairs, reported under `model_name` (the GPU check times its
+    headline shapes this way)."""
     progress.add_total(len(shapes) * len(cfg.methods) * 2 * (cfg.warmup + cfg.rounds * cfg.steps_per_round))
     peak = peak_tflops(cfg.device, cfg.dtype)
     rows = []

@@ -22,6 +22,18 @@ TOLERANCE = {
 }
 # GPU fp32 dots run in TF32 (10-bit mantissa): widen fp32 there.
 TOLERANCE_TF32 = (2e-3, 1e-2)
+# Where the Triton kernels run in the tests: on CPU tensors in the interpreter when there is no GPU (conftest sets
+# TRITON_INTERPRET=1 before triton is imported), on CUDA tensors on a GPU machine (the interpreter is off there).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_device(backend: str) -> str:
+    """The device a test runs `backend` on: TRITON_DEVICE for the backends that launch Triton kernels."""
+    return TRITON_DEVICE if backend in ("triton", "hybrid") else "cpu"
+
+
+def fp32_tolerance(device: str) -> Tuple[float, float]:
+    return TOLERANCE_TF32 if device == "cuda" else TOLERANCE[torch.float32]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +132,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                  tol: Optional[Tuple[float, float]] = None):
     """Compare against a float64 reference with TOLERANCE[dtype]; atol scales with the reference's magnitude."""
     atol, rtol = tol or TOLERANCE[dtype]
-    expected = expected.to(torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
     actual = actual.detach().to("cpu", torch.float64)
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values (an unwritten tile?)"

@@ -9,7 +9,7 @@ import colora_fused as cf
 from colora_fused import functional
 from colora_fused.reference import colora_conv_reference
 
-from cases import ORDERS, TOLERANCE, assert_close
+from cases import ORDERS, TOLERANCE, assert_close, backend_device, fp32_tolerance
 
 TOL = TOLERANCE[torch.float32]
 
@@ -47,13 +47,13 @@ def _reference(layer, x, names):
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_active_adapters_sum_on_every_backend(backend, order, groups, monkeypatch):
+def test_active_adapters_sum_on_every_backend(backend, order, groups):
     """Output and the gradients of both adapters, default (rank 1) + task (rank 2) active, against the oracle."""
-    if backend in ("triton", "hybrid"):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    layer = _layer(order, backend, groups)
+    device = backend_device(backend)
+    tol = fp32_tolerance(device)
+    layer = _layer(order, backend, groups).to(device)
     layer.active_adapters = ("default", "task")
-    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    x = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
     out = layer(x)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -65,11 +65,11 @@ def test_active_adapters_sum_on_every_backend(backend, order, groups, monkeypatc
     ref = colora_conv_reference(x64, layer.weight.double(), layer.bias.double(), kp, kd,
                                 params["default"][2] + params["task"][2], 1, 1, 1, groups, order=order)
     ref.backward(grad.double())
-    assert_close(out, ref.detach(), torch.float32, "out", TOL)
-    assert_close(x.grad, x64.grad, torch.float32, "x", TOL)
+    assert_close(out, ref.detach(), torch.float32, "out", tol)
+    assert_close(x.grad, x64.grad, torch.float32, "x", tol)
     for name in ("default", "task"):
         for p, p64 in zip(layer.adapter_parameters([name]), params[name]):
-            assert_close(p.grad, p64.grad, torch.float32, f"{name} grad", TOL)
+            assert_close(p.grad, p64.grad, torch.float32, f"{name} grad", tol)
 
 
 def test_switching_never_serves_a_stale_merged_weight():

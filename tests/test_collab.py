@@ -25,7 +25,7 @@ def test_tasks_are_pairs_of_related_classes_without_shared_images():
 
 def test_three_strategies_side_by_side(tmp_path):
     results = finetune.run(["--tasks", "3", "--task-samples", "4", "--epochs", "3", "--pretrain-epochs", "2",
-                            "--no-progress", "--out", str(tmp_path)])
+                            "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
     by = {r["strategy"]: r for r in results}
     assert list(by) == list(collab.STRATEGIES)
     for r in results:

@@ -26,8 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the demo runs on one thread
 
 
+# Every run here is the CPU demo (one thread, bit-reproducible), also on a machine with a GPU, where the recipe's
+# default device would be CUDA and `auto`'s per-process timing choices would break bit-identical resumes.
+CPU = ["--device", "cpu"]
+
+
 def run(*argv, out):
-    return finetune.run([*argv, "--no-progress", "--out", str(out)])
+    return finetune.run([*argv, *CPU, "--no-progress", "--out", str(out)])
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,8 @@ def digits_weights(tmp_path_factory):
     """A smallcnn pre-trained on digits 0-4 (the demo's first stage, shortened)."""
     out = tmp_path_factory.mktemp("pretrain")
     torch.set_num_threads(1)
-    finetune.run(["--strategy", "full", "--pretrain-epochs", "6", "--epochs", "0", "--no-progress", "--out", str(out)])
+    finetune.run(["--strategy", "full", "--pretrain-epochs", "6", "--epochs", "0", *CPU, "--no-progress", "--out",
+                  str(out)])
     return str(out / "pretrain" / "model_final.safetensors")
 
 
@@ -200,7 +206,7 @@ def test_torchvision_weights_loaded_and_classifier_resized(tmp_path):
 def _error(argv, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        finetune.main([*argv, "--no-progress", "--out", str(out)])
+        finetune.main([*argv, *CPU, "--no-progress", "--out", str(out)])
     message = str(e.value.code)
     assert message.startswith("colora-finetune: error:") and "\n" not in message, message
     assert not out.exists()  # nothing trained, nothing written
@@ -263,7 +269,7 @@ TIMES = ("epoch_time_s", "train_time_s", "wall_time_s")
 def _cli(data, out, *extra):
     return [sys.executable, "-m", "colora_fused.finetune", "--data", data, "--model", "smallcnn", "--strategy", "colora,head",
             "--epochs", "6", "--batch-size", "8", "--lr", "3e-3", "--merge-unit", "step", "--merge-every", "5",
-            "--log-every", "0", "--out", str(out), *extra]
+            "--log-every", "0", *CPU, "--out", str(out), *extra]
 
 
 def _launch(cmd, stdout_path, kill_at=None, delay=0.0, timeout=120):

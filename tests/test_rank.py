@@ -9,8 +9,8 @@ from colora_fused import functional
 from colora_fused._conv import adapter_grad_route
 from colora_fused.reference import colora_conv_reference, delta_weight_reference
 
-from cases import (CASE_PARAMS, CASES, ORDERS, TOLERANCE, assert_close, assert_training_matches_reference,
-                   make_tensors, reference_output)
+from cases import (CASE_PARAMS, CASES, ORDERS, TOLERANCE, TRITON_DEVICE, assert_close,
+                   assert_training_matches_reference, backend_device, fp32_tolerance, make_tensors, reference_output)
 
 TOL = TOLERANCE[torch.float32]
 RANK = 3
@@ -48,11 +48,10 @@ def _backends():
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_rank_r_training_matches_reference(case, order, backend, monkeypatch):
-    """Output and every gradient at rank 3 (Triton paths in the interpreter on CPU)."""
-    if backend in ("triton", "hybrid"):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert_training_matches_reference(case, order, backend, rank=RANK)
+def test_rank_r_training_matches_reference(case, order, backend):
+    """Output and every gradient at rank 3 (Triton paths in the interpreter on CPU, on CUDA on a GPU)."""
+    device = backend_device(backend)
+    assert_training_matches_reference(case, order, backend, rank=RANK, device=device, tol=fp32_tolerance(device))
 
 
 @pytest.mark.parametrize("route", ["cheap", "gradw"])
@@ -99,15 +98,17 @@ def test_layer_shapes_reset_and_parameter_count(cls, conv, order):
 
 @pytest.mark.parametrize("triton_merge", [False, True])
 def test_merge_folds_every_term_and_keeps_the_output(triton_merge, monkeypatch):
-    """merge_colora at rank 3 (aten ops, or the Triton kernels in the interpreter: a multi-layer launch and a
-    single-layer one): the output is unchanged, K0 gains Σ ΔK_i, the adapters restart at ΔK = 0."""
+    """merge_colora at rank 3 (aten ops, or the Triton kernels, in the interpreter or on a GPU: a multi-layer
+    launch and a single-layer one): the output is unchanged, K0 gains Σ ΔK_i, the adapters restart at ΔK = 0."""
+    device = TRITON_DEVICE if triton_merge else "cpu"
     if triton_merge:
         pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setattr(functional, "_merge_considers_triton", lambda w: True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, groups=2))
     cf.apply_colora(model, rank=RANK, order="pointwise_first", backend="torch")
+    model.to(device)
+    tol = fp32_tolerance(device)  # the library conv runs fp32 in TF32 on a GPU
     layers = [layer for _, layer in cf.colora_layers(model)]
     with torch.no_grad():
         for layer in layers:
@@ -116,18 +117,18 @@ def test_merge_folds_every_term_and_keeps_the_output(triton_merge, monkeypatch):
     expected_weights = [(layer.weight + delta_weight_reference(layer.pointwise.double(), layer.depthwise.double(),
                                                                layer.groups, layer.order).float()).detach()
                         for layer in layers]
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8, device=device)
     before = model(x).detach()
     cf.merge_colora(model)
     for layer, w in zip(layers, expected_weights):
         assert_close(layer.weight, w, torch.float32, "K0 + Σ ΔK_i")
         assert torch.count_nonzero(layer.depthwise) == 0 and layer.pointwise.shape[0] == RANK
-    assert_close(model(x), before, torch.float32, "output after the merge")
+    assert_close(model(x), before, torch.float32, "output after the merge", tol)
     with torch.no_grad():
         layers[0].depthwise.normal_()
     before = model(x).detach()
     layers[0].merge_()
-    assert_close(model(x), before, torch.float32, "output after a single-layer merge")
+    assert_close(model(x), before, torch.float32, "output after a single-layer merge", tol)
 
 
 def test_state_dict_and_config_carry_the_rank():

@@ -179,7 +179,8 @@ def test_cheap_route_runs_one_kernel_pass(case, order):
 @pytest.mark.parametrize("case_id", ["2d-k3-pad1", "1d-k3-stride2", "3d-1x3x3-channels-last"])
 def test_kernels_read_operands_channels_innermost(case_id):
     """NCHW activations and weights reach the kernels' main loops channels-innermost (one staging copy each), the
-    layout the pipelined path reads; what the kernels write keeps the caller's layout."""
+    layout the pipelined path reads; the forward and the input gradient write channels-innermost too, and what
+    the launchers return keeps the caller's layout."""
     from colora_fused.kernels.conv_fwd import colora_conv_forward
     case = next(c for c in CASES if c.id == case_id)
     tensors, grad_out, conv = meta_case(case, "pointwise_first")
@@ -189,11 +190,12 @@ def test_kernels_read_operands_channels_innermost(case_id):
         dx = run_input(tensors, grad_out, conv, case.channels_last)
         run_adapters(tensors, grad_out, conv, False, route="cheap")
     fwd, bwd_in, adapters = launches
-    innermost = [fwd.args[0], fwd.args[1], bwd_in.args[0], bwd_in.args[1], adapters.args[0], adapters.args[1]]
+    innermost = [fwd.args[0], fwd.args[1], fwd.args[6], bwd_in.args[0], bwd_in.args[1], bwd_in.args[4],
+                 adapters.args[0], adapters.args[1]]
     assert all(t.stride(1) == 1 for t in innermost), [t.stride() for t in innermost]
     if not case.channels_last:
         assert x.stride(1) != 1 and out.is_contiguous() and dx.is_contiguous()
-        assert fwd.args[6] is out, "the forward writes the caller's NCHW output itself"
+        assert fwd.args[6] is not out, "an NCHW output is written channels-innermost, then copied"
 
 
 @pytest.mark.parametrize("capability,case_id,one_pass", [(90, "3d-k3-groups2", False), (90, "2d-5x5-stride2", True),
@@ -272,19 +274,21 @@ def test_strided_views(device):
     check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, True), grads, True, torch.float32, tol)
 
 
+@pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case_id", ["2d-k3-pad1", "2d-valid"])
-def test_channels_last_views_with_spatial_gaps(case_id, order):
+def test_channels_last_views_with_spatial_gaps(case_id, order, device):
     """Channels-innermost views whose positions are not evenly spaced (every other row of a taller channels_last
     tensor) take the one-pass kernel's decoded addressing; dense ones its flat offsets (`position_stride`). Both
     against the float64 reference, with output sizes equal to the input's (2d-k3-pad1: flat tap offsets) and not
     (2d-valid)."""
     from colora_fused.kernels._common import position_stride
     case = next(c for c in CASES if c.id == case_id)
-    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, "cpu")
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
 
     def gapped(t):
-        tall = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], t.shape[-1]).to(memory_format=torch.channels_last)
+        tall = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], t.shape[-1], device=device).to(
+            memory_format=torch.channels_last)
         view = tall[..., ::2, :]
         view.copy_(t)
         return view
@@ -292,7 +296,7 @@ def test_channels_last_views_with_spatial_gaps(case_id, order):
     x_view, g_view = gapped(tensors["x"]), gapped(grad_out)
     assert x_view.stride(1) == 1 and position_stride(x_view.unsqueeze(2)) == 0
     assert position_stride(tensors["x"].contiguous(memory_format=torch.channels_last).unsqueeze(2)) == case.c_in
-    tol = tolerance("cpu", torch.float32)
+    tol = tolerance(device, torch.float32)
     check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, case.bias, route="cheap"), grads, case.bias,
                    torch.float32, tol)
 
@@ -318,33 +322,35 @@ def test_one_pass_flat_addressing_flags(order):
     assert launches[0].kwargs["FLAT_Q" if order == "pointwise_first" else "FLAT_S"] is False
 
 
+@pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("kernel,padding,stride", [((3, 3, 1), (1, 1, 0), (1, 1, 1)), ((2, 3, 3), (1, 1, 1), (2, 1, 2))])
-def test_one_pass_3d_taps(kernel, padding, stride, order):
+def test_one_pass_3d_taps(kernel, padding, stride, order, device):
     """3-d kernels of ≤ 25 taps in the one-pass kernel (depth taps, depth stride) against the float64 reference."""
     case = dataclasses.replace(next(c for c in CASES if c.id == "3d-k3-groups2"), kernel=kernel, padding=padding,
                                stride=stride)
-    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, "cpu")
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
     with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
         run_adapters({k: None if v is None else v.to("meta") for k, v in tensors.items()}, grad_out.to("meta"), conv,
                      case.bias, route="cheap")
     assert launches[0].kernel.fn.__name__ == "_adapter_grads_one_pass_kernel"
     check_adapters(run_adapters(tensors, grad_out, conv, case.bias, route="cheap"), grads, case.bias, torch.float32,
-                   tolerance("cpu", torch.float32))
+                   tolerance(device, torch.float32))
 
 
+@pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
-def test_one_pass_inf_input_channel_leaves_other_channels_finite(order):
+def test_one_pass_inf_input_channel_leaves_other_channels_finite(order, device):
     """An inf in one input channel (with pointwise_first it makes the 1×1 product inf there) leaves dKp of the
     other input channels finite and equal to the reference's: they never read the inf channel."""
     case = next(c for c in CASES if c.id == "2d-k3-pad1")
-    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, "cpu")
+    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
     x = tensors["x"].clone()
     x[0, 0, 2, 3] = float("inf")
     d_kp, _, _ = run_adapters(dict(tensors, x=x), grad_out, conv, False, route="cheap")
     assert torch.isfinite(d_kp[:, 1:]).all()
     assert_close(d_kp[:, 1:], grads["pointwise"][:, 1:], torch.float32, "d_pointwise without the inf channel",
-                 tolerance("cpu", torch.float32))
+                 tolerance(device, torch.float32))
 
 
 def bad_input_args(device="cpu", dtype=torch.float32):

@@ -180,13 +180,31 @@ def prune_by_shared_memory(configs, stage_bytes: Callable[[triton.Config], int],
     return kept or [min(configs, key=lambda c: need[id(c)])]
 
 
+def _version(text: str) -> Tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run the kernels in this environment, or None: before triton 3.7 it converts
+    one-element arrays to loop bounds with int(), which numpy 2.4 refuses (every kernel with a runtime loop bound
+    fails with "only 0-dimensional arrays can be converted to Python scalars")."""
+    import numpy
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter needs numpy < 2.4 (numpy {numpy.__version__} is "
+                "installed): pip install 'numpy<2.4', or triton >= 3.7")
+    return None
+
+
 def device_problem(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
     """Why these tensors cannot go to a Triton kernel together, or None."""
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         return f"tensors on different devices {sorted(str(d) for d in devices)}"
     device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and INTERPRET) or (device.type == "meta" and _recorder()):
+    if device.type == "cpu" and INTERPRET:
+        return interpreter_problem()
+    if device.type == "cuda" or (device.type == "meta" and _recorder()):
         return None
     if device.type == "cpu":
         return ("CPU tensors need a CUDA device, or the Triton interpreter (TRITON_INTERPRET=1 set before triton is "
@@ -260,6 +278,24 @@ def channels_innermost(t: torch.Tensor) -> torch.Tensor:
     if t.dim() < 3 or t.shape[1] == 1 or t.stride(1) == 1:
         return t
     return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def channels_innermost_output(out: torch.Tensor) -> torch.Tensor:
+    """Where a kernel writes `out`: `out` itself where its channels are innermost (or it has one channel), else a
+    new channels-innermost tensor of its shape (NaN-filled under COLORA_NAN_FILL=1) that the launcher copies into
+    `out` afterwards (`finish_output_`). An NCHW tile's positions are contiguous only within a row, so its stores
+    go element by element with an address each; triton 3.6 spills 0.3-5 KB a thread on them in the forward and
+    input-gradient kernels (the audit under triton 3.6), where a channels-innermost store is vectorised."""
+    if out.dim() < 3 or out.shape[1] == 1 or out.stride(1) == 1:
+        return out
+    return new_tensor(out.shape, out.dtype, out.device, channels_last=True)
+
+
+def finish_output_(out: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+    """out ← what the kernel wrote into `channels_innermost_output(out)` (no-op where that was `out`)."""
+    if written is not out:
+        out.copy_(written)
+    return out
 
 
 def position_stride(t: torch.Tensor) -> int:

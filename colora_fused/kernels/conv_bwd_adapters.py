@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._conv import ROUTES, conv_output_shape
+from ._autotune import autotune
 from ._common import (FIXED_CONFIG, channels_innermost, check_backward_conv, check_backward_tensors, device_limits,
                       extent, fail, flat_offset, launch, lift, locate_position, new_tensor, position_stride,
                       prune_by_registers, prune_by_shared_memory, strides, widen, WGMMA_ROWS)
@@ -89,7 +90,7 @@ def _prune_gradw(configs, named_args, **kwargs):
     return prune_by_registers(configs, lambda c: 2 * bm * bn, per_thread)
 
 
-@triton.autotune(configs=_channel_gemm_configs(),
+@autotune(configs=_channel_gemm_configs(),
                  key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
                  reset_to_zero=["dkp_ptr", "db_ptr"], prune_configs_by={"early_config_prune": _prune_pointwise_grad})
 @triton.jit
@@ -205,7 +206,7 @@ def _prune_depthwise_grad(configs, named_args, **kwargs):
     return configs
 
 
-@triton.autotune(configs=_depthwise_grad_configs(),
+@autotune(configs=_depthwise_grad_configs(),
                  key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
                  reset_to_zero=["dkd_ptr"], prune_configs_by={"early_config_prune": _prune_depthwise_grad})
 @triton.jit
@@ -336,7 +337,7 @@ def _prune_one_pass(configs, named_args, **kwargs):
     return prune_by_registers(configs, lambda c: bs * bp + (taps + 2) * c.kwargs["BLOCK_K"] * bs, per_thread)
 
 
-@triton.autotune(configs=_one_pass_configs(),
+@autotune(configs=_one_pass_configs(),
                  key=["C_IN_G", "C_OUT_G", "P", "s_x_c", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW",
                       "DEPTHWISE_FIRST"],
                  reset_to_zero=["dkp_ptr", "dkd_ptr"], prune_configs_by={"early_config_prune": _prune_one_pass})
@@ -507,7 +508,7 @@ def _prune_channel_sum(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] * kwargs["BLOCK_N"] <= 8192] or configs
 
 
-@triton.autotune(configs=_channel_sum_configs(), key=["C_OUT", "P", "s_dy_c"], reset_to_zero=["db_ptr"],
+@autotune(configs=_channel_sum_configs(), key=["C_OUT", "P", "s_dy_c"], reset_to_zero=["db_ptr"],
                  prune_configs_by={"early_config_prune": _prune_channel_sum})
 @triton.jit
 def _channel_sum_kernel(
@@ -534,7 +535,7 @@ def _channel_sum_kernel(
     _store_partial(db_ptr + i_s * s_db_s + o_n, acc, m_n, USE_ATOMIC)
 
 
-@triton.autotune(configs=_channel_gemm_configs(),
+@autotune(configs=_channel_gemm_configs(),
                  key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
                  reset_to_zero=["dkp_ptr", "dkd_ptr", "db_ptr"], prune_configs_by={"early_config_prune": _prune_gradw})
 @triton.jit

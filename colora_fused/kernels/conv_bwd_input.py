@@ -2,8 +2,8 @@
 tile built in registers from K0, Kp and Kd, split into stride phases so that no stride hole is multiplied.
 
 Every tensor is seen as 5-d `[N, C, D, H, W]` with arbitrary strides (Conv1d/2d arrive as views with unit
-depth/height); dY and K0 are read channels-innermost (NCHW ones are staged by one copy, `channels_innermost`) and
-dX takes x's layout. Offsets that scale with the batch are int64 (one sample
+depth/height); dY and K0 are read and dX is written channels-innermost (NCHW ones are staged by one copy each,
+`channels_innermost`, `channels_innermost_output`); dX takes x's layout. Offsets that scale with the batch are int64 (one sample
 is assumed below 2³¹ elements). fp16/bf16 operands feed `tl.dot` with fp32 accumulation. With
 `COLORA_NAN_FILL=1` the output starts as NaN, so a tile the kernel fails to write shows up (the tests set it).
 """
@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
-from ._common import (FIXED_CONFIG, channels_innermost, check_backward_conv, check_backward_tensors, decode_position,
-                      fail, fit_configs, k_split, launch, lift, new_tensor, prune_by_registers,
+from ._autotune import autotune
+from ._common import (FIXED_CONFIG, channels_innermost, channels_innermost_output, check_backward_conv, check_backward_tensors, decode_position,
+                      fail, finish_output_, fit_configs, k_split, launch, lift, new_tensor, prune_by_registers,
                       prune_by_shared_memory, split_partials, strides, sum_partials_, WGMMA_ROWS)
 
 
@@ -74,7 +75,7 @@ def _first_tap(r, P, DIL, S, K: tl.constexpr):
     return first
 
 
-@triton.autotune(configs=_bwd_input_configs(),
+@autotune(configs=_bwd_input_configs(),
                  key=["M_MAX", "s_dy_c", "s_w_o", "C_IN_G", "C_OUT_G", "RANK", "SPLIT_K", "KD", "KH", "KW", "SD",
                       "SH", "SW", "DD", "DH", "DW", "DEPTHWISE_FIRST"],
                  prune_configs_by={"early_config_prune": _prune_configs})
@@ -159,18 +160,15 @@ def _conv_bwd_input_kernel(
     else:  # a fixed trip count per share keeps wgmma asynchronous; the last share's overrun loads nothing
         n_it = (KD * KH * KW * N_KC + SPLIT_K - 1) // SPLIT_K
         it_lo = i_s * n_it
+    td, th, tw = td0, th0, tw0  # the phase's tap, a cursor advanced after each tap's last channel block
     for kk in range(0, n_it):
         it = it_lo + kk
         i_kc = it % N_KC
-        tap = it // N_KC
         if SD * SH * SW == 1:  # one phase, every tap: the decomposition by constants
+            tap = it // N_KC
             td = tap // (KH * KW)
             th = (tap // KW) % KH
             tw = tap % KW
-        else:
-            td = td0 + (tap // (n_tw * n_th)) * STEP_D
-            th = th0 + ((tap // n_tw) % n_th) * STEP_H
-            tw = tw0 + (tap % n_tw) * STEP_W
         # the output position is the phase position shifted by one scalar per tap: o = j + q
         q_d = (rd + PD - td * DD + SD * KD * DD) // SD - KD * DD
         q_h = (rh + PH - th * DH + SH * KH * DH) // SH - KH * DH
@@ -202,6 +200,16 @@ def _conv_bwd_input_kernel(
                 b_kd = tl.load(p_kd_k + (i * s_kd_r + i_kc * BLOCK_K * s_kd_c + p_kd), mask=m_k, other=0.)  # [BK]
                 b_k = tl.fma(b_kp, b_kd[None, :], b_k)  # [BN, BK]
         acc = tl.dot(b_k.to(b_dy.dtype), b_dy, acc)  # [BN, BM]
+        if SD * SH * SW != 1:
+            # A cursor, not a decomposition of the tap index by the phase's runtime tap counts: those divisions
+            # make triton 3.6's TritonGPUCoalesceAsyncCopy pass fail at num_stages >= 2.
+            tw = tl.where(i_kc == N_KC - 1, tw + STEP_W, tw)
+            wrap_w = tw >= KW
+            tw = tl.where(wrap_w, tw0, tw)
+            th = tl.where(wrap_w, th + STEP_H, th)
+            wrap_h = th >= KH
+            th = tl.where(wrap_h, th0, th)
+            td = tl.where(wrap_h, td + STEP_D, td)
 
     d = rd + jd * SD
     h = rh + jh * SH
@@ -243,9 +251,9 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
         return grad_x
     kps, kds = adapter_terms(pointwise, depthwise)
     # The main loop reads dY and K0 channels-innermost (NCHW ones are staged); dX keeps x's layout.
-    dy, dx = lift(channels_innermost(grad_out), 2), lift(grad_x, 2)
+    dy = lift(channels_innermost(grad_out), 2)
     w, kd = lift(channels_innermost(weight), 2), lift(kds, 2)
-    n, _, d, h, wd = dx.shape
+    n, _, d, h, wd = lift(grad_x, 2).shape
     od, oh, ow = dy.shape[2:]
     m_max = n * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
     steps = tuple(s // math.gcd(s, dl) for s, dl in zip(stride3, dil3))
@@ -256,6 +264,9 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
                         if one_phase else 1)
     if split > 1 and not one_phase:
         fail(ValueError, f"split_k={split} needs a stride-1 conv (one stride phase), got stride {tuple(stride)}")
+    # The kernel writes dX channels-innermost (a split writes fp32 partials that sum_partials_ lays out itself).
+    written = channels_innermost_output(grad_x) if split == 1 else grad_x
+    dx = lift(written, 2)
     part = split_partials(split, c_in_g * groups, m_max, dx)
 
     def grid(meta):
@@ -272,4 +283,4 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
             **dict(zip(("SD", "SH", "SW", "PD", "PH", "PW", "DD", "DH", "DW", "STEP_D", "STEP_H", "STEP_W"),
                        (*stride3, *pad3, *dil3, *steps))),
             DEPTHWISE_FIRST=order == "depthwise_first", SPLIT_K=split)
-    return sum_partials_(grad_x, part, split)
+    return finish_output_(sum_partials_(grad_x, part, split), written)

@@ -5,8 +5,9 @@
 
 ΔK[o, c, t] = Kp[o, c] · Kd[o, t] (pointwise_first) or Kp[o, c] · Kd[g(o)·C_in/groups + c, t] (depthwise_first).
 Conv1d/2d/3d share one kernel over (D, H, W): missing leading spatial dims get size 1 and stride 0, so no
-tensor is reshaped. Every tensor is addressed through its strides; x and K0 are read channels-innermost, so NCHW
-ones are staged by one copy (`channels_innermost`), and the output takes x's layout.
+tensor is reshaped. Every tensor is addressed through its strides; x and K0 are read and the output is written
+channels-innermost, so NCHW ones are staged by one copy each (`channels_innermost`, `channels_innermost_output`);
+the output takes x's layout.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -15,9 +16,10 @@ import triton
 import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
+from ._autotune import autotune
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, channels_innermost,
-                      check_conv_tensors, device_problem, dtype_problem, empty_like_layout, extent, fit_configs,
-                      k_split, launch, pad3, prune_by_registers, prune_by_shared_memory, split_partials, strides5,
+                      channels_innermost_output, check_conv_tensors, device_problem, dtype_problem, empty_like_layout,
+                      extent, finish_output_, fit_configs, k_split, launch, pad3, prune_by_registers, prune_by_shared_memory, split_partials, strides5,
                       sum_partials_, WGMMA_ROWS)
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
@@ -253,7 +255,7 @@ def _colora_conv_fwd_kernel(
         tl.store(p_part + o_m[None, :], acc, mask=m_n[:, None] & m_m[None, :])  # [BN, BM] fp32
 
 
-_colora_conv_fwd_autotuned = triton.autotune(
+_colora_conv_fwd_autotuned = autotune(
     configs=forward_configs(),
     key=["M", "D_OUT", "H_OUT", "W_OUT", "sx_c", "sw_c", "C_IN_G", "C_OUT_G", "RANK", "SPLIT_K", "KD", "KH",
          "KW", "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W"],
@@ -315,18 +317,20 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     d_in, h_in, w_in = pad3(x.shape[2:], 1)
     d_out, h_out, w_out = pad3(shape[2:], 1)
     kd, kh, kw = pad3(weight.shape[2:], 1)
-    int64 = max(extent(x), extent(out), extent(weight)) >= 2 ** 31
-    kps, kds = adapter_terms(pointwise, depthwise)
     split = split_k or forward_split(m, c_out_g, groups, c_in_g, kd * kh * kw, x.device)
-    part = split_partials(split, c_out, m, out)
+    # The kernel writes channels-innermost (a split writes fp32 partials that sum_partials_ lays out itself).
+    kernel_out = channels_innermost_output(out) if split == 1 else out
+    int64 = max(extent(x), extent(kernel_out), extent(weight)) >= 2 ** 31
+    kps, kds = adapter_terms(pointwise, depthwise)
+    part = split_partials(split, c_out, m, kernel_out)
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
-        weight if bias_delta is None else bias_delta, out, part,
+        weight if bias_delta is None else bias_delta, kernel_out, part,
         m, c_out * m, d_in, h_in, w_in, d_out, h_out, w_out,
         *strides5(x), *strides5(weight), *kps.stride(),
         *kds.stride()[:2], *pad3(kds.stride()[2:], 0),
         0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0),
-        *strides5(out),
+        *strides5(kernel_out),
     )
     # Compile-time constants: one specialisation per layer geometry and channel count, as autotuning keys anyway.
     flags = dict(C_IN_G=c_in_g, C_OUT_G=c_out_g, RANK=kps.shape[0], KD=kd, KH=kh, KW=kw,
@@ -347,4 +351,4 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                    num_stages=cfg.num_stages)
         else:
             launch(_colora_conv_fwd_autotuned, grid, *args, **flags)
-    return sum_partials_(out, part, split)
+    return finish_output_(sum_partials_(out, part, split), kernel_out)

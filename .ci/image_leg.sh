@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# CI's second leg: the GPU machines' image versions (torch 2.11, torchvision 0.26, triton 3.6, numpy < 2.4) in a
+# virtual environment of their own. It compiles, for sm_90 under triton 3.6, every config the autotuner may launch
+# for the model shapes in the kernel families the first GPU run launches (audit --strict: no compile error, no
+# shared-memory overflow, no bf16/fp16 spill), then runs the interpreter kernel tests and the audit tests there.
+# Usage: .ci/image_leg.sh [VENV]   (default /tmp/colora-image-venv; reused when it already has the versions)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-/tmp/colora-image-venv}
+if ! "$venv/bin/python" -c "import torch, triton; assert torch.__version__.startswith('2.11.0') and triton.__version__ == '3.6.0'" 2>/dev/null; then
+    python -m venv "$venv"
+    "$venv/bin/python" -m pip install -q "torch==2.11.0" "torchvision==0.26.0" "triton==3.6.0" "numpy<2.4" \
+        "pytest>=7.4" "hypothesis>=6.0" "tqdm>=4.60" "safetensors>=0.4"
+fi
+export PYTHONPATH=$PWD  # the package from this checkout (no install: the main leg's editable install is beside it)
+"$venv/bin/python" -c "import torch, torchvision, triton, numpy; print('image leg:', 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+out=$(mktemp -d)
+"$venv/bin/python" -m colora_fused.audit --strict --arch sm90 --layout channels_last --dtype bf16 --dtype fp32 \
+    --order pointwise_first --order depthwise_first --family forward --family input_grad --family adapters_cheap \
+    --family adapters_gradw --family merge --out "$out" > "$out/audit.log"
+tail -n 1 "$out/audit.log"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_triton_backward.py \
+    tests/test_triton_autograd.py tests/test_merge_many.py tests/test_autotune.py tests/test_versions.py \
+    tests/test_audit.py
