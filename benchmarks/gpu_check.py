@@ -358,7 +358,7 @@ def phase_layers(out: str, device: torch.device, dry_run: bool) -> None:
     methods = ["conv", "full", "colora-torch"] + ([] if dry_run else ["colora-hybrid", "colora-triton"])
     cfg = Config(device=device, dtype="fp32" if dry_run else "bf16", batch=2 if dry_run else 64, image_size=0,
                  channels_last=True, mode="layers", models=["headline"], methods=methods, warmup=1 if dry_run else 5,
-                 rounds=2 if dry_run else 5, steps_per_round=1 if dry_run else 3, out=os.path.join(out, "layers"),
+                 rounds=2 if dry_run else 6, steps_per_round=1, out=os.path.join(out, "layers"),
                  show_progress=True, command="benchmarks/gpu_check.py layers", load_at_start=load_average(),
                  sample_ms=2.0)
     if device.type == "cuda":

@@ -49,7 +49,7 @@ if [ -n "$dry" ]; then
 else
     tests=(tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_autograd.py
            tests/test_merge_many.py tests/test_cuda.py)
-    model=(--model resnet50,vgg16 --warmup 2 --rounds 3 --steps-per-round 2
+    model=(--model resnet50,vgg16 --warmup 2 --rounds 6 --steps-per-round 1
            --methods full,colora-torch,colora-hybrid,colora-triton,colora-torch-kxk,colora-hybrid-kxk,colora-triton-kxk)
 fi
 workers=()

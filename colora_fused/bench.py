@@ -7,13 +7,16 @@
     python -m colora_fused.bench ...  # the same
 
 Every method trains the same model on the same synthetic batch with the same AdamW loop, in rounds that
-interleave the methods after a warm-up, so that clock and thermal drift hit them all alike. Peak memory is
+interleave the methods after a warm-up, so that clock and thermal drift hit them all alike. Each method's
+speed-up over full fine-tuning comes with a 95% interval from those paired rounds and a verdict: faster,
+slower or within the noise (bench_stats.py); a busy machine gets extra rounds, up to --max-seconds. Peak memory is
 measured separately, one method at a time, from a fresh copy of the model. Writes results.csv, results.md,
 results.png, env.json and progress.log under --out (default bench-results/<device>/, or
 bench-results/<device>/layers/).
 
 This module is the command line; the modes live in bench_model.py and bench_layers.py, what they share in
-bench_common.py, the outputs in bench_report.py and the progress report in bench_progress.py.
+bench_common.py, the verdicts in bench_stats.py, the outputs in bench_report.py and the progress report in
+bench_progress.py.
 """
 import argparse
 import os
@@ -23,24 +26,29 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bench_common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS, RANK_SUFFIX,
-                           MODEL_METHODS, SAMPLE_MS, Config, device_slug, load_average, missing_dependency,
-                           split_method)
+from .bench_common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS,
+                           MODEL_METHODS, RANK_SUFFIX, SAMPLE_MS, Config, device_slug, load_average,
+                           missing_dependency, split_method)
 from .bench_layers import bench_layers
 from .bench_model import bench_model, classification_models
 from .bench_progress import HEARTBEAT_S, Progress
 from .bench_report import write_outputs
+from .bench_stats import MIN_ROUNDS
 
-# Defaults per device. The CPU ones keep the whole default run (both models, every method) to a few minutes
-# on two cores; the CUDA ones are DESIGN §6's training setting.
+# Defaults per device. The CPU ones keep the whole default run (both models, every method) to about a minute
+# on two quiet cores, and to about 5 minutes (max_seconds) on a busy machine unless its planned rounds alone take
+# longer; the CUDA ones are DESIGN §6's training setting. Both give each comparison the rounds a verdict needs
+# (bench_stats.MIN_ROUNDS); a round is the unit the verdicts resample, so on CPU a round is one step. On CUDA no
+# extra rounds by default: the CPU's load average says little about a GPU's timings, and GPU windows are short.
 DEFAULTS = {
     "cuda": dict(batch=64, image_size=224, dtype="bf16", channels_last=True, warmup=3, rounds=10,
-                 steps_per_round=3),
-    "cpu": dict(batch=8, image_size=64, dtype="fp32", channels_last=True, warmup=1, rounds=6, steps_per_round=1),
+                 steps_per_round=3, max_seconds=0),
+    "cpu": dict(batch=8, image_size=64, dtype="fp32", channels_last=True, warmup=1, rounds=6, steps_per_round=1,
+                max_seconds=300),
 }
 LAYER_DEFAULTS = {
     "cuda": dict(warmup=5, rounds=10, steps_per_round=5),
-    "cpu": dict(warmup=1, rounds=3, steps_per_round=2),
+    "cpu": dict(warmup=1, rounds=6, steps_per_round=1),
 }
 
 
@@ -105,9 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=_non_negative_int, metavar="N",
                         help=f"untimed steps per method before timing {_default('warmup')}")
     parser.add_argument("--rounds", type=_positive_int, metavar="N",
-                        help=f"interleaved timing rounds {_default('rounds')}")
+                        help=f"interleaved timing rounds; a verdict needs at least {MIN_ROUNDS} {_default('rounds')}")
     parser.add_argument("--steps-per-round", type=_positive_int, metavar="N",
                         help=f"timed steps per method per round {_default('steps_per_round')}")
+    parser.add_argument("--max-seconds", type=float, metavar="S",
+                        help="model mode: on a busy machine (load average above the core count) add timing rounds "
+                             "for the verdicts still within the noise, as many as fit before the run has taken "
+                             "about S seconds; the planned rounds always run; 0: never add rounds "
+                             + _default("max_seconds"))
     parser.add_argument("--sample-ms", type=float, metavar="MS",
                         help="layer mode: repeat each call so that one timed sample lasts at least this long "
                              f"(default: {SAMPLE_MS['cuda']:g} on CUDA, {SAMPLE_MS['cpu']:g} on CPU)")
@@ -203,7 +216,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Config:
                   warmup=pick("warmup"), rounds=pick("rounds"), steps_per_round=pick("steps_per_round"),
                   num_classes=args.num_classes, seed=args.seed, out=out, show_progress=not args.no_progress,
                   command=shlex.join(["colora-bench", *argv]), load_at_start=load_average(),
-                  sample_ms=SAMPLE_MS[device.type] if args.sample_ms is None else args.sample_ms)
+                  sample_ms=SAMPLE_MS[device.type] if args.sample_ms is None else args.sample_ms,
+                  max_seconds=pick("max_seconds"))
 
 
 def parse_config(argv: Optional[Sequence[str]]) -> Config:

@@ -1,5 +1,5 @@
-"""What every colora-bench mode shares: the run's settings, the methods, facts about the device, timing, peak
-memory and how a failing method is reported."""
+"""What every colora-bench mode shares: the run's settings, the methods, facts about the device, timing in paired
+rounds, peak memory and how a failing method is reported."""
 import ctypes
 import dataclasses
 import gc
@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import bench_stats
 from .bench_progress import Progress
 from .functional import timed_ms, triton_available
 
@@ -61,6 +62,7 @@ class Config:
     command: str = "colora-bench"
     load_at_start: Optional[float] = None  # the 1-minute load average before the run (Unix)
     sample_ms: float = 20.0  # layer mode: a timed sample repeats the call until it lasts about this long
+    max_seconds: float = 0.0  # model mode: a busy machine's extra rounds end the run by about then (0: none)
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -169,6 +171,9 @@ def environment(cfg: Config) -> dict:
         "num_classes": cfg.num_classes,
         "seed": cfg.seed,
         "sample_ms": cfg.sample_ms if cfg.mode == "layers" else None,
+        "max_seconds": cfg.max_seconds if cfg.mode == "model" else None,
+        "verdicts": dict(confidence=bench_stats.CONFIDENCE, bootstrap_resamples=bench_stats.RESAMPLES,
+                         bootstrap_seed=bench_stats.SEED, min_rounds=bench_stats.MIN_ROUNDS),
         "memory_metric": memory_metric(cfg.device),
         "peak_tflops": peak_tflops(cfg.device, cfg.dtype),
         "torch": torch.__version__,
@@ -288,13 +293,18 @@ def release_memory(device: torch.device) -> None:
 
 
 def interleaved_times(runners: Dict[str, Callable[[], None]], cfg: Config, status: Dict[str, str],
-                      progress: Progress, what: str, label: Callable[[str], str]) -> Dict[str, List[float]]:
+                      progress: Progress, what: str, label: Callable[[str], str],
+                      more_rounds: Optional[Callable[[Dict[str, List[List[float]]], float], int]] = None
+                      ) -> Dict[str, List[List[float]]]:
     """Warm every runner up, then time `rounds` × `steps_per_round` calls of each, rotating the order per round.
 
-    A runner that fails is dropped with its status set (OOM or the error); the others go on. `what` names the
-    phase lines (warm-up, each round); `label(name)` a runner in details and failures.
+    Returns each surviving runner's times in ms, a list of `steps_per_round` per round; round i of one runner
+    and round i of another ran back to back, which pairs them. A runner that fails is dropped with its status
+    set (OOM or the error); the others go on. `what` names the phase lines (warm-up, each round); `label(name)`
+    a runner in details and failures. `more_rounds(times, round_s)`, when given, is asked once after the
+    planned rounds, with the times so far and the mean seconds a round took, how many rounds to add.
     """
-    times: Dict[str, List[float]] = {name: [] for name in runners}
+    times: Dict[str, List[List[float]]] = {name: [] for name in runners}
     alive = list(runners)
 
     def attempt(name: str, fn: Callable[[], None]) -> bool:
@@ -308,6 +318,9 @@ def interleaved_times(runners: Dict[str, Callable[[], None]], cfg: Config, statu
             release_memory(cfg.device)
             return False
 
+    def surviving() -> Dict[str, List[List[float]]]:
+        return {name: rounds for name, rounds in times.items() if name in alive}
+
     if cfg.warmup:
         progress.phase(f"{what}: warm-up")
     for name in list(alive):
@@ -317,17 +330,24 @@ def interleaved_times(runners: Dict[str, Callable[[], None]], cfg: Config, statu
                 break
             progress.advance()
         synchronize(cfg.device)
-    for r in range(cfg.rounds):
-        if alive:
-            progress.phase(f"{what}: round {r + 1}/{cfg.rounds}")
-        order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
+    rounds, r, started = cfg.rounds, 0, time.perf_counter()
+    while r < rounds and alive:
+        kind = "round" if r < cfg.rounds else "extra round"
+        progress.phase(f"{what}: {kind} {r + 1}/{rounds}")
+        order = alive[r % len(alive):] + alive[:r % len(alive)]
         for name in order:
             if name not in alive:
                 continue
-            progress.detail(f"{label(name)} round {r + 1}/{cfg.rounds}")
+            progress.detail(f"{label(name)} {kind} {r + 1}/{rounds}")
+            times[name].append([])
             for _ in range(cfg.steps_per_round):
-                if not attempt(name, lambda: times[name].append(timed_ms(runners[name], cfg.device))):
+                if not attempt(name, lambda: times[name][-1].append(timed_ms(runners[name], cfg.device))):
                     break
                 progress.advance()
-    return {name: samples for name, samples in times.items() if name in alive}
-
+        r += 1
+        if r == cfg.rounds and more_rounds is not None and alive:
+            extra = more_rounds(surviving(), (time.perf_counter() - started) / r)
+            if extra > 0:
+                progress.add_total(extra * len(alive) * cfg.steps_per_round)
+                rounds += extra
+    return surviving()

@@ -1,5 +1,6 @@
 """colora-bench's layer mode: each distinct conv shape of a model, as a plain conv, a trainable conv, a CoLoRA
-layer on each backend and a PEFT LoRA layer, timed side by side for a forward pass and a training step."""
+layer on each backend and a PEFT LoRA layer, timed side by side for a forward pass and a training step, with the
+same intervals and verdicts as model mode (bench_stats) per shape and for the sum over the model's convs."""
 import copy
 import dataclasses
 import math
@@ -13,6 +14,7 @@ from .bench_common import (COLORA_BACKENDS, MAX_REPS, Config, failure_status, in
                            method_rank, quantiles, release_memory, split_method)
 from .bench_model import build_base_model, inject_lora, matched_lora_ranks
 from .bench_progress import Progress
+from .bench_stats import REFERENCE, compare, round_means
 from .functional import timed_ms
 from .modules import CONV_TO_COLORA
 
@@ -185,6 +187,23 @@ def repeated(fn: Callable[[], None], cfg: Config) -> Tuple[Callable[[], None], i
     return run, reps
 
 
+def ratio_fields(per_round: Dict[str, List[float]], method: str) -> dict:
+    """A row's ratios from the methods' paired per-round times: time / the plain conv's and the speed-up over
+    full, each with its interval (bench_stats.compare), and the verdict on the latter."""
+    fields = {}
+    if "conv" in per_round:
+        v = compare(per_round["conv"], per_round[method])
+        fields.update(ratio_vs_conv=1 / v.speedup, ratio_vs_conv_low=1 / v.high, ratio_vs_conv_high=1 / v.low)
+    if method == "full":
+        fields.update(speedup_vs_full=1.0, speedup_vs_full_low=1.0, speedup_vs_full_high=1.0, verdict=REFERENCE)
+    elif "full" in per_round:
+        v = compare(per_round["full"], per_round[method])
+        fields.update(speedup_vs_full=v.speedup, speedup_vs_full_low=v.low, speedup_vs_full_high=v.high,
+                      verdict=v.verdict, rounds_to_settle=v.rounds_to_settle,
+                      verdict_words=v.words("full fine-tuning"))
+    return fields
+
+
 def bench_layers(model_name: str, cfg: Config, progress: Progress) -> List[dict]:
     """Rows of results.csv in layer mode: per distinct conv shape, method and mode (forward / step)."""
     shapes = model_conv_shapes(build_base_model(model_name, cfg), cfg.image_size)
@@ -200,6 +219,7 @@ def bench_shapes(model_name: str, shapes: Sequence[Tuple[ConvShape, int]], cfg: 
     peak = peak_tflops(cfg.device, cfg.dtype)
     rows = []
     totals: Dict[Tuple[str, str], List[float]] = {}  # (method, mode) → [Σ count·ms, Σ count·flops]
+    round_totals: Dict[Tuple[str, str], List[float]] = {}  # (method, mode) → per round, Σ count·ms
     failed_totals = set()
     for i, (shape, count) in enumerate(shapes, 1):
         what = f"{model_name} shape {i}/{len(shapes)} {shape.label}"
@@ -224,7 +244,9 @@ def bench_shapes(model_name: str, shapes: Sequence[Tuple[ConvShape, int]], cfg: 
                     mode_status[method] = failure_status(err)
                     progress.message(f"colora-bench: {label(method)}: {mode_status[method]}")
             times = interleaved_times(calls, cfg, mode_status, progress, f"{what} {mode}", label)
-            medians = {m: tuple(v / reps[m] for v in quantiles(t)) for m, t in times.items()}
+            medians = {m: tuple(v / reps[m] for v in quantiles([ms for steps in t for ms in steps]))
+                       for m, t in times.items()}
+            per_round = {m: [ms / reps[m] for ms in round_means(t)] for m, t in times.items()}
             for method in cfg.methods:
                 row = dict(model=model_name, layer=shape.label, count=count, method=method, mode=mode,
                            auto_path=auto, status=mode_status[method], batch=cfg.batch, in_channels=shape.in_channels,
@@ -238,25 +260,28 @@ def bench_shapes(model_name: str, shapes: Sequence[Tuple[ConvShape, int]], cfg: 
                 p20, median, p80 = medians[method]
                 flops = shape.ideal_flops(cfg.batch, method, mode)
                 row.update(ms=median, ms_p20=p20, ms_p80=p80, gflop=flops / 1e9,
-                           tflops=flops / (median / 1e3) / 1e12)
+                           tflops=flops / (median / 1e3) / 1e12, rounds=len(per_round[method]))
                 row["peak_fraction"] = row["tflops"] / peak if peak else None
-                row["ratio_vs_conv"] = median / medians["conv"][1] if "conv" in medians else None
-                row["speedup_vs_full"] = medians["full"][1] / median if "full" in medians else None
+                row.update(ratio_fields(per_round, method))
                 total = totals.setdefault((method, mode), [0.0, 0.0])
                 total[0] += count * median
                 total[1] += count * flops
+                by_round = round_totals.setdefault((method, mode), [0.0] * len(per_round[method]))
+                for r, ms in enumerate(per_round[method]):
+                    by_round[r] += count * ms
                 rows.append(row)
         runners.clear()
         release_memory(cfg.device)
     for mode in ("forward", "step"):
+        # Round r of every shape pairs the methods as each shape's round r does: the per-round sums pair too.
         sums = {m: totals[(m, mode)] for m in cfg.methods if (m, mode) in totals and (m, mode) not in failed_totals}
+        by_round = {m: round_totals[(m, mode)] for m in sums}
         for method, (ms, flops) in sums.items():
             tflops = flops / (ms / 1e3) / 1e12
             rows.append(dict(model=model_name, layer="all convs", count=sum(c for _, c in shapes), method=method,
                              mode=mode, status="ok", batch=cfg.batch, ms=ms, gflop=flops / 1e9, tflops=tflops,
-                             peak_fraction=tflops / peak if peak else None,
-                             ratio_vs_conv=ms / sums["conv"][0] if "conv" in sums else None,
-                             speedup_vs_full=sums["full"][0] / ms if "full" in sums else None))
+                             peak_fraction=tflops / peak if peak else None, rounds=len(by_round[method]),
+                             **ratio_fields(by_round, method)))
     for method, reason in cfg.skipped.items():
         rows.append(dict(model=model_name, layer="", method=method, status=f"skipped: {reason}"))
     return rows

@@ -1,7 +1,9 @@
 """colora-bench's model mode: whole torchvision models trained by each method — full fine-tuning, the head
-alone, CoLoRA on each backend, PEFT LoRA at CoLoRA's parameter count — timed side by side, with peak memory."""
+alone, CoLoRA on each backend, PEFT LoRA at CoLoRA's parameter count — timed side by side, with peak memory and
+a verdict on each method's speed-up over full fine-tuning (bench_stats)."""
 import copy
 import math
+import os
 import re
 import warnings
 from collections import Counter
@@ -12,10 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench_common import (COLORA_BACKENDS, MEMORY_STEPS, Config, PeakMemory, failure_status, interleaved_times,
-                           method_rank, quantiles, release_memory, split_method)
+                           load_average, method_rank, quantiles, release_memory, split_method)
 from .bench_progress import Progress
+from .bench_stats import REFERENCE, Verdict, compare, extra_rounds, round_means
 from .model import apply_colora
 from .modules import CONV_TO_COLORA
+
+# A busy machine's extra rounds stop at this many times the planned rounds, however much time is left.
+MAX_ROUNDS_FACTOR = 4
+
 
 def classification_models() -> List[str]:
     import torchvision
@@ -213,16 +220,35 @@ def bench_model(model_name: str, cfg: Config, progress: Progress) -> List[dict]:
             status[method] = failure_status(err)
             progress.message(f"colora-bench: {label(method)}: {status[method]}")
     model = None
+    plan = dict(load=None, note="")
+
+    def verdicts(times: Dict[str, List[List[float]]]) -> Dict[str, Verdict]:
+        if "full" not in times:
+            return {}
+        full = round_means(times["full"])
+        return {m: compare(full, round_means(t)) for m, t in times.items() if m != "full"}
+
+    def more_rounds(times: Dict[str, List[List[float]]], round_s: float) -> int:
+        # The run's time is shared out evenly: model i of n ends by i/n of --max-seconds, or as soon as it can.
+        share = (cfg.models.index(model_name) + 1) / len(cfg.models) if model_name in cfg.models else 1.0
+        plan["load"] = load_average()
+        seconds_left = cfg.max_seconds * share - progress.elapsed() if cfg.max_seconds > 0 else None
+        extra, plan["note"] = extra_rounds(list(verdicts(times).values()), plan["load"], os.cpu_count() or 1,
+                                           cfg.rounds, round_s, seconds_left, MAX_ROUNDS_FACTOR * cfg.rounds)
+        if plan["note"]:
+            progress.message(f"colora-bench: {model_name}: {plan['note']}")
+        return extra
+
     times = interleaved_times(runners, cfg, status, progress, f"{model_name}: step times of {len(runners)} methods",
-                              label)
+                              label, more_rounds)
     runners.clear()
     release_memory(cfg.device)
     for method in cfg.methods:
         if status[method] == "OOM" and info[method]:
             status[method] = "OOM with the other methods resident (fits alone: see its peak memory)"
 
-    stats = {m: quantiles(t) for m, t in times.items() if t}
-    full = stats.get("full")
+    stats = {m: quantiles([ms for steps in t for ms in steps]) for m, t in times.items() if t}
+    judged = verdicts(times)
     full_mem = info.get("full", {}).get("peak_mem")
     rows = []
     for method in cfg.methods:
@@ -230,9 +256,16 @@ def bench_model(model_name: str, cfg: Config, progress: Progress) -> List[dict]:
                    trainable_params=info[method].get("trainable"), total_params=info[method].get("total"))
         if method in stats:
             p20, median, p80 = stats[method]
-            row.update(step_ms=median, step_ms_p20=p20, step_ms_p80=p80, steps=len(times[method]),
-                       images_per_s=cfg.batch / (median / 1e3),
-                       speedup_vs_full=full[1] / median if full else None)
+            row.update(step_ms=median, step_ms_p20=p20, step_ms_p80=p80, rounds=len(times[method]),
+                       steps=sum(map(len, times[method])), images_per_s=cfg.batch / (median / 1e3),
+                       load_average=plan["load"], rounds_note=plan["note"])
+            if method == "full":
+                row.update(speedup_vs_full=1.0, speedup_vs_full_low=1.0, speedup_vs_full_high=1.0, verdict=REFERENCE)
+            elif method in judged:
+                v = judged[method]
+                row.update(speedup_vs_full=v.speedup, speedup_vs_full_low=v.low, speedup_vs_full_high=v.high,
+                           verdict=v.verdict, rounds_to_settle=v.rounds_to_settle,
+                           verdict_words=v.words("full fine-tuning"))
         mem = info[method].get("peak_mem")
         if mem is not None:
             row.update(peak_mem_mib=mem / 2**20, mem_vs_full=mem / full_mem if full_mem else None)

@@ -82,6 +82,10 @@ class Progress:
             print(text, file=self.stream, flush=True)
         self._write_log(text)
 
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return self.clock() - self._start
+
     def status(self) -> str:
         """[elapsed] description: done/total units, left (and about how long, once a unit has finished)."""
         with self._lock:

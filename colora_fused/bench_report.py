@@ -8,12 +8,25 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from .bench_common import Config, device_name, environment, memory_metric, peak_tflops
+from .bench_stats import CONFIDENCE, FASTER, MIN_ROUNDS, NOISE, REFERENCE, RESAMPLES, SEED, SLOWER, TOO_FEW, busy
 
-MODEL_COLUMNS = ("model", "method", "status", "step_ms", "step_ms_p20", "step_ms_p80", "steps", "images_per_s",
-                 "speedup_vs_full", "peak_mem_mib", "mem_vs_full", "trainable_params", "total_params", "note")
+# speedup_vs_full_low/high: the CONFIDENCE interval of speedup_vs_full; verdict: faster, slower, within the noise,
+# too few rounds, or reference (full itself); rounds_to_settle: for an unsettled verdict, about how many rounds
+# might settle it; load_average: the 1-minute load average after the model's planned rounds.
+MODEL_COLUMNS = ("model", "method", "status", "step_ms", "step_ms_p20", "step_ms_p80", "rounds", "steps",
+                 "images_per_s", "speedup_vs_full", "speedup_vs_full_low", "speedup_vs_full_high", "verdict",
+                 "rounds_to_settle", "load_average", "peak_mem_mib", "mem_vs_full", "trainable_params", "total_params",
+                 "note")
 LAYER_COLUMNS = ("model", "layer", "count", "method", "mode", "auto_path", "status", "ms", "ms_p20", "ms_p80",
-                 "gflop", "tflops", "peak_fraction", "ratio_vs_conv", "speedup_vs_full", "batch", "in_channels",
-                 "out_channels", "kernel", "stride", "groups", "input_size")
+                 "rounds", "gflop", "tflops", "peak_fraction", "ratio_vs_conv", "ratio_vs_conv_low",
+                 "ratio_vs_conv_high", "speedup_vs_full", "speedup_vs_full_low", "speedup_vs_full_high", "verdict",
+                 "rounds_to_settle", "batch", "in_channels", "out_channels", "kernel", "stride", "groups",
+                 "input_size")
+VERDICT_COLORS = {FASTER: "#2a7ab0", SLOWER: "#c0392b", NOISE: "#aaaaaa", TOO_FEW: "#aaaaaa", REFERENCE: "#555555"}
+STATS = (f"Speed-up vs full: the median over the rounds of full fine-tuning's time / the method's in the same round "
+         f"(a round times every method once, back to back); interval: {CONFIDENCE:.0%} percentile bootstrap of that "
+         f"median over the rounds ({RESAMPLES} resamples, seed {SEED}); verdict: faster or slower when the interval "
+         f"lies above or below 1, {NOISE} when it includes 1, {TOO_FEW} under {MIN_ROUNDS}.")
 
 
 def write_csv(path: str, rows: List[dict], columns: Sequence[str]) -> None:
@@ -28,6 +41,19 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _interval(row: dict, key: str) -> str:
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    return "" if low is None or high is None else f"{low:.2f}–{high:.2f}×"
+
+
+def _unsettled(row: dict, key: str) -> bool:
+    """The ratio's interval includes 1, or too few rounds stand behind it (the reference itself excepted)."""
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    if low is None or high is None or (low == high == 1.0):
+        return False
+    return low <= 1 <= high or (row.get("rounds") or 0) < MIN_ROUNDS
+
+
 def _table(header: Sequence[str], body: List[Sequence[str]]) -> List[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(cells) + " |" for cells in body]
@@ -38,6 +64,8 @@ def _heading(cfg: Config) -> List[str]:
     if cfg.mode == "model":
         timing = (f"AdamW; per method {cfg.warmup} warm-up steps, then {cfg.rounds} interleaved rounds of "
                   f"{cfg.steps_per_round} timed step(s)")
+        if cfg.max_seconds > 0:
+            timing += f" (more on a busy machine, until about {cfg.max_seconds:g} s into the run)"
     else:
         timing = (f"per method and mode {cfg.warmup} warm-up samples, then {cfg.rounds} interleaved rounds of "
                   f"{cfg.steps_per_round} timed sample(s), a sample repeating the call for ≥ "
@@ -50,30 +78,62 @@ def _heading(cfg: Config) -> List[str]:
     # The load average counts this process too (one runnable thread while it starts up).
     if cfg.load_at_start is not None and cfg.load_at_start - 1 >= 0.5 * cores:
         lines += [f"**Busy machine:** the 1-minute load average was {cfg.load_at_start:.1f} on {cores} cores when "
-                  "the run started; other processes competed for the CPU, so the timings are noisy.", ""]
+                  "the run started; other processes competed for the CPU, so the timings are noisy: the intervals "
+                  "below are wider for it, and a ratio whose interval includes 1 is no verdict. The intervals "
+                  "cover the noise from round to round, not what the load does to every round alike: on a busy "
+                  "CPU the ratios can sit far from a quiet machine's, verdicts included.", ""]
+    elif cfg.load_at_start is not None:
+        lines += [f"1-minute load average {cfg.load_at_start:.1f} on {cores} cores when the run started.", ""]
     return lines
+
+
+def _verdict_lines(rows: List[dict], what: str) -> List[str]:
+    """A line in words per method with a verdict."""
+    judged = [r for r in rows if r.get("verdict_words")]
+    if not judged:
+        return []
+    return [f"{what}:", ""] + [f"- {r['method']}: {r['verdict_words']}" for r in judged] + [""]
+
+
+def _rounds_line(rows: List[dict], cfg: Config) -> List[str]:
+    """What the load was after the planned rounds and whether rounds were added."""
+    timed = [r for r in rows if r.get("rounds")]
+    if not timed:
+        return []
+    note, load = timed[0].get("rounds_note"), timed[0].get("load_average")
+    if note:
+        return [note[0].upper() + note[1:] + ".", ""]
+    if load is None:
+        return []
+    cores = os.cpu_count() or 1
+    return [f"Load average {load:.1f} on {cores} cores after the {cfg.rounds} planned rounds"
+            + (", above the core count." if busy(load, cores) else ", not above the core count."), ""]
 
 
 def model_markdown(rows: List[dict], cfg: Config) -> str:
     mem_header = "peak mem MiB (CUDA alloc)" if cfg.device.type == "cuda" else "peak RSS growth MiB"
     lines = _heading(cfg) + [
-        f"Step time: median and p20–p80 over the timed steps. Memory: {memory_metric(cfg.device)}, one method "
-        "at a time on its own copy of the model. Adapter methods train their adapters and the classifier.", ""]
-    header = ("method", "trainable params", "step ms", "p20–p80 ms", "images/s", "speedup vs full", mem_header,
-              "mem vs full", "notes")
+        f"Step time: median and p20–p80 over the timed steps. {STATS} Memory: {memory_metric(cfg.device)}, one "
+        "method at a time on its own copy of the model. Adapter methods train their adapters and the classifier.",
+        ""]
+    header = ("method", "trainable params", "step ms", "p20–p80 ms", "images/s", "speedup vs full",
+              f"{CONFIDENCE:.0%} interval", "verdict", mem_header, "mem vs full", "notes")
     for model_name in dict.fromkeys(r["model"] for r in rows):
         body = []
-        for r in (r for r in rows if r["model"] == model_name):
+        model_rows = [r for r in rows if r["model"] == model_name]
+        for r in model_rows:
             if "step_ms" not in r:
-                body.append((r["method"], _fmt(r.get("trainable_params"), ","), "", "", "", "",
+                body.append((r["method"], _fmt(r.get("trainable_params"), ","), "", "", "", "", "", "",
                              _fmt(r.get("peak_mem_mib"), ",.0f"), _fmt(r.get("mem_vs_full"), ".2f", "×"),
                              r["status"]))
                 continue
             body.append((r["method"], _fmt(r["trainable_params"], ","), f"{r['step_ms']:.1f}",
                          f"{r['step_ms_p20']:.1f}–{r['step_ms_p80']:.1f}", f"{r['images_per_s']:.1f}",
-                         _fmt(r["speedup_vs_full"], ".2f", "×"), _fmt(r["peak_mem_mib"], ",.0f"),
-                         _fmt(r["mem_vs_full"], ".2f", "×"), r["note"]))
+                         _fmt(r.get("speedup_vs_full"), ".2f", "×"), _interval(r, "speedup_vs_full"),
+                         r.get("verdict") or "", _fmt(r.get("peak_mem_mib"), ",.0f"),
+                         _fmt(r.get("mem_vs_full"), ".2f", "×"), r["note"]))
         lines += [f"## {model_name}", ""] + _table(header, body) + [""]
+        lines += _verdict_lines(model_rows, "Speed-up over full fine-tuning") + _rounds_line(model_rows, cfg)
     return "\n".join(lines)
 
 
@@ -84,10 +144,13 @@ def layer_markdown(rows: List[dict], cfg: Config) -> str:
         f"Each cell: median ms · achieved {unit}"
         + (f" (fraction of the {peak:g} TFLOP/s peak)" if peak else "")
         + " · ratio. forward: no autograd, ratio = time / the plain conv's (the floor). step: forward + backward "
-        "with the input gradient, ratio = speedup vs full (full's time / this time). FLOP/s count the work the "
+        "with the input gradient, ratio = speedup vs full (full's time / this time). A ratio is the median of the "
+        "per-round ratios. FLOP/s count the work the "
         "task needs (DESIGN §5): F forward; per step 2F frozen conv, 3F full, 2F + min(F, 2F/prod(k)) adapters. "
-        "`all convs` sums each shape's time × its count. auto: the path a CoLoRA layer with backend=\"auto\" "
-        "takes for the shape (torch: K0 + ΔK merged, one library conv; triton: the fused kernels).", ""]
+        "`all convs` sums each shape's time × its count; its ratios come from the per-round sums, with their "
+        f"{CONFIDENCE:.0%} interval in brackets. ≈ marks a ratio not outside the noise: its interval includes 1, or "
+        f"fewer than {MIN_ROUNDS} rounds stand behind it. auto: the path a CoLoRA layer with backend=\"auto\" "
+        "takes for the shape (torch: K0 + ΔK merged, one library conv; triton: the fused kernels).", "", STATS, ""]
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get("mode")))
     for model_name in dict.fromkeys(r["model"] for r in rows):
         for mode, ratio_key in (("forward", "ratio_vs_conv"), ("step", "speedup_vs_full")):
@@ -104,35 +167,66 @@ def layer_markdown(rows: List[dict], cfg: Config) -> str:
                 if r.get("peak_fraction") is not None:
                     text += f" ({r['peak_fraction']:.0%})"
                 if r.get(ratio_key) is not None:
-                    text += f" · {r[ratio_key]:.2f}×"
+                    text += f" · {'≈' if _unsettled(r, ratio_key) else ''}{r[ratio_key]:.2f}×"
+                    if r["layer"] == "all convs" and _interval(r, ratio_key):
+                        text += f" ({_interval(r, ratio_key)})"
                 cells[(r["layer"], r["method"])] = text
             body = [(layer, _fmt(count, "d"), auto) + tuple(cells.get((layer, m), "") for m in methods)
                     for layer, (count, auto) in layers.items()]
             lines += [f"## {model_name}: {mode}", ""] + _table(("layer", "count", "auto") + tuple(methods), body) + [""]
+            if mode == "step":
+                lines += _verdict_lines([r for r in rows if r["model"] == model_name and r.get("mode") == mode
+                                         and r["layer"] == "all convs"],
+                                        "All convs, training step, speed-up over full fine-tuning")
     skipped = {r["method"]: r["status"] for r in rows if not r.get("mode")}
     lines += [f"- {method}: {status}" for method, status in skipped.items()]
     return "\n".join(lines)
+
+
+def _error_bar(row: dict, key: str, invert: bool = False) -> Tuple[float, float]:
+    """The distances from the plotted ratio (1 / it with `invert`) down and up to the ends of its interval."""
+    value, low, high = row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")
+    if value is None or low is None or high is None:
+        return 0.0, 0.0
+    if invert:
+        value, low, high = 1 / value, 1 / high, 1 / low
+    return max(value - low, 0.0), max(high - value, 0.0)
 
 
 def model_plot(path: str, rows: List[dict], cfg: Config) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(len(models), 1, figsize=(8, 0.5 + 0.45 * len(cfg.methods) * len(models) + 0.6),
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, 0.5 + 0.45 * len(cfg.methods) * len(models) + 0.6),
                              squeeze=False)
     for ax, model_name in zip(axes[:, 0], models):
-        done = [r for r in rows if r["model"] == model_name and "step_ms" in r]
+        done = [r for r in rows if r["model"] == model_name and r.get("speedup_vs_full") is not None]
         names = [r["method"] for r in done]
-        speeds = [r["images_per_s"] for r in done]
-        bars = ax.barh(names, speeds, color=["#888888" if n in ("full", "head") else "#2a7ab0" for n in names])
+        speedups = [r["speedup_vs_full"] for r in done]
+        errors = [_error_bar(r, "speedup_vs_full") for r in done]
+        # Bars grow from 1 (level with full fine-tuning): right for a speed-up, left for a slow-down.
+        bars = ax.barh(names, [s - 1 for s in speedups], left=1.0, capsize=3,
+                       color=[VERDICT_COLORS.get(r.get("verdict"), "#aaaaaa") for r in done])
+        ax.errorbar(speedups, range(len(done)), xerr=list(zip(*errors)) if errors else None, fmt="none",
+                    ecolor="black", capsize=3, linewidth=1)
         for bar, r in zip(bars, done):
-            text = _fmt(r["speedup_vs_full"], ".2f", "×")
+            text = f"{r['speedup_vs_full']:.2f}×"
+            if r.get("verdict") != REFERENCE:
+                text += f" [{_interval(r, 'speedup_vs_full')}] {r.get('verdict') or ''}"
             if r.get("peak_mem_mib") is not None:
                 text += f"  {r['peak_mem_mib']:,.0f} MiB"
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=8)
+            ax.text(max(1.0, r["speedup_vs_full"], r.get("speedup_vs_full_high") or 0),
+                    bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        highest = max([r.get("speedup_vs_full_high") or r["speedup_vs_full"] for r in done], default=1.0)
+        lowest = min([r.get("speedup_vs_full_low") or r["speedup_vs_full"] for r in done], default=1.0)
+        ax.set_xlim(min(lowest, 1.0) / 1.3, max(highest, 1.0) * 6)  # room for the labels right of the bars
+        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+        ax.minorticks_off()
         ax.invert_yaxis()
-        ax.set_xlim(0, max(speeds, default=1) * 1.35)
-        ax.set_xlabel("training throughput (images/s)")
+        ax.set_xlabel(f"speed-up over full fine-tuning (median over rounds, {CONFIDENCE:.0%} interval; log scale)")
         ax.set_title(f"{model_name}: batch {cfg.batch}, {cfg.image_size}², {cfg.dtype} — {device_name(cfg.device)}",
                      fontsize=9)
     fig.tight_layout()
@@ -156,12 +250,13 @@ def layer_plot(path: str, rows: List[dict], cfg: Config) -> None:
             width = 0.8 / max(len(methods), 1)
             for k, method in enumerate(methods):
                 by_layer = {r["layer"]: r for r in data if r["method"] == method}
-                values = []
+                values, errors = [], []
                 for layer in layers:
                     value = by_layer.get(layer, {}).get(key)
                     values.append(float("nan") if value is None else (1 / value if key == "ratio_vs_conv" else value))
+                    errors.append(_error_bar(by_layer.get(layer, {}), key, invert=key == "ratio_vs_conv"))
                 ax.bar([x + (k - (len(methods) - 1) / 2) * width for x in range(len(layers))], values, width,
-                       label=method)
+                       yerr=list(zip(*errors)), capsize=1.5, error_kw=dict(linewidth=0.6), label=method)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_yscale("log")
             ax.set_xticks(range(len(layers)))
@@ -182,7 +277,7 @@ def write_outputs(rows: List[dict], cfg: Config) -> str:
     write_csv(os.path.join(cfg.out, "results.csv"), rows, LAYER_COLUMNS if layers else MODEL_COLUMNS)
     markdown = (layer_markdown if layers else model_markdown)(rows, cfg)
     with open(os.path.join(cfg.out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(markdown + "\n")
+        f.write(markdown.rstrip("\n") + "\n")
     with open(os.path.join(cfg.out, "env.json"), "w", encoding="utf-8") as f:
         json.dump(environment(cfg), f, indent=2)
         f.write("\n")

@@ -15,6 +15,7 @@ from torch import nn
 import colora_fused
 from colora_fused import bench, bench_model, bench_report
 from colora_fused.bench_progress import Progress, duration
+from colora_fused.bench_stats import MIN_ROUNDS
 
 # The memory measurement's two steps per method already warm it up. On CPU (also where a GPU is present): these
 # tests check the CPU defaults (steps per round) and torch as auto's path there.
@@ -52,9 +53,13 @@ def test_model_mode_writes_results(tmp_path):
         assert r["status"] == "ok", r
         p20, median, p80 = (positive(r[k]) for k in ("step_ms_p20", "step_ms", "step_ms_p80"))
         assert p20 <= median <= p80
-        assert int(r["steps"]) == 2
+        assert int(r["steps"]) == 2 and int(r["rounds"]) == 2
         assert positive(r["images_per_s"]) == pytest.approx(2 / (median / 1e3))
-        positive(r["speedup_vs_full"])
+        low, speedup, high = (positive(r[f"speedup_vs_full{k}"]) for k in ("_low", "", "_high"))
+        assert low <= speedup <= high
+        # Two rounds are too few for a verdict: it says so, and how many rounds a verdict needs at least.
+        assert r["verdict"] == ("reference" if r["method"] == "full" else "too few rounds"), r
+        assert (r["rounds_to_settle"] == "") == (r["method"] == "full")
         positive(r["peak_mem_mib"])
         positive(r["mem_vs_full"])
         assert int(r["trainable_params"]) <= int(r["total_params"])
@@ -71,6 +76,9 @@ def test_model_mode_writes_results(tmp_path):
     for method in methods:
         (cells,) = table_rows(markdown, method)
         assert float(cells[2]) == pytest.approx(float(by_method[method]["step_ms"]), abs=0.06)
+        assert cells[7] == by_method[method]["verdict"]
+    assert f"- colora-torch: {float(by_method['colora-torch']['speedup_vs_full']):.2f}× (95% interval " in markdown
+    assert markdown.count("too few rounds for a verdict (at least 6)") == 3
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     env = json.loads((tmp_path / "env.json").read_text(encoding="utf-8"))
     assert env["torch"] == torch.__version__ and env["batch"] == 2 and env["image_size"] == 32
@@ -98,7 +106,7 @@ def test_layer_mode_writes_results(tmp_path, capsys):
     n = len(layers)
     shapes = [line for line in lines if ": building 3 layers" in line]
     assert len(shapes) == n and f"shape 1/{n} 3→64 7×7 s2 @16×16" in shapes[0]
-    total = n * len(methods) * 2 * 1 * 2  # shapes × methods × modes × rounds × steps per round (no warm-up)
+    total = n * len(methods) * 2 * 1 * 1  # shapes × methods × modes × rounds × steps per round (no warm-up)
     assert f"0/{total} steps done, {total} left" in shapes[0]
     assert any(f"shape {n}/{n} " in line and " step: round 1/1: " in line for line in lines)
     assert all("about" in line and "to go" in line for line in shapes[1:]), "an estimate once a step is done"
@@ -116,11 +124,19 @@ def test_layer_mode_writes_results(tmp_path, capsys):
     assert float(stem["full", "step"]["gflop"]) == pytest.approx(3 * forward_gflop)
     assert float(stem["colora-torch", "step"]["gflop"]) == pytest.approx((2 + 2 / 49) * forward_gflop)
     assert float(stem["conv", "forward"]["ratio_vs_conv"]) == pytest.approx(1.0)
+    for r in rows:  # one round: intervals around each ratio, no verdict
+        assert int(r["rounds"]) == 1
+        for key in ("ratio_vs_conv", "speedup_vs_full"):
+            assert float(r[f"{key}_low"]) <= float(r[key]) <= float(r[f"{key}_high"])
+        assert r["verdict"] == ("reference" if r["method"] == "full" else "too few rounds")
 
     markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "## resnet18: forward" in markdown and "## resnet18: step" in markdown
     assert len(table_rows(markdown, "all convs")) == 2
     assert "| layer | count | auto | conv | full | colora-torch |" in markdown
+    (forward, step) = table_rows(markdown, "all convs")
+    assert "· ≈" in step[5] and "×)" in step[5]  # one round: not outside the noise; the interval in brackets
+    assert "All convs, training step, speed-up over full fine-tuning:" in markdown
     assert all(cells[2] in paths for cells in table_rows(markdown, "3→64 7×7 s2 @16×16"))
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "env.json").read_text(encoding="utf-8"))["mode"] == "layers"
@@ -196,6 +212,9 @@ def test_defaults_without_cuda(monkeypatch):
     assert (cfg.batch, cfg.image_size, cfg.dtype) == (bench.DEFAULTS["cpu"]["batch"],
                                                       bench.DEFAULTS["cpu"]["image_size"], "fp32")
     assert cfg.out.startswith("bench-results/cpu-") and "colora-triton" in cfg.skipped
+    assert cfg.max_seconds == bench.DEFAULTS["cpu"]["max_seconds"] > 0 and cfg.rounds >= MIN_ROUNDS
+    assert bench.parse_config(["--layers"]).rounds >= MIN_ROUNDS
+    assert bench.parse_config(["--max-seconds", "0"]).max_seconds == 0
     assert bench.parse_config(["--layers"]).out.endswith("/layers")
     compiled = bench.parse_config(["--methods", "full,colora-torch", "--compile"]).methods
     assert compiled == ["full", "colora-torch", "full+compile", "colora-torch+compile"]
