@@ -130,11 +130,12 @@ def allocate_rank(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Mod
                   apply: bool = True) -> RankPlan:
     """Measure each selected plain conv's contribution on `batches` (`loss_fn(model, batch)` → scalar loss),
     give ranks within `budget` adapter parameters (Kp, Kd and Δb) as the module docstring says, and, with
-    `apply`, wrap each conv of rank ≥ 1 by `apply_colora` at its rank (rank 0 convs stay plain). Returns the
-    `RankPlan` (print it for the table). Raises ValueError when no conv can be given a term within the budget.
+    `apply`, wrap each conv of rank ≥ 1 by `apply_colora` at its rank and freeze the weight and bias of each
+    selected conv of rank 0, which stays plain (the convs left out of the selection are not touched). Returns
+    the `RankPlan` (print it for the table). Raises ValueError when no conv can be given a term within the budget.
     """
     check_order(order)
-    named = _select_convs(model, include, exclude)
+    named = _select_convs(model, include, exclude, caller="allocate_rank")
     convs = [conv for _, conv in named]
     grads = measure_gradients(model, convs, batches, loss_fn)
     energies = [separable_energy(g, conv.groups, order) for g, conv in zip(grads, convs)]
@@ -145,4 +146,7 @@ def allocate_rank(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Mod
     if apply:
         apply_colora(model, include=list(plan.ranks), order=order, train_bias=train_bias, backend=backend,
                      rank=plan.ranks)
+        for name, conv in named:
+            if name not in plan.ranks:
+                conv.requires_grad_(False)
     return plan

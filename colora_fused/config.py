@@ -8,6 +8,7 @@ from ._conv import check_order, check_rank
 from .functional import check_backend
 
 Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+UNSUPPORTED = ("error", "skip")  # what to do with a selected conv whose class CoLoRA cannot repeat
 
 
 def _check_selector(field: str, value: Selector) -> Selector:
@@ -25,13 +26,18 @@ class CoLoRAConfig:
     """The settings of `get_colora_model`, named as in PEFT's `LoraConfig` where the idea is the same.
 
     - `target_modules`: the convs to wrap — a regex searched in the qualified module name, a list of qualified
-      names, or a callable `(name, module) -> bool`; None wraps every nn.Conv1d/2d/3d (`apply_colora`'s
-      `include`).
+      names, or a callable `(name, module) -> bool` (`apply_colora`'s `include`). None, the default, wraps the
+      convs whose adapter (Kp + Kd at `rank`) is smaller than their weight: the k×k convs, not the 1×1 ones
+      (Kp alone is as large as their weight) nor the depthwise ones (Kd alone is). "all" (that exact string, not
+      a regex) wraps every conv.
     - `exclude_modules`: the same forms; convs it selects are left plain (`apply_colora`'s `exclude`).
     - `modules_to_save`: names of modules kept fully trainable (the classifier, say); a module matches when
       its qualified name equals a name or ends with "." + name, as in PEFT. Everything else is frozen.
     - `order`, `train_bias`, `backend`, `rank`: as in `CoLoRAConv2d.from_conv` (`rank`: the Kp ⊛ Kd terms of each
       wrapped conv, 1 as in the paper; PEFT's `r`).
+    - `unsupported`: "error" (default) refuses a selection holding a conv whose class computes what a CoLoRA layer
+      cannot repeat (`conv_kinds`: a custom `forward`), naming it; "skip" leaves such convs plain (and frozen)
+      and logs a warning listing them.
 
     `to_dict()` gives a JSON-serialisable dict and `from_dict(d)` reads it back; a callable selector has no
     JSON form, so `to_dict` refuses it (TypeError) instead of writing something that cannot be read back.
@@ -44,6 +50,7 @@ class CoLoRAConfig:
     train_bias: Optional[bool] = None
     backend: str = "auto"
     rank: int = 1
+    unsupported: str = "error"
 
     def __post_init__(self):
         self.target_modules = _check_selector("target_modules", self.target_modules)
@@ -57,6 +64,8 @@ class CoLoRAConfig:
         check_order(self.order)
         check_backend(self.backend)
         check_rank(self.rank)
+        if self.unsupported not in UNSUPPORTED:
+            raise ValueError(f"CoLoRAConfig.unsupported: expected one of {UNSUPPORTED}, got {self.unsupported!r}")
         if self.train_bias is not None and not isinstance(self.train_bias, bool):
             raise TypeError(f"CoLoRAConfig.train_bias: expected None, True or False, got {self.train_bias!r}")
 

@@ -1,16 +1,22 @@
 """Whole-model CoLoRA: wrap, merge, unwrap, save and load adapters, count parameters, PEFT-style helpers."""
 import contextlib
+import logging
+import math
 import re
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
-from ._conv import check_order, check_rank
-from .config import CoLoRAConfig, Selector
+from ._conv import adapter_shapes, check_order, check_rank
+from .config import UNSUPPORTED, CoLoRAConfig, Selector
+from .conv_kinds import SUPPORTED
 from .functional import check_backend
 from .modules import CONV_TO_COLORA, DEFAULT, _CoLoRAConvNd, merge_layers_
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_KEYS = ("pointwise", "depthwise", "bias_delta")
 
@@ -42,60 +48,138 @@ def _require_layers(model: nn.Module, caller: str) -> List[Tuple[str, _CoLoRACon
     return layers
 
 
-def _select_convs(model: nn.Module, include: Selector, exclude: Selector) -> List[Tuple[str, nn.Module]]:
-    """The (name, conv) pairs `include` / `exclude` pick among the model's plain convs, each name once.
+def _shown(names: Sequence[str], limit: int = 8) -> str:
+    """The first `limit` names, then "(N more)": an error about a model of hundreds of convs stays readable."""
+    names = list(names)
+    more = f" ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
-    Raises ValueError when the pick is empty, when it holds CoLoRA layers (a model wrapped a second time) or
-    when it is the model itself.
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def adapter_is_smaller(conv: nn.Module, order: str = "pointwise_first", rank: int = 1) -> bool:
+    """Whether a CoLoRA adapter of `rank` terms (Kp + Kd) holds fewer numbers than `conv`'s weight: true of k×k
+    convs with C_in/groups ≥ 2 (mostly), never of a 1×1 conv (Kp alone is as large) nor of a depthwise one (Kd
+    alone is). `CoLoRAConfig`'s default wraps these convs only."""
+    kp, kd = adapter_shapes(conv.weight.shape, conv.groups, order, rank)
+    return math.prod(kp) + math.prod(kd) < conv.weight.numel()
+
+
+def _refusals(chosen: List[Tuple[str, nn.Module]]) -> Dict[str, Tuple[str, List[str]]]:
+    """{class name: (why CoLoRA refuses it, the qualified names of its convs)} over `chosen`."""
+    refused: Dict[str, Tuple[str, List[str]]] = {}
+    for name, conv in chosen:
+        reason = CONV_TO_COLORA[_torch_conv(conv)].refusal(conv)
+        if reason is not None:
+            refused.setdefault(type(conv).__name__, (reason, []))[1].append(name)
+    return refused
+
+
+def _torch_conv(conv: nn.Module) -> type:
+    return next(base for base in CONV_TO_COLORA if isinstance(conv, base))
+
+
+def _select_convs(model: nn.Module, include: Selector, exclude: Selector, unsupported: str = "error", *,
+                  caller: str = "apply_colora", args: Tuple[str, str] = ("include", "exclude"),
+                  efficient: Optional[Tuple[str, int]] = None) -> List[Tuple[str, nn.Module]]:
+    """The (name, conv) pairs `include` / `exclude` pick among the model's convs (nn.Conv1d/2d/3d and their
+    subclasses), each name once.
+
+    `include` None or "all": every conv; with `efficient` = (order, rank), None means the convs whose adapter is
+    smaller than their weight (`adapter_is_smaller`) instead. Picked convs a CoLoRA layer cannot stand in for
+    (`conv_kinds`) raise TypeError naming them, or with `unsupported="skip"` are left out and logged. Raises
+    ValueError when the pick is empty, when it holds CoLoRA layers (a model wrapped a second time) or when it is
+    the model itself. Errors name the caller and its arguments (`caller`, `args`).
     """
-    convs = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
-             if type(m) in CONV_TO_COLORA or isinstance(m, _CoLoRAConvNd)]
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"{caller}: unsupported={unsupported!r}; choose one of {UNSUPPORTED}")
+    convs = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, tuple(CONV_TO_COLORA))]
+    if efficient is not None and include is None:
+        described = "None (the default: the convs whose adapter is smaller than their weight)"
+        # A lazy conv has no shape yet: it is selected, to be refused with its reason rather than left out unseen.
+        include = lambda n, m: (isinstance(m, _CoLoRAConvNd) or is_lazy(m.weight)  # noqa: E731
+                                or adapter_is_smaller(m, *efficient))
+    else:
+        described = repr(include)
+        include = None if include == "all" else include
     chosen = [(n, m) for n, m in convs if (include is None or _selected(include, n, m))
               and not (exclude is not None and _selected(exclude, n, m))]
     wrapped = [n for n, m in chosen if isinstance(m, _CoLoRAConvNd)]
     if wrapped:
-        raise ValueError(f"apply_colora: already CoLoRA layers: {', '.join(wrapped)}; the model is wrapped already "
-                         "(unapply_colora or merge_and_unload first, or select only plain convs)")
+        raise ValueError(f"{caller}: the selection holds {_count(len(wrapped), 'CoLoRA layer')} already: "
+                         f"{_shown(wrapped)}; the model is wrapped already (unapply_colora or merge_and_unload "
+                         "first, or select only plain convs)")
     if not chosen:
-        available = ", ".join(n for n, _ in convs) or "none"
-        raise ValueError(f"apply_colora: include={include!r}, exclude={exclude!r} select no nn.Conv1d/2d/3d; "
-                         f"the convs in this model are: {available}")
+        there = f"the model's {_count(len(convs), 'conv')}: {_shown(n for n, _ in convs)}" if convs else "none"
+        raise ValueError(f"{caller}: {args[0]}={described}, {args[1]}={exclude!r} select no conv of {there}"
+                         + ("; target_modules='all' wraps every conv" if efficient is not None else ""))
     if any(n == "" for n, _ in chosen):
-        raise ValueError("apply_colora wraps the convs inside a model; wrap a lone conv with "
+        raise ValueError(f"{caller} wraps the convs inside a model; wrap a lone conv with "
                          "CoLoRAConv{1,2,3}d.from_conv(conv)")
+    refused = _refusals(chosen)
+    if not refused:
+        return chosen
+    count = sum(len(names) for _, names in refused.values())
+    listed = "; ".join(f"{cls} ×{len(names)} ({_shown(names, 4)}): {reason}"
+                       for cls, (reason, names) in refused.items())
+    if unsupported == "error":
+        raise TypeError(f"{caller}: {count} of the {_count(len(chosen), 'selected conv')} compute what a CoLoRA "
+                        f"layer cannot repeat: {listed}. CoLoRA supports {SUPPORTED}. Leave them out with "
+                        f"{args[1]}, or pass unsupported='skip' to leave every such conv plain; nothing was changed")
+    logger.warning("%s: unsupported='skip' leaves %s plain: %s", caller, _count(count, "selected conv"), listed)
+    left_out = {n for _, names in refused.values() for n in names}
+    chosen = [(n, m) for n, m in chosen if n not in left_out]
+    if not chosen:
+        raise ValueError(f"{caller}: every selected conv is unsupported ({listed}); nothing to wrap")
     return chosen
+
+
+def _wrap(model: nn.Module, chosen: List[Tuple[str, nn.Module]], ranks: Dict[str, int], order: str,
+          train_bias: Optional[bool], backend: str, caller: str) -> None:
+    """Replace each chosen conv by its CoLoRA layer at ranks[name]; a conv shared by several names once."""
+    wrapped: Dict[int, nn.Module] = {}
+    for name, conv in chosen:
+        if id(conv) in wrapped and wrapped[id(conv)].rank != ranks[name]:
+            raise ValueError(f"{caller}: {name} shares its conv with another name of another rank")
+        if id(conv) not in wrapped:
+            wrapped[id(conv)] = CONV_TO_COLORA[_torch_conv(conv)].from_conv(conv, order, train_bias, backend,
+                                                                            ranks[name])
+    for name, conv in chosen:
+        _set_submodule(model, name, wrapped[id(conv)])
 
 
 def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector = None,
                  order: str = "pointwise_first", train_bias: Optional[bool] = None,
-                 backend: str = "auto", rank: Union[int, Dict[str, int]] = 1) -> List[str]:
-    """Replace the selected `nn.Conv1d/2d/3d` of `model`, in place, by CoLoRA layers sharing their weights.
+                 backend: str = "auto", rank: Union[int, Dict[str, int]] = 1, unsupported: str = "error") -> List[str]:
+    """Replace the selected convs of `model` (nn.Conv1d/2d/3d and the subclasses `conv_kinds` supports), in
+    place, by CoLoRA layers sharing their weights.
 
-    `rank`: the terms of every wrapped conv, or {qualified name: rank} for each selected conv (a missing name,
-    or a name selected twice under different ranks, raises ValueError).
+    `include` None (or "all") selects every conv; `exclude` leaves out what it selects (both: a regex searched in
+    the qualified name, a list of qualified names, or a callable (name, module) -> bool). `rank`: the terms of
+    every wrapped conv, or {qualified name: rank} for each selected conv (a missing name, or a name selected
+    twice under different ranks, raises ValueError). `unsupported`: "error" (a selected conv whose class computes
+    something CoLoRA cannot repeat raises TypeError naming it) or "skip" (such convs stay plain, and a warning
+    lists them).
 
-    The wrapped convs' base weights and biases are frozen; nothing else is touched: BatchNorm, the classifier
-    and the convs left out stay as trainable as they were. `get_colora_model` instead freezes everything but
-    the adapters and `modules_to_save`, as PEFT does. Returns the qualified names replaced. Raises ValueError
-    (and changes nothing) when the selection matches no plain conv or includes CoLoRA layers already there.
+    The wrapped convs' base weights and biases (and their other parameters, timm's gain) are frozen; nothing else
+    is touched: BatchNorm, the classifier and the convs left out stay as trainable as they were.
+    `get_colora_model` instead freezes everything but the adapters and `modules_to_save`, as PEFT does. Returns the
+    qualified names replaced. Raises (and changes nothing) when the selection matches no conv, holds an
+    unsupported conv (unless skipped) or includes CoLoRA layers already there.
     """
     check_order(order)
     check_backend(backend)
-    chosen = _select_convs(model, include, exclude)
+    chosen = _select_convs(model, include, exclude, unsupported)
     ranks = {n: rank for n, _ in chosen} if isinstance(rank, int) else dict(rank)
     missing = [n for n, _ in chosen if n not in ranks]
     if missing:
-        raise ValueError(f"apply_colora: rank gives no rank for {', '.join(missing)}")
+        raise ValueError(f"apply_colora: rank gives no rank for {_count(len(missing), 'selected conv')}: "
+                         f"{_shown(missing)}")
     for value in ranks.values():
         check_rank(value)
-    wrapped: Dict[int, nn.Module] = {}
-    for name, conv in chosen:
-        if id(conv) in wrapped and wrapped[id(conv)].rank != ranks[name]:
-            raise ValueError(f"apply_colora: {name} shares its conv with another name of another rank")
-        if id(conv) not in wrapped:
-            wrapped[id(conv)] = CONV_TO_COLORA[type(conv)].from_conv(conv, order, train_bias, backend, ranks[name])
-    for name, conv in chosen:
-        _set_submodule(model, name, wrapped[id(conv)])
+    _wrap(model, chosen, ranks, order, train_bias, backend, "apply_colora")
     return [n for n, _ in chosen]
 
 
@@ -110,8 +194,9 @@ def _modules_to_save(model: nn.Module, names: Optional[List[str]]) -> List[Tuple
     matches = lambda n, target: n == target or n.endswith("." + target)  # noqa: E731
     unmatched = [t for t in names if not any(matches(n, t) for n, _ in modules)]
     if unmatched:
-        raise ValueError(f"get_colora_model: modules_to_save names no module: {', '.join(unmatched)}; "
-                         f"the model's top-level modules are: {', '.join(n for n, _ in model.named_children())}")
+        children = [n for n, _ in model.named_children()]
+        raise ValueError(f"get_colora_model: modules_to_save names no module: {_shown(unmatched)}; the model's "
+                         f"top-level modules ({len(children)}): {_shown(children)}")
     return [(n, m) for n, m in modules if n and any(matches(n, t) for t in names)]
 
 
@@ -119,22 +204,27 @@ def get_colora_model(model: nn.Module, config: Optional[CoLoRAConfig] = None) ->
     """Wrap `model` in place as `config` says and freeze, as PEFT does, every parameter but the adapters and
     those of `config.modules_to_save`; returns `model`.
 
-    Unlike `apply_colora`, BatchNorm's affine parameters, the classifier and the convs left plain end up with
-    `requires_grad=False` unless named in `modules_to_save` (BatchNorm's running statistics still follow the
-    data in training mode). Raises ValueError and changes nothing when the selection matches no conv, when a
-    `modules_to_save` name matches no module, or when a module to save holds a conv that would be wrapped
-    (a module is either adapted or trained whole).
+    With the default `target_modules=None` the convs wrapped are those whose adapter is smaller than their weight
+    (`adapter_is_smaller`: k×k, not depthwise); "all" wraps every conv. Unlike `apply_colora`, BatchNorm's
+    affine parameters, the classifier and the convs left plain end up with `requires_grad=False` unless named in
+    `modules_to_save` (BatchNorm's running statistics still follow the data in training mode). Raises and changes
+    nothing when the selection matches no conv, when it holds a conv CoLoRA cannot stand in for (TypeError;
+    `unsupported="skip"` leaves those plain instead), when a `modules_to_save` name matches no module, or when a
+    module to save holds a conv that would be wrapped (a module is either adapted or trained whole).
     """
     config = CoLoRAConfig() if config is None else config
-    chosen = _select_convs(model, config.target_modules, config.exclude_modules)
+    chosen = _select_convs(model, config.target_modules, config.exclude_modules, config.unsupported,
+                           caller="get_colora_model", args=("target_modules", "exclude_modules"),
+                           efficient=(config.order, config.rank))
     saved = _modules_to_save(model, config.modules_to_save)
     chosen_ids = {id(m) for _, m in chosen}
     overlap = sorted({n for n, m in saved for sub in m.modules() if id(sub) in chosen_ids})
     if overlap:
-        raise ValueError(f"get_colora_model: modules_to_save {', '.join(overlap)} hold convs that target_modules "
-                         "selects; exclude them from target_modules or drop them from modules_to_save")
-    apply_colora(model, include=[n for n, _ in chosen], order=config.order, train_bias=config.train_bias,
-                 backend=config.backend, rank=config.rank)
+        raise ValueError(f"get_colora_model: modules_to_save picks {_count(len(overlap), 'module')} holding convs "
+                         f"that target_modules selects: {_shown(overlap)}; exclude them from target_modules or drop "
+                         "them from modules_to_save")
+    _wrap(model, chosen, {n: config.rank for n, _ in chosen}, config.order, config.train_bias, config.backend,
+          "get_colora_model")
     keep: Set[int] = {id(p) for _, layer in colora_layers(model) for p in layer.adapter_parameters()}
     keep |= {id(p) for _, m in saved for p in m.parameters()}
     for p in model.parameters():

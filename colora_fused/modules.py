@@ -1,11 +1,12 @@
 """CoLoRAConv1d/2d/3d: drop-in `nn.ConvNd` subclasses with a frozen base and a trainable Kp ⊛ Kd residual."""
+import functools
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import functional, ops
+from . import conv_kinds, functional, ops
 from ._conv import MergeSpec, adapter_rank, adapter_shapes, adapter_terms, check_order, check_rank
 from .functional import check_backend, chosen_backend, colora_conv
 
@@ -36,6 +37,11 @@ class _CoLoRAConvNd:
     rebuilt when K0, Kp or Kd changed (`ops.MergedWeightCache`; one weight-sized copy per layer); False merges
     on every forward and backward instead.
 
+    What the layer computes is what its base conv's class computes (`conv_kinds`): `from_conv` of a timm
+    StdConv2d gives a layer that standardises K0 + ΔK, of a Conv2dSame one that pads each input as TensorFlow's
+    "SAME"; `conv_kind` says which, `base_class` is that class (the `nn.ConvNd` itself for a layer built by the
+    constructor), and `to_conv` gives one back.
+
     Named adapters (`colora_fused.adapters`): besides its own adapter, "default" (`pointwise`, `depthwise`,
     `bias_delta`), a layer may hold more in `colora_adapters` (created by the first `add_adapter`).
     `active_adapters` (("default",)) names those the forward sums: ΔK = Σ over them of their terms, Δb the sum
@@ -43,6 +49,9 @@ class _CoLoRAConvNd:
     """
 
     _conv_cls: type
+    conv_kind: conv_kinds.ConvKind = conv_kinds.PLAIN
+    _base_class: Optional[type] = None
+    _base_state: Tuple[str, ...] = ()  # what from_conv took over beyond the nn.ConvNd's own state (timm's eps, gain)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, order="pointwise_first",
@@ -73,22 +82,49 @@ class _CoLoRAConvNd:
         self.bias_delta = nn.Parameter(torch.empty(self.out_channels, **factory)) if has_bias_delta else None
         self.reset_adapter_()
 
+    @property
+    def base_class(self) -> type:
+        """The class of the conv this layer stands in for, whose computation it repeats on K0 + ΔK."""
+        return self._base_class or self._conv_cls
+
+    @classmethod
+    def refusal(cls, conv: nn.Module) -> Optional[str]:
+        """Why `from_conv(conv)` would refuse `conv` (a class whose computation `conv_kinds` does not know, a
+        CoLoRA layer, state named as the layer's own), or None when it wraps it."""
+        if not isinstance(conv, cls._conv_cls):
+            return f"{type(conv).__name__} is not an nn.{cls._conv_cls.__name__}"
+        if isinstance(conv, _CoLoRAConvNd):
+            return f"{type(conv).__name__} is a CoLoRA layer already"
+        _, reason = conv_kinds.kind_or_reason(conv)
+        if reason is not None:
+            return reason
+        clash = sorted(set(conv_kinds.own_state(conv, cls._conv_cls)) & _reserved_names(cls))
+        if clash:
+            return f"{type(conv).__name__} holds {', '.join(clash)}, names a CoLoRA layer uses for itself"
+        return None
+
     @classmethod
     def from_conv(cls, conv: nn.Module, order: str = "pointwise_first", train_bias: Optional[bool] = None,
                   backend: str = "auto", rank: int = 1):
-        """Wrap `conv`, reusing (not copying) its weight and bias, which are frozen."""
-        if not isinstance(conv, cls._conv_cls) or isinstance(conv, _CoLoRAConvNd):
-            raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._conv_cls.__name__}, "
-                            f"got {type(conv).__name__}")
+        """Wrap `conv`, reusing (not copying) its weight, bias and whatever else its class holds (timm's gain, eps,
+        ...), the parameters frozen. `conv` is an nn.ConvNd of this dimension or a subclass `conv_kinds` supports;
+        anything else raises TypeError naming its class (and what is supported), and nothing changes."""
+        reason = cls.refusal(conv)
+        if reason is not None:
+            raise TypeError(f"{cls.__name__}.from_conv: {reason} (CoLoRA supports {conv_kinds.SUPPORTED})")
         check_order(order)
         check_backend(backend)
         check_rank(rank)
+        kind, _ = conv_kinds.kind_or_reason(conv)
         layer = cls.__new__(cls)
         cls._conv_cls.__init__(layer, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                                device="meta", dtype=conv.weight.dtype)
         layer.weight = conv.weight
         layer.bias = conv.bias
+        layer._base_state = conv_kinds.own_state(conv, cls._conv_cls)
+        conv_kinds.copy_state(conv, layer, layer._base_state, clone=False)
+        layer.conv_kind, layer._base_class = kind, type(conv)
         layer._init_adapters(order, train_bias, backend, rank)
         layer.train(conv.training)
         return layer
@@ -199,13 +235,19 @@ class _CoLoRAConvNd:
 
     @torch.no_grad()
     def to_conv(self) -> nn.Module:
-        """A plain `nn.ConvNd` holding K0 + ΔK and b0 + Δb of the active adapters (for inference and export); this
+        """A conv of `base_class` (the class `from_conv` was given; an `nn.ConvNd` otherwise) holding K0 + ΔK and
+        b0 + Δb of the active adapters, and copies of the rest of its state (for inference and export); this
         layer is untouched."""
         _, _, db = self.factors()
         has_bias = self.bias is not None or db is not None
         conv = self._conv_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                               self.dilation, self.groups, has_bias, self.padding_mode, device="meta",
                               dtype=self.weight.dtype)
+        if self.base_class is not self._conv_cls:
+            # A subclass's constructor may take other arguments (torchvision's Conv3DSimple does): the conv is built
+            # as torch's, then given its class; its state is torch's plus what from_conv took over, restored below.
+            conv.__class__ = self.base_class
+        conv_kinds.copy_state(self, conv, self._base_state, clone=True)
         delta = self.delta_weight(self.active_adapters) if self.active_adapters else torch.zeros_like(self.weight)
         conv.weight = nn.Parameter(self.weight + delta, requires_grad=self.weight.requires_grad)
         if has_bias:
@@ -220,13 +262,19 @@ class _CoLoRAConvNd:
         adapters = [self.adapter(n) for n in (self.adapter_names() if names is None else names)]
         return [p for a in adapters for p in (a.pointwise, a.depthwise, a.bias_delta) if p is not None]
 
+    def _colora_arguments(self, input: Tensor):
+        """The arguments of `colora_conv` that compute `base_class`'s forward on K0 + ΔK (`conv_kinds`), and
+        whether the merged-weight cache may serve it."""
+        kp, kd, db = self.factors()
+        x, weight, kp, kd, padding, padding_mode, cacheable = self.conv_kind.conv_arguments(self, input, kp, kd)
+        return (x, weight, self.bias, kp, kd, db, self.stride, padding, self.dilation, self.groups, padding_mode,
+                self.order, self.backend), cacheable
+
     def forward(self, input: Tensor) -> Tensor:
         if self.disable_adapters or not self.active_adapters:
-            return self._conv_cls.forward(self, input)
-        kp, kd, db = self.factors()
-        return colora_conv(input, self.weight, self.bias, kp, kd, db, self.stride, self.padding, self.dilation,
-                           self.groups, self.padding_mode, self.order, self.backend,
-                           merge_cache=self._merge_cache if self.cache_merged_weight else None)
+            return self.base_class.forward(self, input)
+        args, cacheable = self._colora_arguments(input)
+        return colora_conv(*args, merge_cache=self._merge_cache if self.cache_merged_weight and cacheable else None)
 
     def clear_merged_cache(self) -> None:
         """Drop the cached K0 + ΔK (it is rebuilt at the next forward): needed only after writes through
@@ -239,16 +287,24 @@ class _CoLoRAConvNd:
         `functional.chosen_backend`."""
         if self.disable_adapters or not self.active_adapters:
             return "base"
-        kp, kd, db = self.factors()
-        return chosen_backend(input, self.weight, self.bias, kp, kd, db, self.stride, self.padding, self.dilation,
-                              self.groups, self.padding_mode, self.order, self.backend)
+        with torch.no_grad():
+            args, _ = self._colora_arguments(input)
+        return chosen_backend(*args)
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.adapter_parameters())
         rank = f", rank={self.rank}" if self.rank > 1 else ""
         active = f", active_adapters={list(self.active_adapters)}" if self.active_adapters != (DEFAULT,) else ""
+        base = f", base={self.base_class.__name__}" if self.base_class is not self._conv_cls else ""
         return (f"{super().extra_repr()}, order={self.order}{rank}, backend={self.backend}, adapter_params={n}"
-                f"{active}")
+                f"{active}{base}")
+
+
+@functools.lru_cache(maxsize=None)
+def _reserved_names(cls: type) -> frozenset:
+    """The attribute names a layer of `cls` uses itself: a conv holding one of them cannot lend it its state."""
+    layer = cls(1, 1, 1, device="meta")
+    return frozenset(dir(cls)) | frozenset(vars(layer)) | frozenset(layer._parameters) | {"colora_adapters"}
 
 
 @torch.no_grad()

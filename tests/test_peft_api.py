@@ -79,8 +79,14 @@ FREEZING = [
                                              modules_to_save=["fc"], train_bias=True),
                  lambda n: n.startswith(("layer3.", "layer4.")) and "downsample" not in n, ["fc"],
                  id="resnet18-regex-save-fc"),
-    pytest.param("resnet18", cf.CoLoRAConfig(modules_to_save=["fc", "layer4.1.bn2"], order="depthwise_first"),
+    pytest.param("resnet18", cf.CoLoRAConfig(target_modules="all", modules_to_save=["fc", "layer4.1.bn2"],
+                                             order="depthwise_first"),
                  lambda n: True, ["fc", "layer4.1.bn2"], id="resnet18-all-save-fc-bn"),
+    # The default: the convs whose adapter is smaller than their weight, i.e. all but the 1×1 downsamples.
+    pytest.param("resnet18", cf.CoLoRAConfig(modules_to_save=["fc"]), lambda n: "downsample" not in n, ["fc"],
+                 id="resnet18-default-save-fc"),
+    # Only the stem: conv_dw is depthwise, conv_pw, the SE convs and conv_head are 1×1.
+    pytest.param("timm", cf.CoLoRAConfig(), lambda n: n == "conv_stem", [], id="timm-default"),
     pytest.param("timm", cf.CoLoRAConfig(target_modules=r"conv_(dw|pw|stem)$", modules_to_save=["classifier"]),
                  lambda n: n.endswith(("conv_dw", "conv_pw", "conv_stem")), ["classifier"], id="timm-regex"),
     pytest.param("timm", cf.CoLoRAConfig(target_modules=["blocks.0.1.conv_dw", "conv_head"],
@@ -132,9 +138,12 @@ def test_get_colora_model_freezes_as_peft(resnet18, arch, config, wrapped, saved
         assert changed == param.requires_grad, f"{name}: changed={changed}, requires_grad={param.requires_grad}"
 
 
-def test_resnet18_kxk_trains_only_its_adapters(resnet18, capsys):
-    """The issue's count: the k×k convs' adapters are 1,258,496 parameters, and nothing else trains."""
-    model = cf.get_colora_model(resnet18(), cf.CoLoRAConfig(target_modules=lambda n, m: m.kernel_size != (1, 1)))
+@pytest.mark.parametrize("config", [cf.CoLoRAConfig(target_modules=lambda n, m: m.kernel_size != (1, 1)),
+                                    cf.CoLoRAConfig()], ids=["kxk-callable", "default"])
+def test_resnet18_kxk_trains_only_its_adapters(resnet18, capsys, config):
+    """The issue's count: the k×k convs' adapters are 1,258,496 parameters, and nothing else trains; the default
+    config picks exactly those convs."""
+    model = cf.get_colora_model(resnet18(), config)
     cf.print_trainable_parameters(model)
     line = capsys.readouterr().out
     from peft import PeftModel
@@ -149,8 +158,17 @@ def test_resnet18_kxk_trains_only_its_adapters(resnet18, capsys):
 @pytest.mark.parametrize("config, problem", [
     (cf.CoLoRAConfig(modules_to_save=["head"]), "head"),
     (cf.CoLoRAConfig(modules_to_save=["layer4"]), "layer4"),
-    (cf.CoLoRAConfig(target_modules=r"^nothing$"), "the convs in this model are"),
-], ids=["unknown-module-to-save", "module-to-save-is-wrapped", "no-target"])
+    (cf.CoLoRAConfig(target_modules=r"^nothing$"),
+     r"get_colora_model: target_modules='\^nothing\$', exclude_modules=None select no conv of the model's 20 convs: "
+     r"conv1, layer1\.0\.conv1, .*, layer2\.0\.downsample\.0 \(12 more\); target_modules='all' wraps every conv"),
+    (cf.CoLoRAConfig(exclude_modules=r"^(conv1|layer)"),
+     r"target_modules=None \(the default: the convs whose adapter is smaller than their weight\), "
+     r"exclude_modules='\^\(conv1\|layer\)' select no conv"),
+    (cf.CoLoRAConfig(modules_to_save=["layer1", "layer2", "layer3", "layer4", "conv1"]),
+     r"get_colora_model: modules_to_save picks 13 modules holding convs that target_modules selects: conv1, layer1, "
+     r"layer1\.0\.conv1, layer1\.1\.conv1, layer2, layer2\.0\.conv1, layer2\.1\.conv1, layer3 \(5 more\); "),
+], ids=["unknown-module-to-save", "module-to-save-is-wrapped", "no-target", "default-target-all-excluded",
+        "many-modules-to-save-wrapped"])
 def test_get_colora_model_bad_config_changes_nothing(resnet18, config, problem):
     model = resnet18()
     modules = dict(model.named_modules())
@@ -162,13 +180,14 @@ def test_get_colora_model_bad_config_changes_nothing(resnet18, config, problem):
 
 CONFIGS = [
     cf.CoLoRAConfig(),
+    cf.CoLoRAConfig(target_modules="all", unsupported="skip", rank=2),
     cf.CoLoRAConfig(target_modules=r"^layer[34]\.", exclude_modules=["layer4.0.downsample.0"],
                     modules_to_save=["fc"], order="depthwise_first", train_bias=True, backend="torch"),
     cf.CoLoRAConfig(target_modules=("conv1", "layer1.0.conv2"), modules_to_save="fc", train_bias=False),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["defaults", "regex", "names"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["defaults", "all-skip", "regex", "names"])
 def test_config_json_round_trip(resnet18, config):
     text = json.dumps(config.to_dict())
     restored = cf.CoLoRAConfig.from_dict(json.loads(text))
@@ -199,6 +218,8 @@ def test_config_refuses_what_it_cannot_hold():
         cf.CoLoRAConfig(modules_to_save=[nn.Linear])
     with pytest.raises(TypeError, match="train_bias"):
         cf.CoLoRAConfig(train_bias="yes")
+    with pytest.raises(ValueError, match=r"unsupported: expected one of \('error', 'skip'\), got 'warn'"):
+        cf.CoLoRAConfig.from_dict({"unsupported": "warn"})
 
 
 def randomize_adapters_(model, scale=0.05):
