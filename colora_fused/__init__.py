@@ -17,7 +17,7 @@ from .model import (apply_colora, colora_layers, count_parameters, disable_color
                     merge_and_unload, merge_colora, print_trainable_parameters, unapply_colora)
 from .modules import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
 from .serialization import load_merged, save_merged
-from .state_dict import colora_state_dict, load_colora_state_dict
+from .state_dict import colora_state_dict, load_colora_state_dict, save_colora
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,7 @@ __all__ = [
     "adapters", "add_adapter", "allocate_rank", "apply_colora", "callbacks", "colora_conv", "colora_layers",
     "colora_state_dict", "count_parameters", "delete_adapter", "disable_colora", "functional", "get_colora_model",
     "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora", "print_trainable_parameters",
-    "save_merged", "set_active_adapters", "set_trainable_adapters", "unapply_colora",
+    "save_colora", "save_merged", "set_active_adapters", "set_trainable_adapters", "unapply_colora",
 ]
 
 

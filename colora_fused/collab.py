@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .adapters import add_adapter, set_active_adapters, set_trainable_adapters
 from .model import apply_colora, colora_layers
+from .serialization import atomic_write
 
 STRATEGIES = ("shared+personal", "personal-only", "shared-only")
 
@@ -99,7 +100,7 @@ def run_strategy(strategy: str, spec, splits, tasks, args, device, prepare) -> D
 
 
 def run(args, splits, spec, device, prepare, log) -> List[Dict[str, object]]:
-    """Every strategy on the same tasks; writes collab.json to args.out and logs a table."""
+    """Every strategy on the same tasks; writes collab.json to args.out (atomically) and logs a table."""
     tasks = make_tasks(np.asarray(splits.train.labels), splits.num_classes, args.tasks, args.task_samples, args.seed)
     log(f"collaborative: {len(tasks)} tasks of classes "
         + ", ".join(f"({splits.class_names[a]}, {splits.class_names[b]})" for (a, b), _ in tasks)
@@ -111,7 +112,7 @@ def run(args, splits, spec, device, prepare, log) -> List[Dict[str, object]]:
             f"{result['mean_acc']:.4f} | {result['trained_params']:,} trained parameters")
         results.append(result)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "collab.json"), "w") as f:
-        json.dump({"tasks": [list(c) for c, _ in tasks], "task_samples": args.task_samples, "seed": args.seed,
-                   "results": results}, f, indent=2)
+    report = json.dumps({"tasks": [list(c) for c, _ in tasks], "task_samples": args.task_samples, "seed": args.seed,
+                         "results": results}, indent=2)
+    atomic_write(os.path.join(args.out, "collab.json"), lambda f: f.write(report.encode()))
     return results

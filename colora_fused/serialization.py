@@ -6,7 +6,8 @@ SIGKILL or power loss) sees either the previous complete file or the new complet
 ``save_merged`` writes what a user deploys: the state dict of the model with every CoLoRA layer folded into a
 plain conv (``weight = K0 + ΔK``, ``bias = b0 + Δb``, no adapter keys), loadable into the original,
 unwrapped architecture with ``load_state_dict`` and without this package. ``load_merged`` reads it back with
-its metadata. Neither can run code: safetensors holds tensors and strings only.
+its metadata. Neither can run code: safetensors holds tensors and strings only. ``state_dict.save_colora``
+writes the trained state of a wrapped model (adapters, trained modules, normalisation statistics) the same way.
 """
 import json
 import os
@@ -90,6 +91,26 @@ def _tensors_for_file(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
+def _config_dict(config, caller: str) -> Optional[dict]:
+    """``config`` as the JSON-ready dict a file's metadata holds: None, a dict, or anything with ``to_dict()``
+    (``CoLoRAConfig``); TypeError naming ``caller`` otherwise."""
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return dict(config)
+    if not callable(getattr(config, "to_dict", None)):
+        raise TypeError(f"{caller}: config must be a dict or have a to_dict() method, got {type(config).__name__}")
+    return config.to_dict()
+
+
+def _write_safetensors(path: str, sd: Dict[str, Tensor], meta: dict) -> None:
+    """``sd`` as ``.safetensors`` at ``path``, atomically, with ``meta`` as JSON under ``METADATA_KEY``."""
+    from safetensors.torch import save
+
+    data = save(_tensors_for_file(sd), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+    atomic_write(path, lambda f: f.write(data))
+
+
 def save_merged(model: nn.Module, path: str, config=None) -> "OrderedDict[str, Tensor]":
     """Write :func:`merged_state_dict` of ``model`` to ``path`` as ``.safetensors``, atomically.
 
@@ -98,18 +119,40 @@ def save_merged(model: nn.Module, path: str, config=None) -> "OrderedDict[str, T
     ``config`` is anything with ``to_dict()`` returning JSON-ready values (``CoLoRAConfig``), or such a dict.
     The model is not modified. Returns the state dict written.
     """
-    from safetensors.torch import save
     from . import __version__  # read at call time: the package's __init__ imports this module
 
-    if config is not None and not isinstance(config, Mapping) and not callable(getattr(config, "to_dict", None)):
-        raise TypeError(f"save_merged: config must be a dict or have a to_dict() method, got {type(config).__name__}")
-    config = dict(config) if isinstance(config, Mapping) else config.to_dict() if config is not None else None
+    config = _config_dict(config, "save_merged")
     sd = merged_state_dict(model)
-    meta = {"version": __version__, "config": config,
-            "merged_layers": [name for name, _ in colora_layers(model)]}
-    data = save(_tensors_for_file(sd), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-    atomic_write(path, lambda f: f.write(data))
+    _write_safetensors(path, sd, {"version": __version__, "config": config,
+                                  "merged_layers": [name for name, _ in colora_layers(model)]})
     return sd
+
+
+def _read_safetensors(path: str, caller: str, device: str = "cpu"
+                      ) -> Tuple["OrderedDict[str, Tensor]", Optional[dict]]:
+    """``(state_dict, metadata)`` of the safetensors file ``path``: ``metadata`` is its parsed ``"colora_fused"``
+    entry, or None for a file written by anything else. ValueError starting with ``caller`` when the file is
+    missing, not safetensors, or its entry is not JSON."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{caller}: {path} does not exist")
+    try:
+        sd = OrderedDict()
+        with safe_open(path, framework="pt", device=device) as f:
+            raw = f.metadata() or {}
+            for key in f.keys():
+                sd[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{caller}: cannot read {path} as safetensors: {reason}") from None
+    if METADATA_KEY not in raw:
+        return sd, None
+    try:
+        return sd, json.loads(raw[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{caller}: {path} has a {METADATA_KEY!r} metadata entry that is not JSON: {e}") from None
 
 
 def load_merged(path: str, device: str = "cpu") -> Tuple["OrderedDict[str, Tensor]", Optional[dict]]:
@@ -119,23 +162,4 @@ def load_merged(path: str, device: str = "cpu") -> Tuple["OrderedDict[str, Tenso
     Raises ValueError naming the file and the reason when it is missing, not safetensors, or its metadata
     entry is not JSON.
     """
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"load_merged: {path} does not exist")
-    try:
-        sd = OrderedDict()
-        with safe_open(path, framework="pt", device=device) as f:
-            raw = f.metadata() or {}
-            for key in f.keys():
-                sd[key] = f.get_tensor(key)
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"load_merged: cannot read {path} as safetensors: {reason}") from None
-    if METADATA_KEY not in raw:
-        return sd, None
-    try:
-        return sd, json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"load_merged: {path} has a {METADATA_KEY!r} metadata entry that is not JSON: {e}") from None
+    return _read_safetensors(path, "load_merged", device)

@@ -49,17 +49,40 @@ def test_only_the_layer_with_a_gradient_gets_capacity():
     torch.manual_seed(0)
     model = TwoBranches()
     batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]
-    before = [p.requires_grad for p in model.parameters()]
     term = 8 * 3 + 8 * 9  # Kp [8, 3] + Kd [8, 3, 3]
     plan = cf.allocate_rank(model, batches, _loss, budget=3 * term + 8)
     assert plan.ranks == {"a": 3}
     assert plan.used == 3 * term + 8 and plan.used <= plan.budget
     assert isinstance(model.a, cf.CoLoRAConv2d) and model.a.rank == 3
-    assert type(model.b) is nn.Conv2d and model.b.weight.requires_grad == before[2]
+    assert type(model.b) is nn.Conv2d and not model.b.weight.requires_grad and not model.b.bias.requires_grad
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["a.pointwise", "a.depthwise", "a.bias_delta"]
     rows = {r["name"]: r for r in plan.rows}
     assert rows["b"]["rank"] == 0 and rows["b"]["energy"] == 0 and rows["a"]["share"] > 0.5
     assert "| a |" in plan.table() and "| b |" in str(plan)
     assert model.a.weight.grad is None and model.b.weight.grad is None  # the measurement left no gradients
+
+
+def test_convs_left_out_of_the_selection_stay_as_they_were():
+    """Rank 0 freezes only the convs allocate_rank was asked about; apply=False changes nothing."""
+    torch.manual_seed(0)
+
+    class Three(TwoBranches):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.c(x), self.b(x)
+
+    model = Three()
+    batches = [torch.randn(4, 3, 6, 6)]
+    term = 8 * 3 + 8 * 9
+    cf.allocate_rank(model, batches, _loss, budget=term + 8, exclude=["c"], apply=False)
+    assert all(p.requires_grad for p in model.parameters())
+    plan = cf.allocate_rank(model, batches, _loss, budget=term + 8, exclude=["c"])
+    assert plan.ranks == {"a": 1}
+    assert not model.b.weight.requires_grad and not model.b.bias.requires_grad
+    assert model.c.weight.requires_grad and model.c.bias.requires_grad
 
 
 def test_budget_goes_by_energy_per_parameter():

@@ -160,3 +160,24 @@ def test_sigkill_inside_atomic_write_leaves_the_old_file(tmp_path):
     assert (tmp_path / "ck.bin.partial").exists()  # never read; the next write replaces it
     atomic_write(str(path), lambda f: f.write(json.dumps({"epoch": 2}).encode()))
     assert json.loads(path.read_bytes()) == {"epoch": 2} and sorted(os.listdir(tmp_path)) == ["ck.bin"]
+
+
+def test_collab_json_is_written_atomically(tmp_path, monkeypatch):
+    """collab.run writes collab.json through atomic_write, as every other output."""
+    import types
+
+    import numpy as np
+
+    from colora_fused import collab
+
+    written = []
+    monkeypatch.setattr(collab, "atomic_write", lambda path, write: (written.append(path), atomic_write(path, write)))
+    monkeypatch.setattr(collab, "run_strategy", lambda strategy, *a: {"strategy": strategy, "task_acc": [1.0],
+                                                                      "mean_acc": 1.0, "trained_params": 7})
+    splits = types.SimpleNamespace(train=types.SimpleNamespace(labels=np.repeat(np.arange(3), 4)), num_classes=3,
+                                   class_names=["a", "b", "c"])
+    args = types.SimpleNamespace(tasks=2, task_samples=2, seed=0, out=str(tmp_path))
+    collab.run(args, splits, None, "cpu", None, lambda line: None)
+    assert written == [str(tmp_path / "collab.json")] and os.listdir(tmp_path) == ["collab.json"]
+    saved = json.loads((tmp_path / "collab.json").read_text())
+    assert saved["tasks"] == [[0, 1], [1, 2]] and [r["strategy"] for r in saved["results"]] == list(collab.STRATEGIES)
