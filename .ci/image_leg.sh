@@ -2,7 +2,7 @@
 # CI's second leg: the GPU machines' image versions (torch 2.11, torchvision 0.26, triton 3.6, numpy < 2.4) in a
 # virtual environment of their own. It compiles, for sm_90 under triton 3.6, every config the autotuner may launch
 # for the model shapes in the kernel families the first GPU run launches (audit --strict: no compile error, no
-# shared-memory overflow, no bf16/fp16 spill; about 3 minutes on 2 cores), then runs the interpreter kernel tests
+# shared-memory overflow, no bf16/fp16 spill), then runs the interpreter kernel tests
 # and the audit tests there.
 # Usage: .ci/image_leg.sh [VENV]   (default /tmp/colora-image-venv; reused when it already has the versions)
 set -euo pipefail
@@ -16,15 +16,18 @@ fi
 export PYTHONPATH=$PWD  # the package from this checkout (no install: the main leg's editable install is beside it)
 "$venv/bin/python" -c "import torch, torchvision, triton, numpy; print('image leg:', 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 out=$(mktemp -d)
-# The model shapes in every family the first GPU run launches, bf16 and fp32; depthwise_first for the input
-# gradient, the family triton 3.6 failed on (its other families differ by the adapter loads only).
-"$venv/bin/python" -m colora_fused.audit --strict --arch sm90 --layout channels_last --dtype bf16 --dtype fp32 \
+# The model shapes in every family the first GPU run launches, in bf16; fp32 and depthwise_first for the input
+# gradient, the family triton 3.6 failed on (the other families' fp32 and depthwise_first configs compiled when this
+# leg was written, and a config that stops compiling is pruned at launch, not fatal).
+"$venv/bin/python" -m colora_fused.audit --strict --arch sm90 --layout channels_last --dtype bf16 \
     --family forward --family input_grad --family adapters_cheap --family adapters_gradw --family merge \
-    --out "$out/pointwise_first" > "$out/audit.log"
+    --out "$out/bf16" > "$out/audit.log"
+"$venv/bin/python" -m colora_fused.audit --strict --arch sm90 --layout channels_last --dtype fp32 \
+    --family input_grad --out "$out/fp32" >> "$out/audit.log"
 "$venv/bin/python" -m colora_fused.audit --strict --arch sm90 --layout channels_last --dtype bf16 \
     --order depthwise_first --family input_grad --out "$out/depthwise_first" >> "$out/audit.log"
 grep "finding(s)" "$out/audit.log"
-# The kernels' own interpreter tests (the autograd-level ones, test_triton_autograd, run the same kernels: main leg
-# only, to keep CI within 30 minutes), the autotuner, the version checks and the audit's tests.
+# The kernels' own interpreter tests in fp32 (fp16 and the autograd-level tests, test_triton_autograd, run the same
+# kernels: main leg only, to keep CI within 30 minutes), the autotuner, the version checks and the audit's tests.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_triton_backward.py \
-    tests/test_merge_many.py tests/test_autotune.py tests/test_versions.py tests/test_audit.py
+    tests/test_merge_many.py tests/test_autotune.py tests/test_versions.py tests/test_audit.py -k "not fp16"
