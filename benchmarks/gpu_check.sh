@@ -4,9 +4,10 @@
 # Phases, one after another, each in its own process under its own timeout (seconds, overridable as
 # GPU_CHECK_<PHASE>_S); each writes as it goes, and OUT/timeline.csv gets a row per phase (seconds, ok / failed
 # (exit code) / timeout, Triton cache entries), so an overrun costs that phase only:
-#   env 30, warmup 120 (compiles the kernels in parallel into Triton's cache), tests 120 (the kernel tests on
-#   CUDA at their fixed configs, pytest -v streamed to tests.log), kernels 90 (every family at the autotuner's
-#   configs against float64), layers 75 (layer timings), model 150 (model throughput), then the summary.
+#   env 20, warmup 100 (compiles the kernels in parallel into Triton's cache), tests 90 (the kernel tests on
+#   CUDA at their fixed configs, pytest -v streamed to tests.log), kernels 80 (every family at the autotuner's
+#   configs against float64), layers 60 (layer timings), model 100 (model throughput), then the summary:
+#   450 s of limits (and 5 s of grace each) in all, so the check ends within 8 minutes whatever a phase does.
 # --dry-run runs every phase on CPU with tiny shapes: the warm-up records its launches without compiling, the
 # kernels run in Triton's interpreter, the timings take the torch backends (CI does, so that the script itself is
 # never what breaks on the GPU). Results: OUT/summary.md, env.json, timeline.csv, tests.log, kernels.csv,
@@ -33,7 +34,7 @@ phase() {  # phase NAME DEFAULT_SECONDS COMMAND...
     local start=$SECONDS started
     started=$(date -u +%H:%M:%S)
     echo "=== phase $name (limit ${limit} s) at $started"
-    timeout --kill-after=10 "$limit" "$@"
+    timeout --kill-after=5 "$limit" "$@"
     local rc=$? status=ok
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout; elif [ $rc -ne 0 ]; then status="failed ($rc)"; fi
     echo "$name,$started,$((SECONDS - start)),$status,$(cache_entries)" >> "$out/timeline.csv"
@@ -55,12 +56,12 @@ fi
 workers=()
 if python -c "import xdist" 2>/dev/null; then workers=(-n "$(nproc)"); fi
 
-phase env 30 "${check[@]}" env "$out" $dry
-phase warmup 120 "${check[@]}" warmup "$out" $dry
-phase tests 120 bash -c 'log=$1; shift; exec python -m pytest "$@" > "$log" 2>&1' _ "$out/tests.log" \
+phase env 20 "${check[@]}" env "$out" $dry
+phase warmup 100 "${check[@]}" warmup "$out" $dry
+phase tests 90 bash -c 'log=$1; shift; exec python -m pytest "$@" > "$log" 2>&1' _ "$out/tests.log" \
     "${tests[@]}" -v -p no:cacheprovider "${workers[@]}" --junitxml="$out/tests.xml"
 tail -n 5 "$out/tests.log"
-phase kernels 90 env ${dry:+TRITON_INTERPRET=1} "${check[@]}" kernels "$out" $dry
-phase layers 75 "${check[@]}" layers "$out" $dry
-phase model 150 python -m colora_fused.bench "${model[@]}" --no-progress --out "$out/model"
+phase kernels 80 env ${dry:+TRITON_INTERPRET=1} "${check[@]}" kernels "$out" $dry
+phase layers 60 "${check[@]}" layers "$out" $dry
+phase model 100 python -m colora_fused.bench "${model[@]}" --no-progress --out "$out/model"
 "${check[@]}" report "$out"
