@@ -29,5 +29,5 @@ out=$(mktemp -d)
 grep "finding(s)" "$out/audit.log"
 # The kernels' own interpreter tests in fp32 (fp16 and the autograd-level tests, test_triton_autograd, run the same
 # kernels: main leg only, to keep CI within 30 minutes), the autotuner, the version checks and the audit's tests.
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_forward.py tests/test_triton_backward.py \
-    tests/test_merge_many.py tests/test_autotune.py tests/test_versions.py tests/test_audit.py -k "not fp16"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_forward.py \
+    tests/kernels/test_triton_backward.py tests/kernels/test_merge_many.py tests/kernels/test_autotune.py tests/kernels/test_versions.py tests/kernels/test_audit.py -k "not fp16"

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from colora_fused import collab, finetune
+from colora_fused.finetune import collab, recipe as finetune
 
 import study_common
 

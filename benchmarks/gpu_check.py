@@ -64,7 +64,7 @@ def shapes(dry_run: bool) -> Dict[str, CheckShape]:
     if dry_run:  # CPU, torch backends: a conv and a strided one of a few channels
         return {s.name: s for s in (CheckShape("tiny-3x3-16@8", (2, 16, 8, 8), (16, 16, 3, 3), bias=True),
                                     CheckShape("tiny-3x3-8-s2@8", (2, 8, 8, 8), (8, 8, 3, 3), stride=2))}
-    from colora_fused.audit import SHAPES
+    from colora_fused.audit.core import SHAPES
     table = {s.name: CheckShape(s.name, s.x, s.weight, s.stride, s.padding, s.groups, s.bias) for s in SHAPES}
     table["r50-7x7-stem@224"] = CheckShape("r50-7x7-stem@224", (64, 3, 224, 224), (64, 3, 7, 7), 2, 3)
     return {name: table[name] for name in TIMED_SHAPES + EXTRA_KERNEL_SHAPES}
@@ -148,7 +148,7 @@ def warm_units(device: torch.device, dry_run: bool):
     """What the later phases launch, as audit units for this GPU (sm_90 in a dry run): the headline shapes in
     every family, dtype and order; the models' shapes as the model phase runs them (bf16, channels_last, the
     launcher's route)."""
-    from colora_fused import audit
+    from colora_fused.audit import core as audit
     arch = "sm90" if dry_run else audit.live_arch(device)
 
     def unit(family, s, dtype, order):
@@ -163,7 +163,7 @@ def warm_units(device: torch.device, dry_run: bool):
 
 
 def phase_warmup(out: str, device: torch.device, dry_run: bool) -> None:
-    from colora_fused import audit
+    from colora_fused.audit import core as audit
     units = warm_units(device, dry_run)
     if dry_run:  # no GPU to compile for: record every unit's launches (what the compile would start from)
         launches = sum(len(configs) for unit in units for _, configs in audit.record(unit))
@@ -242,7 +242,7 @@ def run_family(family: str, p: Problem):
                                         True, *p.conv)
         return [("x", dx, r["x"])]
     if family.startswith("adapters"):
-        from colora_fused.audit import ADAPTER_ROUTES, TWO_PASS
+        from colora_fused.audit.core import ADAPTER_ROUTES, TWO_PASS
         dkp, dkd, ddb = colora_conv_backward_adapters(
             t["x"], p.grad_out, t["weight"], t["pointwise"], t["depthwise"], *p.conv, p.shape.bias,
             route=ADAPTER_ROUTES[family], two_pass=family == TWO_PASS)
@@ -269,7 +269,7 @@ def run_family(family: str, p: Problem):
 def family_tuners(family: str, p: Problem, arch: str) -> list:
     """The autotuned kernels the family's launcher launches for this problem (recorded on meta tensors for this
     GPU), each with the number of configs its prune keeps."""
-    from colora_fused import audit
+    from colora_fused.audit import core as audit
     from triton.runtime.autotuner import Autotuner
     if family in ("merge", "merge_many"):
         return []
@@ -322,7 +322,7 @@ def phase_kernels(out: str, device: torch.device, dry_run: bool) -> None:
     """Every family at every config the autotuner may launch (pinned one by one) against float64. A dry run
     takes the tiny shapes in fp32 through Triton's interpreter (the shell script sets TRITON_INTERPRET=1),
     which runs one fixed config."""
-    from colora_fused import audit
+    from colora_fused.audit import core as audit
     from colora_fused.kernels import _common
     if _common.FIXED_CONFIG and not dry_run:
         raise SystemExit("the kernels phase checks the autotuner's configs: unset COLORA_TRITON_AUTOTUNE=0")
@@ -351,10 +351,10 @@ def phase_kernels(out: str, device: torch.device, dry_run: bool) -> None:
 # --- layers -----------------------------------------------------------------------------------------------------
 
 def phase_layers(out: str, device: torch.device, dry_run: bool) -> None:
-    from colora_fused.bench_common import Config, load_average
-    from colora_fused.bench_layers import ConvShape, bench_shapes
-    from colora_fused.bench_progress import Progress
-    from colora_fused.bench_report import write_outputs
+    from colora_fused.bench.common import Config, load_average
+    from colora_fused.bench.layer_mode import ConvShape, bench_shapes
+    from colora_fused.bench.progress import Progress
+    from colora_fused.bench.report import write_outputs
     methods = ["conv", "full", "colora-torch"] + ([] if dry_run else ["colora-hybrid", "colora-triton"])
     cfg = Config(device=device, dtype="fp32" if dry_run else "bf16", batch=2 if dry_run else 64, image_size=0,
                  channels_last=True, mode="layers", models=["headline"], methods=methods, warmup=1 if dry_run else 5,

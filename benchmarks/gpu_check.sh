@@ -44,12 +44,12 @@ phase() {  # phase NAME DEFAULT_SECONDS COMMAND...
 check=(python benchmarks/gpu_check.py)
 
 if [ -n "$dry" ]; then
-    tests=(tests/test_triton_forward.py -k "2d-k3-pad1-pointwise_first")
+    tests=(tests/kernels/test_triton_forward.py -k "2d-k3-pad1-pointwise_first")
     model=(--device cpu --model resnet18 --batch 2 --image-size 32 --warmup 0 --rounds 1
            --methods full,colora-torch,colora-torch-kxk)
 else
-    tests=(tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_autograd.py
-           tests/test_merge_many.py tests/test_cuda.py)
+    tests=(tests/kernels/test_triton_forward.py tests/kernels/test_triton_backward.py tests/kernels/test_triton_autograd.py
+           tests/kernels/test_merge_many.py tests/kernels/test_cuda.py)
     model=(--model resnet50,vgg16 --warmup 2 --rounds 6 --steps-per-round 1
            --methods full,colora-torch,colora-hybrid,colora-triton,colora-torch-kxk,colora-hybrid-kxk,colora-triton-kxk)
 fi

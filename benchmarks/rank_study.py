@@ -25,7 +25,7 @@ import time
 import torch
 
 import colora_fused as cf
-from colora_fused import finetune
+from colora_fused.finetune import recipe as finetune
 
 import study_common
 

@@ -18,8 +18,8 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 limit=${GPU_PART_S:-530}
-kernel_tests=(tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_autograd.py
-              tests/test_merge_many.py tests/test_cuda.py)
+kernel_tests=(tests/kernels/test_triton_forward.py tests/kernels/test_triton_backward.py tests/kernels/test_triton_autograd.py
+              tests/kernels/test_merge_many.py tests/kernels/test_cuda.py)
 workers=()
 if python -c "import xdist" 2>/dev/null; then workers=(-n "$(nproc)"); fi
 slug() { python -c "import torch; from colora_fused.bench_common import device_slug; print(device_slug(torch.device('cuda')))"; }

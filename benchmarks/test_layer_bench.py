@@ -7,14 +7,14 @@ forward pass and as a training step (forward + backward, input gradient required
 
 On CUDA the shapes are the models' own at batch 64, 224² input, under bf16 autocast. Each group (one shape,
 one mode) compares the methods side by side; extra_info carries the GFLOP and the achieved TFLOP/s of the
-task's ideal work (colora_fused.bench_layers.ConvShape.ideal_flops).
+task's ideal work (colora_fused.bench.layer_mode.ConvShape.ideal_flops).
 """
 import pytest
 import torch
 from torch import nn
 
-from colora_fused.bench_common import LAYER_METHODS, Config, missing_dependency
-from colora_fused.bench_layers import ConvShape, build_layer, layer_runners
+from colora_fused.bench.common import LAYER_METHODS, Config, missing_dependency
+from colora_fused.bench.layer_mode import ConvShape, build_layer, layer_runners
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

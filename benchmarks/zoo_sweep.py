@@ -120,7 +120,7 @@ def sweep_model(spec: str, size: int) -> dict:
 
     model = copy.deepcopy(base)
     wrapped = wrap_all(model)
-    plain = {n: m for n, m in convs_of(model).items() if not isinstance(m, cf.modules._CoLoRAConvNd)}
+    plain = {n: m for n, m in convs_of(model).items() if not isinstance(m, cf.layers._CoLoRAConvNd)}
     refused = collections.Counter(
         f"{type(m).__name__}: {LAYERS[next(c for c in TORCH_CONVS if isinstance(m, c))].refusal(m)}"
         for m in plain.values())

@@ -15,7 +15,7 @@ from .config import CoLoRAConfig
 from .functional import colora_conv
 from .model import (apply_colora, colora_layers, count_parameters, disable_colora, get_colora_model,
                     merge_and_unload, merge_colora, print_trainable_parameters, unapply_colora)
-from .modules import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
+from .layers import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
 from .serialization import load_merged, save_merged
 from .state_dict import colora_state_dict, load_colora_state_dict, save_colora
 

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 from torch import nn
 
 from .model import _require_layers
-from .modules import DEFAULT
+from .layers import DEFAULT
 
 __all__ = ["DEFAULT", "active_adapters", "add_adapter", "delete_adapter", "set_active_adapters",
            "set_trainable_adapters"]

@@ -14,7 +14,7 @@ from ._conv import adapter_shapes, check_order, check_rank
 from .config import UNSUPPORTED, CoLoRAConfig, Selector
 from .conv_kinds import SUPPORTED
 from .functional import check_backend
-from .modules import CONV_TO_COLORA, DEFAULT, _CoLoRAConvNd, merge_layers_
+from .layers import CONV_TO_COLORA, DEFAULT, _CoLoRAConvNd, merge_layers_
 
 logger = logging.getLogger(__name__)
 

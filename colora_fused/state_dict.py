@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import CoLoRAConfig
 from .model import ADAPTER_KEYS, _adapter_tensors, _require_layers, colora_layers
-from .modules import DEFAULT
+from .layers import DEFAULT
 from .serialization import _config_dict, _read_safetensors, _write_safetensors
 
 __all__ = ["colora_state_dict", "load_colora_state_dict", "save_colora"]

@@ -4,7 +4,7 @@ one fixed config each instead of autotuning every tiny test shape.
 Both variables are read when triton and the kernels are first imported, which is why they are set here, at
 collection.
 
-The randomized conformance test (tests/test_conformance_random.py) runs a small derandomized budget by
+The randomized conformance test (tests/layers/test_conformance_random.py) runs a small derandomized budget by
 default; `--conformance-examples N` (or COLORA_CONFORMANCE_EXAMPLES=N) runs N random examples per property
 instead, from the seed `--conformance-seed S` (or COLORA_CONFORMANCE_SEED=S), drawn at random and printed in
 the header when not given.

@@ -47,12 +47,12 @@ from triton.compiler import ASTSource, compile as triton_compile, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from ._conv import ORDERS, adapter_shapes, conv_output_shape
-from .kernels import _common
-from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
-from .kernels.conv_bwd_input import colora_conv_backward_input
-from .kernels.conv_fwd import colora_conv_forward
-from .kernels.merge import merged_weight
+from .._conv import ORDERS, adapter_shapes, conv_output_shape
+from ..kernels import _common
+from ..kernels.conv_bwd_adapters import colora_conv_backward_adapters
+from ..kernels.conv_bwd_input import colora_conv_backward_input
+from ..kernels.conv_fwd import colora_conv_forward
+from ..kernels.merge import merged_weight
 
 
 @dataclass(frozen=True)
@@ -627,7 +627,7 @@ def write_reports(rows: Sequence[dict], out: str, env: dict) -> None:
         "# Static audit of the Triton kernels (compile-time estimates, not timings)",
         "",
         f"Command: `{env['command']}`. Compiled on {env['host']} for {', '.join(env['targets'])} with Triton "
-        f"{env['triton']}; no GPU ran anything. Model: `colora_fused/audit.py` (docstring). The estimated "
+        f"{env['triton']}; no GPU ran anything. Model: `colora_fused/audit/core.py` (docstring). The estimated "
         "tensor-core share is an upper bound from issue slots: `tensor / max(tensor, issue)` per main-loop "
         "iteration, with `issue = loop SASS instructions × warps / 4` and `tensor = MMA FLOPs / peak FLOP per "
         "cycle per SM`.",
@@ -734,7 +734,3 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """The `colora-audit` command."""
     run(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import conv_kinds, functional, ops
+from . import conv_kinds
+from . import functional
+from . import ops
 from ._conv import MergeSpec, adapter_rank, adapter_shapes, adapter_terms, check_order, check_rank
 from .functional import check_backend, chosen_backend, colora_conv
 

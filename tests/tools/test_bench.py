@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import colora_fused
-from colora_fused import bench, bench_model, bench_report
-from colora_fused.bench_progress import Progress, duration
-from colora_fused.bench_stats import MIN_ROUNDS
+from colora_fused.bench import cli as bench, model_mode as bench_model, report as bench_report
+from colora_fused.bench.progress import Progress, duration
+from colora_fused.bench.stats import MIN_ROUNDS
 
 # The memory measurement's two steps per method already warm it up. On CPU (also where a GPU is present): these
 # tests check the CPU defaults (steps per round) and torch as auto's path there.

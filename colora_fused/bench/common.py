@@ -11,9 +11,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import bench_stats
-from .bench_progress import Progress
-from .functional import timed_ms, triton_available
+from . import stats as bench_stats
+from .progress import Progress
+from ..functional import timed_ms, triton_available
 
 DEFAULT_MODELS = ("resnet50", "vgg16")
 MODEL_METHODS = ("full", "head", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora",

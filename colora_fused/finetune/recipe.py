@@ -88,8 +88,8 @@ import colora_fused as cf
 from . import metrics
 from .data import DataError, EpochSampler, load_data, load_digits_task, make_loader, subset, truncate_per_class
 from . import collab
-from .callbacks import layers_due
-from .serialization import atomic_write, load_merged, save_merged
+from ..callbacks import layers_due
+from ..serialization import atomic_write, load_merged, save_merged
 
 STRATEGIES = ("colora", "full", "head")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -966,7 +966,3 @@ def run(argv=None):
         log.close()
         if ctx.active:
             dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import triton
 
-from colora_fused import audit
+from colora_fused.audit import core as audit
 from colora_fused.kernels import _common
 
 AUDIT_ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COLORA_TRITON_AUTOTUNE")}
@@ -28,7 +28,7 @@ WIDE_GROUP_SHAPES = {"q-3x3-64@8", "q-1x1-64>32@8"}
 # fp32: about 180 compilations, two to three minutes on 2 cores.
 AUDIT_SCRIPT = """
 import csv, sys
-from colora_fused import audit as A
+from colora_fused.audit import core as A
 units = (A.plan_units(A.QUICK_SHAPES, ["bf16"], A.LAYOUTS, ["sm90"], A.FAMILIES)
          + A.plan_units(A.QUICK_SHAPES, ["fp16", "fp32"], ["channels_last"], ["sm90"], ["forward"]))
 rows = A.run_audit(units)

@@ -14,7 +14,7 @@ import colora_fused as cf
 from colora_fused import serialization
 from colora_fused.serialization import atomic_write, load_merged, merged_state_dict, save_merged
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def net(dtype=torch.float64):
@@ -168,7 +168,7 @@ def test_collab_json_is_written_atomically(tmp_path, monkeypatch):
 
     import numpy as np
 
-    from colora_fused import collab
+    from colora_fused.finetune import collab
 
     written = []
     monkeypatch.setattr(collab, "atomic_write", lambda path, write: (written.append(path), atomic_write(path, write)))

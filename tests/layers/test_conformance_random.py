@@ -21,7 +21,7 @@ reasons say whose file).
 Budget. By default (CI) each property runs a fixed number of examples, derandomized and without an example
 database, so every run draws the same cases. A larger random run:
 
-    python -m pytest tests/test_conformance_random.py --conformance-examples 2000
+    python -m pytest tests/layers/test_conformance_random.py --conformance-examples 2000
 
 (or COLORA_CONFORMANCE_EXAMPLES=2000); the layer property runs half of that, the higher-order one a quarter, the
 triton one a twentieth (`RANDOM_SHARE`). The run's seed is printed in pytest's header and on a failure;

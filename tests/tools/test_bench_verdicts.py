@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from colora_fused import bench, bench_model, bench_report, bench_stats
-from colora_fused.bench_common import Config, interleaved_times
-from colora_fused.bench_progress import Progress
-from colora_fused.bench_stats import FASTER, MIN_ROUNDS, NOISE, SLOWER, TOO_FEW, Verdict, compare, extra_rounds
+from colora_fused.bench import cli as bench, model_mode as bench_model, report as bench_report, stats as bench_stats
+from colora_fused.bench.common import Config, interleaved_times
+from colora_fused.bench.progress import Progress
+from colora_fused.bench.stats import FASTER, MIN_ROUNDS, NOISE, SLOWER, TOO_FEW, Verdict, compare, extra_rounds
 
 # A machine whose load swings from round to round: every method in a round is slowed alike (the rounds pair them).
 LOAD = [1.0, 2.5, 1.2, 3.0, 0.9, 1.8, 1.1, 2.2, 1.4, 2.7]

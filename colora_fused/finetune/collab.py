@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import add_adapter, set_active_adapters, set_trainable_adapters
-from .model import apply_colora, colora_layers
-from .serialization import atomic_write
+from ..adapters import add_adapter, set_active_adapters, set_trainable_adapters
+from ..model import apply_colora, colora_layers
+from ..serialization import atomic_write
 
 STRATEGIES = ("shared+personal", "personal-only", "shared-only")
 

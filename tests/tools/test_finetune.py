@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import colora_fused as cf
-from colora_fused import finetune
-from colora_fused.data import load_digits_task
+from colora_fused.finetune import recipe as finetune
+from colora_fused.finetune.data import load_digits_task
 from colora_fused.serialization import load_merged
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the demo runs on one thread

@@ -1,9 +1,9 @@
-"""colora_fused.data: MedMNIST .npz and ImageFolder loading on generated files, splits, samplers."""
+"""colora_fused.finetune.data: MedMNIST .npz and ImageFolder loading on generated files, splits, samplers."""
 import numpy as np
 import pytest
 import torch
 
-from colora_fused import data
+from colora_fused.finetune import data
 
 
 def write_npz(path, n=(12, 6, 6), hw=(10, 10), channels=None, classes=4, **override):

@@ -1,11 +1,11 @@
-"""colora_fused.metrics against hand-computed confusion matrices and AUCs."""
+"""colora_fused.finetune.metrics against hand-computed confusion matrices and AUCs."""
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from colora_fused import metrics
+from colora_fused.finetune import metrics
 
 # C = [[5,0,0],[0,3,2],[0,1,4]]: rows true, columns predicted (15 samples, trace 12).
 Y_TRUE = [0] * 5 + [1] * 5 + [2] * 5

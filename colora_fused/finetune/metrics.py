@@ -18,7 +18,7 @@ The plots are written atomically (``serialization.atomic_write``).
 """
 import numpy as np
 
-from .serialization import atomic_write
+from ..serialization import atomic_write
 
 __all__ = [
     "confusion_matrix",

@@ -9,14 +9,13 @@
 Every method trains the same model on the same synthetic batch with the same AdamW loop, in rounds that
 interleave the methods after a warm-up, so that clock and thermal drift hit them all alike. Each method's
 speed-up over full fine-tuning comes with a 95% interval from those paired rounds and a verdict: faster,
-slower or within the noise (bench_stats.py); a busy machine gets extra rounds, up to --max-seconds. Peak memory is
+slower or within the noise (stats.py); a busy machine gets extra rounds, up to --max-seconds. Peak memory is
 measured separately, one method at a time, from a fresh copy of the model. Writes results.csv, results.md,
 results.png, env.json and progress.log under --out (default bench-results/<device>/, or
 bench-results/<device>/layers/).
 
-This module is the command line; the modes live in bench_model.py and bench_layers.py, what they share in
-bench_common.py, the verdicts in bench_stats.py, the outputs in bench_report.py and the progress report in
-bench_progress.py.
+This module is the command line; the modes live in model_mode.py and layer_mode.py, what they share in
+common.py, the verdicts in stats.py, the outputs in report.py and the progress report in progress.py.
 """
 import argparse
 import os
@@ -26,14 +25,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bench_common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS,
-                           MODEL_METHODS, RANK_SUFFIX, SAMPLE_MS, Config, device_slug, load_average,
-                           missing_dependency, split_method)
-from .bench_layers import bench_layers
-from .bench_model import bench_model, classification_models
-from .bench_progress import HEARTBEAT_S, Progress
-from .bench_report import write_outputs
-from .bench_stats import MIN_ROUNDS
+from .common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS,
+                     MODEL_METHODS, RANK_SUFFIX, SAMPLE_MS, Config, device_slug, load_average,
+                     missing_dependency, split_method)
+from .layer_mode import bench_layers
+from .model_mode import bench_model, classification_models
+from .progress import HEARTBEAT_S, Progress
+from .report import write_outputs
+from .stats import MIN_ROUNDS
 
 # Defaults per device. The CPU ones keep the whole default run (both models, every method) to about a minute
 # on two quiet cores, and to about 5 minutes (max_seconds) on a busy machine unless its planned rounds alone take
@@ -229,9 +228,9 @@ def run_audit(audit_argv: List[str]) -> None:
     """`colora_fused.audit.main(audit_argv)`, imported only here: the benchmark runs without it. An int it
     returns is the exit status; anything else (its results) means success."""
     try:
-        from . import audit
+        from .. import audit
     except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.audit":
+        if err.name != "colora_fused.audit":
             raise
         raise UsageError("--audit needs colora_fused.audit, which this installation does not have") from None
     status = audit.main(audit_argv)
@@ -268,7 +267,3 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         markdown = write_outputs(rows, cfg)
     print(markdown)
     print(f"colora-bench: wrote results.csv, results.md, results.png, env.json, progress.log to {cfg.out}")
-
-
-if __name__ == "__main__":
-    main()

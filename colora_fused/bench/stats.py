@@ -9,7 +9,7 @@ the same interval. The verdict: "faster" when the whole interval lies above 1, "
 noise" when it includes 1, and "too few rounds" under `MIN_ROUNDS`.
 
 On synthetic noise the 95% percentile bootstrap of a median over 6 to 20 rounds calls 6–10% of equal pairs
-faster or slower, not 5%: it errs a little on the narrow side at these sizes (tests/test_bench_verdicts.py
+faster or slower, not 5%: it errs a little on the narrow side at these sizes (tests/tools/test_bench_verdicts.py
 checks it stays under 12%). Extra rounds on a busy machine (`extra_rounds`) are decided by one look at the
 planned rounds, which adds a little more to that; the decision is never revisited as the extra rounds come in.
 

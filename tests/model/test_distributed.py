@@ -141,8 +141,8 @@ def test_ddp_training_and_merge_match_single_process(tmp_path):
 
 def _nonfinite_worker(rank: int, port: int, out_dir: str) -> None:
     """colora-finetune's Trainer under DDP with a NaN in rank 1's second batch only: once stopping, once skipping."""
-    from colora_fused import finetune
-    from colora_fused.data import ArrayDataset, Splits
+    from colora_fused.finetune import recipe as finetune
+    from colora_fused.finetune.data import ArrayDataset, Splits
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)

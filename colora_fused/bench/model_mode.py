@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench_common import (COLORA_BACKENDS, MEMORY_STEPS, Config, PeakMemory, failure_status, interleaved_times,
-                           load_average, method_rank, quantiles, release_memory, split_method)
-from .bench_progress import Progress
-from .bench_stats import REFERENCE, Verdict, compare, extra_rounds, round_means
-from .model import apply_colora
-from .modules import CONV_TO_COLORA
+from .common import (COLORA_BACKENDS, MEMORY_STEPS, Config, PeakMemory, failure_status, interleaved_times,
+                     load_average, method_rank, quantiles, release_memory, split_method)
+from .progress import Progress
+from .stats import REFERENCE, Verdict, compare, extra_rounds, round_means
+from ..model import apply_colora
+from ..layers import CONV_TO_COLORA
 
 # A busy machine's extra rounds stop at this many times the planned rounds, however much time is left.
 MAX_ROUNDS_FACTOR = 4

@@ -7,8 +7,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .bench_common import Config, device_name, environment, memory_metric, peak_tflops
-from .bench_stats import CONFIDENCE, FASTER, MIN_ROUNDS, NOISE, REFERENCE, RESAMPLES, SEED, SLOWER, TOO_FEW, busy
+from .common import Config, device_name, environment, memory_metric, peak_tflops
+from .stats import CONFIDENCE, FASTER, MIN_ROUNDS, NOISE, REFERENCE, RESAMPLES, SEED, SLOWER, TOO_FEW, busy
 
 # speedup_vs_full_low/high: the CONFIDENCE interval of speedup_vs_full; verdict: faster, slower, within the noise,
 # too few rounds, or reference (full itself); rounds_to_settle: for an unsettled verdict, about how many rounds

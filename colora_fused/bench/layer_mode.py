@@ -10,13 +10,13 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .bench_common import (COLORA_BACKENDS, MAX_REPS, Config, failure_status, interleaved_times, peak_tflops,
-                           method_rank, quantiles, release_memory, split_method)
-from .bench_model import build_base_model, inject_lora, matched_lora_ranks
-from .bench_progress import Progress
-from .bench_stats import REFERENCE, compare, round_means
-from .functional import timed_ms
-from .modules import CONV_TO_COLORA
+from .common import (COLORA_BACKENDS, MAX_REPS, Config, failure_status, interleaved_times, peak_tflops,
+                     method_rank, quantiles, release_memory, split_method)
+from .model_mode import build_base_model, inject_lora, matched_lora_ranks
+from .progress import Progress
+from .stats import REFERENCE, compare, round_means
+from ..functional import timed_ms
+from ..layers import CONV_TO_COLORA
 
 @dataclasses.dataclass(frozen=True)
 class ConvShape:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from colora_fused import collab, finetune
+from colora_fused.finetune import collab, recipe as finetune
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the demo runs on one thread

@@ -1,0 +1,4 @@
+"""`python -m colora_fused.audit`: colora-audit."""
+from .core import main
+
+main()

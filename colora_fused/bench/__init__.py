@@ -1,0 +1,13 @@
+"""colora-bench, the benchmark (a tool; `import colora_fused` does not load it).
+
+    cli.py         the command line (`colora-bench`, `python -m colora_fused.bench`)
+    model_mode.py  whole models: full fine-tuning, CoLoRA per backend, PEFT LoRA, step time and peak memory
+    layer_mode.py  each distinct conv shape: forward and training step, TFLOP/s
+    common.py      what both modes share: methods, configuration, interleaved timing, the environment
+    stats.py       paired per-round ratios, bootstrap intervals and verdicts
+    report.py      results.csv, results.md, results.png, env.json
+    progress.py    the progress report (terminal and progress.log)
+"""
+from .cli import main
+
+__all__ = ["main"]
