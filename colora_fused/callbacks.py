@@ -38,6 +38,12 @@ def layers_due(model: nn.Module, threshold: float, scope: str = "layer") -> List
     return [n for n, _ in layers] if delta >= threshold ** 2 * base else []
 
 
+def merge_seed(seed: int, index: int) -> int:
+    """The seed of merge number `index` (0, 1, ...) of a schedule seeded with `seed`: distinct for every pair of
+    a seed and a merge count below 7919, a prime."""
+    return seed * 7919 + index + 1
+
+
 class MergeSchedule:
     """Merge every `every` optimizer steps or epochs: call `.step()` after each `optimizer.step()` and
     `.epoch_end()` after each epoch; the one matching `unit` counts, and on its `every`-th call runs
@@ -48,13 +54,20 @@ class MergeSchedule:
     relative update ‖ΔK‖/‖K0‖ has reached `threshold` (`scope="layer"`), or every layer once the model's
     ‖ΔK‖/‖K0‖ over all layers together has (`scope="model"`). Checking costs a ΔK per layer: `every` thins it.
 
+    With `seed`, each merge draws its fresh Kp from torch's generators seeded by `seed` and the merge's number
+    (`merge_seed`), inside `torch.random.fork_rng`: the draws are the same in a run resumed from `state_dict()`,
+    and the training's own random stream (dropout, data order) is left as it was. Without it, Kp comes from the
+    global generators, as any other draw.
+
     `optimizer` may be set later (`schedule.optimizer = ...`), as frameworks build theirs after the callbacks.
     `merges` lists (epoch, step) — the counts of finished epochs and steps — at each merge, and `merged` the
-    layer names each merge folded. `state_dict()` / `load_state_dict()` carry both across a resumed run.
+    layer names each merge folded. `state_dict()` / `load_state_dict()` carry the counts and both lists across
+    a resumed run (the settings — `every`, `unit`, `threshold`, `scope`, `seed` — are the caller's to repeat).
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, every: int = 1,
-                 unit: str = "epoch", threshold: Optional[float] = None, scope: str = "layer"):
+                 unit: str = "epoch", threshold: Optional[float] = None, scope: str = "layer",
+                 seed: Optional[int] = None):
         if unit not in UNITS:
             raise ValueError(f"MergeSchedule: unit must be one of {UNITS}, got {unit!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -63,9 +76,11 @@ class MergeSchedule:
             raise ValueError(f"MergeSchedule: threshold must be a positive number (‖ΔK‖/‖K0‖), got {threshold!r}")
         if scope not in SCOPES:
             raise ValueError(f"MergeSchedule: scope must be one of {SCOPES}, got {scope!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"MergeSchedule: seed must be an integer or None, got {seed!r}")
         _require_layers(model, "MergeSchedule")
         self.model, self.optimizer, self.every, self.unit = model, optimizer, every, unit
-        self.threshold, self.scope = threshold, scope
+        self.threshold, self.scope, self.seed = threshold, scope, seed
         self.steps = 0
         self.epochs = 0
         self.merges: List[Tuple[int, int]] = []
@@ -91,7 +106,14 @@ class MergeSchedule:
         names = self.due()
         if names == []:
             return False
-        self.merged.append(merge_colora(self.model, self.optimizer, names))
+        if self.seed is None:
+            merged = merge_colora(self.model, self.optimizer, names)
+        else:
+            cuda = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(merge_seed(self.seed, len(self.merges)))
+                merged = merge_colora(self.model, self.optimizer, names)
+        self.merged.append(merged)
         self.merges.append((self.epochs, self.steps))
         return True
 

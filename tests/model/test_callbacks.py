@@ -105,6 +105,51 @@ def test_merge_schedule_in_a_plain_loop():
     assert (restored.steps, restored.epochs, restored.merges) == (6, 2, by_step.merges)
 
 
+def _train(model, schedule, steps, first=0):
+    """Adam steps `first`..`steps - 1` on TinyImages, each followed by `schedule.step()` (which gets the optimizer)."""
+    data = TinyImages()
+    schedule.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for k in range(first, steps):
+        i = k % STEPS_PER_EPOCH * BATCH
+        schedule.optimizer.zero_grad()
+        model(data.x[i:i + BATCH], data.y[i:i + BATCH])["loss"].backward()
+        schedule.optimizer.step()
+        schedule.step()
+
+
+def test_seeded_merges_draw_reproducible_kp_and_leave_the_global_rng_alone():
+    """Each merge of a seeded schedule draws Kp from its seed and merge number: a run resumed from the schedule's
+    state draws what the uninterrupted run drew, whatever the global generator did meanwhile."""
+    def seeded(model, seed=3):
+        return cf.MergeSchedule(model, every=2, unit="step", seed=seed)
+
+    def kp(model):
+        return [layer.pointwise for _, layer in cf.colora_layers(model)]
+
+    straight = colora_net()
+    torch.manual_seed(11)
+    _train(straight, seeded(straight), 6)
+    after = torch.rand(1)
+    torch.manual_seed(11)
+    assert torch.equal(torch.rand(1), after), "the merges drew from forked generators: the global stream is intact"
+
+    model = colora_net()
+    first = seeded(model)
+    _train(model, first, 4)
+    resumed = seeded(model)
+    resumed.load_state_dict(first.state_dict())
+    torch.manual_seed(12345)  # another global stream: the third merge's Kp does not depend on it
+    _train(model, resumed, 6, first=4)
+    assert resumed.merges == [(0, 2), (0, 4), (0, 6)]
+    assert all(map(torch.equal, kp(model), kp(straight))), "the third merge drew the same Kp"
+
+    other = colora_net()
+    _train(other, seeded(other, seed=4), 6)
+    assert not all(map(torch.equal, kp(other), kp(straight))), "another seed, other draws"
+    with pytest.raises(ValueError, match="seed"):
+        cf.MergeSchedule(colora_net(), seed=1.5)
+
+
 @pytest.mark.parametrize("name, package", [("CoLoRATrainerCallback", "transformers"),
                                            ("CoLoRALightningCallback", "lightning")])
 def test_callback_without_its_framework_is_a_clear_import_error(monkeypatch, name, package):
