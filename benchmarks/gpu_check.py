@@ -351,9 +351,8 @@ def phase_kernels(out: str, device: torch.device, dry_run: bool) -> None:
 # --- layers -----------------------------------------------------------------------------------------------------
 
 def phase_layers(out: str, device: torch.device, dry_run: bool) -> None:
-    from colora_fused.bench.common import Config, load_average
+    from colora_fused.bench.common import Config, Progress, load_average
     from colora_fused.bench.layer_mode import ConvShape, bench_shapes
-    from colora_fused.bench.progress import Progress
     from colora_fused.bench.report import write_outputs
     methods = ["conv", "full", "colora-torch"] + ([] if dry_run else ["colora-hybrid", "colora-triton"])
     cfg = Config(device=device, dtype="fp32" if dry_run else "bf16", batch=2 if dry_run else 64, image_size=0,

@@ -3,10 +3,10 @@
     cli.py         the command line (`colora-bench`, `python -m colora_fused.bench`)
     model_mode.py  whole models: full fine-tuning, CoLoRA per backend, PEFT LoRA, step time and peak memory
     layer_mode.py  each distinct conv shape: forward and training step, TFLOP/s
-    common.py      what both modes share: methods, configuration, interleaved timing, the environment
+    common.py      what both modes share: methods, configuration, interleaved timing, the environment, the
+                   progress report (colora_fused.toolbox's, with colora-bench's prefix)
     stats.py       paired per-round ratios, bootstrap intervals and verdicts
     report.py      results.csv, results.md, results.png, env.json
-    progress.py    the progress report (terminal and progress.log)
 """
 from .cli import main
 

@@ -15,7 +15,7 @@ results.png, env.json and progress.log under --out (default bench-results/<devic
 bench-results/<device>/layers/).
 
 This module is the command line; the modes live in model_mode.py and layer_mode.py, what they share in
-common.py, the verdicts in stats.py, the outputs in report.py and the progress report in progress.py.
+common.py (with the progress report, colora_fused.toolbox's), the verdicts in stats.py, the outputs in report.py.
 """
 import argparse
 import os
@@ -26,13 +26,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS,
-                     MODEL_METHODS, RANK_SUFFIX, SAMPLE_MS, Config, device_slug, load_average,
+                     MODEL_METHODS, RANK_SUFFIX, SAMPLE_MS, Config, Progress, device_slug, load_average,
                      missing_dependency, split_method)
 from .layer_mode import bench_layers
 from .model_mode import bench_model, classification_models
-from .progress import HEARTBEAT_S, Progress
 from .report import write_outputs
 from .stats import MIN_ROUNDS
+from ..toolbox import HEARTBEAT_S
 
 # Defaults per device. The CPU ones keep the whole default run (both models, every method) to about a minute
 # on two quiet cores, and to about 5 minutes (max_seconds) on a busy machine unless its planned rounds alone take

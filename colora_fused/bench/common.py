@@ -3,8 +3,6 @@ rounds, peak memory and how a failing method is reported."""
 import ctypes
 import dataclasses
 import gc
-import os
-import platform
 import re
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -12,8 +10,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import stats as bench_stats
-from .progress import Progress
+from .. import toolbox
 from ..functional import timed_ms, triton_available
+from ..toolbox import cpu_name, load_average
 
 DEFAULT_MODELS = ("resnet50", "vgg16")
 MODEL_METHODS = ("full", "head", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora",
@@ -103,28 +102,10 @@ def missing_dependency(method: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def load_average() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def slugify(text: str) -> str:
@@ -145,14 +126,7 @@ def peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
 
 
 def environment(cfg: Config) -> dict:
-    def version(module: str) -> Optional[str]:
-        try:
-            return __import__(module).__version__
-        except ImportError:
-            return None
-
-    import torchvision
-
+    """env.json: the run's settings, then what every tool records (`toolbox.environment`)."""
     return {
         "device": device_name(cfg.device),
         "device_slug": device_slug(cfg.device),
@@ -176,21 +150,18 @@ def environment(cfg: Config) -> dict:
                          bootstrap_seed=bench_stats.SEED, min_rounds=bench_stats.MIN_ROUNDS),
         "memory_metric": memory_metric(cfg.device),
         "peak_tflops": peak_tflops(cfg.device, cfg.dtype),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "triton": version("triton"),
-        "peft": version("peft"),
-        "cuda": torch.version.cuda,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "torch_threads": torch.get_num_threads(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
         "load_average_at_start": cfg.load_at_start,
         "load_average_at_end": load_average(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **toolbox.environment(cfg.device),
     }
+
+
+class Progress(toolbox.Progress):
+    """The tools' progress report (`toolbox.Progress`), its lines on stderr after "colora-bench: "."""
+
+    def __init__(self, total: int = 0, **kwargs):
+        super().__init__(total, prefix="colora-bench: ", **kwargs)
 
 
 def synchronize(device: torch.device) -> None:

@@ -10,10 +10,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .common import (COLORA_BACKENDS, MAX_REPS, Config, failure_status, interleaved_times, peak_tflops,
-                     method_rank, quantiles, release_memory, split_method)
+from .common import (COLORA_BACKENDS, MAX_REPS, Config, Progress, failure_status, interleaved_times,
+                     peak_tflops, method_rank, quantiles, release_memory, split_method)
 from .model_mode import build_base_model, inject_lora, matched_lora_ranks
-from .progress import Progress
 from .stats import REFERENCE, compare, round_means
 from ..functional import timed_ms
 from ..layers import CONV_TO_COLORA

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (COLORA_BACKENDS, MEMORY_STEPS, Config, PeakMemory, failure_status, interleaved_times,
-                     load_average, method_rank, quantiles, release_memory, split_method)
-from .progress import Progress
+from .common import (COLORA_BACKENDS, MEMORY_STEPS, Config, PeakMemory, Progress, failure_status,
+                     interleaved_times, load_average, method_rank, quantiles, release_memory, split_method)
 from .stats import REFERENCE, Verdict, compare, extra_rounds, round_means
 from ..model import apply_colora
 from ..layers import CONV_TO_COLORA

@@ -14,8 +14,9 @@ from torch import nn
 
 import colora_fused
 from colora_fused.bench import cli as bench, model_mode as bench_model, report as bench_report
-from colora_fused.bench.progress import Progress, duration
+from colora_fused.bench.common import Progress
 from colora_fused.bench.stats import MIN_ROUNDS
+from colora_fused.toolbox import duration
 
 # The memory measurement's two steps per method already warm it up. On CPU (also where a GPU is present): these
 # tests check the CPU defaults (steps per round) and torch as auto's path there.

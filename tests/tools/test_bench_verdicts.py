@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from colora_fused.bench import cli as bench, model_mode as bench_model, report as bench_report, stats as bench_stats
-from colora_fused.bench.common import Config, interleaved_times
-from colora_fused.bench.progress import Progress
+from colora_fused.bench.common import Config, Progress, interleaved_times
 from colora_fused.bench.stats import FASTER, MIN_ROUNDS, NOISE, SLOWER, TOO_FEW, Verdict, compare, extra_rounds
 
 # A machine whose load swings from round to round: every method in a round is slowed alike (the rounds pair them).
