@@ -53,6 +53,7 @@ from ..kernels.conv_bwd_adapters import colora_conv_backward_adapters
 from ..kernels.conv_bwd_input import colora_conv_backward_input
 from ..kernels.conv_fwd import colora_conv_forward
 from ..kernels.merge import merged_weight
+from ..toolbox import Progress, environment as toolbox_environment
 
 
 @dataclass(frozen=True)
@@ -444,7 +445,6 @@ def _distinct_jobs(units: Sequence[Unit]):
 def _run_jobs(worker, jobs: Dict[tuple, tuple], workers: int, stream) -> Dict[tuple, object]:
     """worker(job) for every job, in `workers` forked processes (0: one per CPU), with progress lines; the
     results by compile key."""
-    progress = Progress(len(jobs), stream)
     by_job = {job: key for key, job in jobs.items()}
     results: Dict[tuple, object] = {}
     workers = workers or os.cpu_count() or 1
@@ -453,10 +453,14 @@ def _run_jobs(worker, jobs: Dict[tuple, tuple], workers: int, stream) -> Dict[tu
     else:
         pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         outcomes = pool.map(worker, jobs.values(), chunksize=1)
+    # Made once the pool has forked its workers (all at the first submit): no heartbeat thread at fork time.
     try:
-        for job, result in outcomes:
-            results[by_job[job]] = result
-            progress.step(job[0].family)
+        with Progress(len(jobs), stream, interval_s=10.0, unit="compilation", prefix="[audit] ") as progress:
+            progress.phase("compiling")
+            for job, result in outcomes:
+                results[by_job[job]] = result
+                progress.detail(f"compiled {job[0].family}")
+                progress.advance()
     finally:
         if workers != 1:
             pool.shutdown()
@@ -478,26 +482,6 @@ def plan_units(shapes: Sequence[Shape], dtypes: Sequence[str], layouts: Sequence
                             units.append(Unit(family, shape, "-" if family == "merge" else layout, dtype, arch,
                                               order))
     return units
-
-
-class Progress:
-    """A line at most every `every` seconds (and at the end) with done/total, elapsed and an estimate of what
-    remains; plain lines, so they show in a terminal, a pipe and a log file alike."""
-
-    def __init__(self, total: int, stream=sys.stderr, every: float = 10.0):
-        self.total, self.stream, self.every = total, stream, every
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def step(self, label: str = "") -> None:
-        self.done += 1
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            elapsed = now - self.start
-            left = elapsed / self.done * (self.total - self.done)
-            print(f"[audit] {self.done}/{self.total} compiled, {elapsed:.0f} s elapsed, about {left:.0f} s left"
-                  f"{'  (' + label + ')' if label else ''}", file=self.stream, flush=True)
 
 
 def run_audit(units: Sequence[Unit], workers: int = 0, stream=sys.stderr) -> List[dict]:
@@ -666,10 +650,11 @@ def write_reports(rows: Sequence[dict], out: str, env: dict) -> None:
 
 
 def environment(argv: Sequence[str], archs: Sequence[str], seconds: float) -> dict:
-    return dict(command="python -m colora_fused.audit " + " ".join(argv), host=platform.processor() or
-                platform.machine(), cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
-                triton=triton.__version__, targets=[ARCHS[a].name for a in archs],
-                archs={a: asdict(ARCHS[a]) for a in archs}, seconds=round(seconds))
+    """env.json: the command, what every tool records (`toolbox.environment`), the targets and the time taken."""
+    return dict(command="python -m colora_fused.audit " + " ".join(argv),
+                host=platform.processor() or platform.machine(), **toolbox_environment(),
+                targets=[ARCHS[a].name for a in archs], archs={a: asdict(ARCHS[a]) for a in archs},
+                seconds=round(seconds))
 
 
 def build_parser() -> argparse.ArgumentParser:
