@@ -1,7 +1,6 @@
-"""The README's PEFT-style examples, as written there (HF Trainer, config round trip, MergeSchedule loop), each
+"""The PEFT-style examples of docs/api.md, as written there (HF Trainer, config round trip, MergeSchedule loop), each
 followed by checks of what it should have done. The Lightning example is covered by test_callbacks."""
 import pytest
-import torch
 from torch import nn
 
 
@@ -9,7 +8,7 @@ def test_hf_trainer_example(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
 
-    import torch, torchvision, transformers  # noqa: E401, F811
+    import torch, torchvision, transformers  # noqa: E401
     import colora_fused as cf
 
     model = cf.get_colora_model(torchvision.models.resnet18(weights=None, num_classes=10),  # your pretrained backbone
@@ -44,7 +43,7 @@ def test_config_example():
 
 
 def test_merge_schedule_example(capsys):
-    import torch, torchvision  # noqa: E401, F811
+    import torch, torchvision  # noqa: E401
     import colora_fused as cf
 
     model = cf.get_colora_model(torchvision.models.resnet18(weights=None, num_classes=10),
