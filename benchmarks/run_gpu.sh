@@ -22,7 +22,7 @@ kernel_tests=(tests/kernels/test_triton_forward.py tests/kernels/test_triton_bac
               tests/kernels/test_merge_many.py tests/kernels/test_cuda.py)
 workers=()
 if python -c "import xdist" 2>/dev/null; then workers=(-n "$(nproc)"); fi
-slug() { python -c "import torch; from colora_fused.bench_common import device_slug; print(device_slug(torch.device('cuda')))"; }
+slug() { python -c "import torch; from colora_fused.bench.common import device_slug; print(device_slug(torch.device('cuda')))"; }
 case $part in
     tests-kernels) cmd=(python -m pytest "${kernel_tests[@]}" -v -p no:cacheprovider "${workers[@]}") ;;
     tests-rest) cmd=(python -m pytest tests -v -p no:cacheprovider "${workers[@]}"
