@@ -14,11 +14,11 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 from colora_fused.finetune import collab, recipe as finetune
+from colora_fused.toolbox import duration
 
 import study_common
 
@@ -28,24 +28,23 @@ TASKS = 5
 
 def main(argv=None):
     args = study_common.parse_args(argv, __doc__.split("\n\n")[0], 10, "collab-study")
-    rows, params, start = [], {}, time.monotonic()
-    with open(os.path.join(args.out, "study.log"), "w") as log, tempfile.TemporaryDirectory() as work:
-        say = study_common.progress(log)
-        total = args.seeds * len(SAMPLES)
+    rows, params = [], {}
+    with study_common.progress(args, "collab-study", args.seeds * len(SAMPLES)) as progress, \
+            tempfile.TemporaryDirectory() as work:
         for samples in SAMPLES:
             for seed in range(args.seeds):
                 out = os.path.join(work, f"k{samples}-s{seed}")
+                progress.phase(f"{samples} per class, seed {seed}")
                 results = finetune.run(["--tasks", str(TASKS), "--task-samples", str(samples), "--epochs", "40",
                                         "--seed", str(seed), "--no-progress", "--out", out])
                 for r in results:
                     params[r["strategy"]] = r["trained_params"]
                     for task, acc in enumerate(r["task_acc"]):
                         rows.append(dict(samples=samples, strategy=r["strategy"], seed=seed, task=task, test_acc=acc))
-                done = (SAMPLES.index(samples)) * args.seeds + seed + 1
-                elapsed = time.monotonic() - start
-                say(f"[collab-study] {done}/{total} {samples} per class, seed {seed}: "
-                    + ", ".join(f"{r['strategy']} {r['mean_acc']:.3f}" for r in results)
-                    + f" | {elapsed:.0f} s elapsed, ~{elapsed / done * (total - done):.0f} s left")
+                progress.advance()
+                progress.message(f"[collab-study] {samples} per class, seed {seed}: "
+                                 + ", ".join(f"{r['strategy']} {r['mean_acc']:.3f}" for r in results)
+                                 + f" | {duration(progress.elapsed())} elapsed, {progress.tally()}")
     tasks = [f"({5 + t}, {5 + (t + 1) % 5})" for t in range(TASKS)]
     lines = ["# The collaborative recipe: shared + personal CoLoRA adapters on digits tasks", "",
              f"Command: `python benchmarks/collab_study.py --seeds {args.seeds}` (CPU, one thread, torch "

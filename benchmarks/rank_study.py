@@ -20,12 +20,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 import colora_fused as cf
 from colora_fused.finetune import recipe as finetune
+from colora_fused.toolbox import duration
 
 import study_common
 
@@ -56,17 +56,17 @@ def settings():
 def main(argv=None):
     args = study_common.parse_args(argv, __doc__.split("\n\n")[0], 20, "rank-study")
     table = settings()
-    rows, plans, start = [], {}, time.monotonic()
-    with open(os.path.join(args.out, "study.log"), "w") as log, tempfile.TemporaryDirectory() as work:
-        say = study_common.progress(log)
-
-        total = args.seeds * len(table)
+    rows, plans = [], {}
+    with study_common.progress(args, "rank-study", args.seeds * len(table)) as progress, \
+            tempfile.TemporaryDirectory() as work:
         for seed in range(args.seeds):
             pre = os.path.join(work, f"seed{seed}", "pretrain")
+            progress.phase(f"seed {seed}: pre-training")
             finetune.run(["--strategy", "full", "--epochs", "0", "--seed", str(seed), "--no-progress", "--out", pre])
             weights = os.path.join(pre, "pretrain", "model_final.safetensors")
             for index, (name, budget, extra) in enumerate(table):
                 out = os.path.join(work, f"seed{seed}", str(index))
+                progress.phase(f"seed {seed} | {name}")
                 result = finetune.run(["--weights", weights, "--strategy", "colora", "--seed", str(seed),
                                        "--no-progress", "--out", out, *extra])[0]
                 if seed == 0 and "--rank-budget" in extra:
@@ -78,9 +78,10 @@ def main(argv=None):
                 rows.append(dict(setting=name, budget=budget, seed=seed, test_acc=result["test_acc"],
                                  val_acc=result["val_acc"], trained_params=result["trained_params"],
                                  merges=result["merges"]))
-                elapsed = time.monotonic() - start
-                say(f"[rank-study] {len(rows)}/{total} seed {seed} | {name}: test acc {result['test_acc']:.4f}, "
-                    f"{result['merges']} merges | {elapsed:.0f} s elapsed, ~{elapsed / len(rows) * (total - len(rows)):.0f} s left")
+                progress.advance()
+                progress.message(f"[rank-study] seed {seed} | {name}: test acc {result['test_acc']:.4f}, "
+                                 f"{result['merges']} merges | {duration(progress.elapsed())} elapsed, "
+                                 f"{progress.tally()}")
     lines = ["# Rank, allocated capacity and merge schedules: the digits demo of colora-finetune", "",
              f"Command: `python benchmarks/rank_study.py --seeds {args.seeds}` (CPU, one thread, "
              f"torch {torch.__version__}). Test accuracy of the best-validation model, mean ± std over seeds "

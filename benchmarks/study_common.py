@@ -1,10 +1,13 @@
-"""What the study scripts (rank_study.py, collab_study.py) share: their command line, a progress line printed and
-logged, and their CSV and Markdown outputs."""
+"""What the study scripts (rank_study.py, collab_study.py) share: their command line, their progress report and
+their CSV and Markdown outputs."""
 import argparse
 import csv
 import os
+import sys
 
 import torch
+
+from colora_fused.toolbox import Progress
 
 
 def parse_args(argv, description: str, seeds: int, folder: str) -> argparse.Namespace:
@@ -19,13 +22,12 @@ def parse_args(argv, description: str, seeds: int, folder: str) -> argparse.Name
     return args
 
 
-def progress(log):
-    """say(msg): print msg and append it to the open log file, flushed, so a long study can be followed."""
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
-    return say
+def progress(args: argparse.Namespace, name: str, runs: int) -> Progress:
+    """The study's progress report (`colora_fused.toolbox.Progress`): on stdout, a line "[name] ..." per phase (a
+    run starting), a heartbeat between, and the study's messages (a run's result), all in <out>/study.log too.
+    No bar: colora-finetune's own lines come between."""
+    return Progress(runs, stream=sys.stdout, log_path=os.path.join(args.out, "study.log"), unit="run",
+                    prefix=f"[{name}] ", bar=False)
 
 
 def write_results(out: str, rows, lines) -> None:

@@ -139,12 +139,18 @@ class Progress:
             return self.clock() - self._last_line
 
     def status(self) -> str:
-        """[elapsed] description: done/total units, left (and about how long, once a unit has finished)."""
+        """[elapsed] description: the tally."""
+        with self._lock:
+            description = self.description
+        return f"[{duration(self.elapsed())}] {description}: {self.tally()}"
+
+    def tally(self) -> str:
+        """done/total units done, left (and about how long, once a unit has finished)."""
         with self._lock:
             elapsed = self.clock() - self._start
-            done, total, description = self.done, self.total, self.description
+            done, total = self.done, self.total
         left = max(total - done, 0)
-        text = f"[{duration(elapsed)}] {description}: {done}/{total} {self.unit}s done, {left} left"
+        text = f"{done}/{total} {self.unit}s done, {left} left"
         if done and left:
             text += f", about {duration(elapsed / done * left)} to go"
         return text

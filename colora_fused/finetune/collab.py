@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import add_adapter, set_active_adapters, set_trainable_adapters
-from ..model import apply_colora, colora_layers
+from ..config import CoLoRAConfig
+from ..model import colora_layers, get_colora_model
 from ..serialization import atomic_write
 
 STRATEGIES = ("shared+personal", "personal-only", "shared-only")
@@ -61,9 +62,9 @@ def run_strategy(strategy: str, spec, splits, tasks, args, device, prepare) -> D
     torch.manual_seed(args.seed)
     model = copy.deepcopy(spec.model).to(device)
     features, head = model.features, model.head
-    for p in model.parameters():
-        p.requires_grad_(False)
-    apply_colora(features, order=args.order, backend=args.backend, rank=args.rank)
+    # Every conv of the backbone wrapped, everything else in it frozen; the heads below are trained copies.
+    get_colora_model(features, CoLoRAConfig(target_modules="all", order=args.order, backend=args.backend,
+                                            rank=args.rank))
     names = [f"task{t}" for t in range(len(tasks))]
     if strategy != "shared-only":
         for name in names:
@@ -102,14 +103,14 @@ def run_strategy(strategy: str, spec, splits, tasks, args, device, prepare) -> D
 def run(args, splits, spec, device, prepare, log) -> List[Dict[str, object]]:
     """Every strategy on the same tasks; writes collab.json to args.out (atomically) and logs a table."""
     tasks = make_tasks(np.asarray(splits.train.labels), splits.num_classes, args.tasks, args.task_samples, args.seed)
-    log(f"collaborative: {len(tasks)} tasks of classes "
-        + ", ".join(f"({splits.class_names[a]}, {splits.class_names[b]})" for (a, b), _ in tasks)
-        + f", {args.task_samples} training images per class and task")
+    log.message(f"collaborative: {len(tasks)} tasks of classes "
+                + ", ".join(f"({splits.class_names[a]}, {splits.class_names[b]})" for (a, b), _ in tasks)
+                + f", {args.task_samples} training images per class and task")
     results = []
     for strategy in STRATEGIES:
         result = run_strategy(strategy, spec, splits, tasks, args, device, prepare)
-        log(f"[{strategy}] per-task test acc {', '.join(f'{a:.3f}' for a in result['task_acc'])} | mean "
-            f"{result['mean_acc']:.4f} | {result['trained_params']:,} trained parameters")
+        log.message(f"[{strategy}] per-task test acc {', '.join(f'{a:.3f}' for a in result['task_acc'])} | mean "
+                    f"{result['mean_acc']:.4f} | {result['trained_params']:,} trained parameters")
         results.append(result)
     os.makedirs(args.out, exist_ok=True)
     report = json.dumps({"tasks": [list(c) for c, _ in tasks], "task_samples": args.task_samples, "seed": args.seed,

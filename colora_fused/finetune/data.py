@@ -2,7 +2,7 @@
 
 Every loader returns a :class:`Splits` of three data sets yielding ``(uint8 image [C, H, W], int64 label)``.
 Scaling, channel replication, resizing and normalisation happen on the device, per batch
-(``finetune.prepare_batch``), so a data set stays uint8 in memory and a batch crosses to the GPU as bytes.
+(:func:`prepare_batch`), so a data set stays uint8 in memory and a batch crosses to the GPU as bytes.
 
 Problems with the input raise :class:`DataError` with a one-line message, before any training starts.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "subset",
     "EpochSampler",
     "make_loader",
+    "training_set",
+    "prepare_batch",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -328,3 +331,21 @@ def make_loader(dataset, sampler, batch_size, workers=0, pin_memory=False):
     if isinstance(dataset, ArrayDataset):
         return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None, num_workers=0, pin_memory=pin_memory)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def training_set(train, balance):
+    """The training split as trained on: ``--balance truncate`` keeps the first n of every class (the paper)."""
+    return subset(train, truncate_per_class(train.labels)) if balance == "truncate" else train
+
+
+def prepare_batch(images, spec, image_size, device, channels_last):
+    """uint8 ``[B, C, H, W]`` → normalised float on ``device``: channels matched, resized to ``image_size``²."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    if x.shape[1] != spec.in_channels:
+        x = x.expand(-1, spec.in_channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > image_size)
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -11,7 +11,7 @@ fully connected layers — and is fine-tuned with one of three strategies, on th
 With no ``--data`` it runs a demo that needs no download: a small CNN is pre-trained on scikit-learn's digits
 0–4, then fine-tuned on digits 5–9 with each strategy, and a comparison table is printed.
 
-``--tasks N`` runs the collaborative recipe instead (``colora_fused.collab``): N tasks of related classes, each
+``--tasks N`` runs the collaborative recipe instead (``collab.py``): N tasks of related classes, each
 with its head, trained with shared+personal, personal-only and shared-only named CoLoRA adapters.
 
 Merge schedule on small data. A merge folds ΔK into the frozen weights, resets Kd = 0, draws a fresh Kp and
@@ -57,20 +57,26 @@ Progress. On a terminal a progress bar; otherwise (a log, CI, ``--no-progress``)
 epoch, and during an epoch at least every ``--log-every`` seconds (30), each with the elapsed time and what
 remains.
 
+Merges. ``cf.MergeSchedule`` runs them (``--merge-every``/``--merge-unit``, ``--merge-when``/``--merge-scope``
+as its ``every``/``unit``/``threshold``/``scope``), seeded with ``--seed`` so that each merge's fresh Kp is drawn
+from the seed and the merge's number: the same draws in a resumed run. ``cf.get_colora_model`` wraps and
+freezes (``models.setup_strategy``).
+
 Checkpoints hold what training changed: the adapters (``cf.colora_state_dict``) and the head, the buffers
-(BatchNorm statistics), the optimizer state, counters and RNG states. Once a merge has happened the merged
-base weights of the CoLoRA layers are part of that too (merging moves the update into them), so an
-adapters-and-head-only checkpoint is what ``--merge-every 0`` (merge only at the end) produces.
+(BatchNorm statistics), the optimizer state, the merge schedule's state, counters and RNG states. Once a merge
+has happened the merged base weights of the CoLoRA layers are part of that too (merging moves the update into
+them), so an adapters-and-head-only checkpoint is what ``--merge-every 0`` (merge only at the end) produces.
 
 Multi-GPU: ``torchrun --nproc_per_node G -m colora_fused.finetune ...`` trains with DistributedDataParallel
 (NCCL on GPUs, gloo on CPU); every rank merges at the same step, rank 0 logs and writes the files.
+
+This module is the command line and the training loop; the models and strategies live in models.py, the
+checkpoint and output files in checkpoint.py, evaluation and the test report in evaluation.py, the data in
+data.py, the progress report in ``colora_fused.toolbox``.
 """
 import argparse
 import copy
-import csv
 import importlib.util
-import io
-import json
 import math
 import os
 import sys
@@ -78,269 +84,30 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import colora_fused as cf
-from . import metrics
-from .data import DataError, EpochSampler, load_data, load_digits_task, make_loader, subset, truncate_per_class
-from . import collab
-from ..callbacks import layers_due
-from ..serialization import atomic_write, load_merged, save_merged
+from . import collab, metrics
+from .checkpoint import (CHECKPOINT_FORMAT, check_checkpoint, read_checkpoint, run_config, save_history_csv,
+                         save_json, save_torch, trained_state)
+from .data import (DataError, EpochSampler, load_data, load_digits_task, make_loader, prepare_batch,
+                   training_set)
+from .evaluation import predict, scores, write_test_report
+from .models import UsageError, build_model, in_head, read_state_dict, setup_strategy
+from ..serialization import save_merged
+from ..toolbox import Progress, duration
 
 STRATEGIES = ("colora", "full", "head")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CHECKPOINT_FORMAT = "colora-finetune/2"
 
 DEMO_DEFAULTS = dict(epochs=8, pretrain_epochs=10, batch_size=32, lr=3e-3, merge_every=4)
 DATA_DEFAULTS = dict(epochs=20, batch_size=32, lr=1e-4, merge_every=1)
 
 
-class UsageError(ValueError):
-    """A bad option, model name, weights file or checkpoint; reported as one line before training starts."""
-
-
 class NonFiniteError(RuntimeError):
     """Training met a NaN/Inf loss, gradient or parameter; the message names the strategy, epoch and step."""
-
-
-class PaperHead(nn.Module):
-    """The paper's decision stage: 1×1 conv ``channels → reduced``, ReLU, then two fully connected layers.
-
-    The feature map is average-pooled to ``pool × pool`` first (the identity for VGG-16 / ResNet-50 at 224²,
-    whose last feature map is 7×7), so the head has a fixed size for any input resolution. With 4 classes this
-    reproduces the paper's counts (Table 4): VGG-16 15.58M parameters, head 0.87M ("0.9M"), CoLoRA adapters +
-    head 2.55M ("2.5M trained by backpropagation"); ResNet-50 + CoLoRA 14.5M trained of 38.0M.
-    """
-
-    def __init__(self, channels, num_classes, reduced=128, hidden=128, pool=7):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.reduce = nn.Conv2d(channels, reduced, 1)
-        self.fc1 = nn.Linear(reduced * pool * pool, hidden)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.reduce(self.pool(x)))
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
-class HeadNet(nn.Module):
-    """``head(features(x))``: a convolutional backbone and the paper's head."""
-
-    def __init__(self, features, head):
-        super().__init__()
-        self.features = features
-        self.head = head
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def small_cnn_features(in_channels):
-    """Four 3×3 convs with two 2× max-pools: the demo's backbone for 8×8 digits."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-    )
-
-
-@dataclass
-class ModelSpec:
-    model: nn.Module
-    head: list  # qualified names of the modules trained from scratch
-    in_channels: int
-    mean: tuple
-    std: tuple
-    image_size: int = None  # None: the data's own size
-
-
-def read_state_dict(path):
-    """A state dict from ``path`` (``torch.load(weights_only=True)`` or safetensors), never running code."""
-    if not os.path.isfile(path):
-        raise UsageError(f"weights file {path} does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            sd = load_merged(path)[0]
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is a usage error here
-        raise UsageError(f"cannot read weights {path}: {_reason(e)}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UsageError(f"weights {path} hold no state dict of tensors")
-    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd.items())
-
-
-def _reason(error):
-    """The first line of an exception's message (or its type): what a one-line error report quotes."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def key_mismatch(expected, given):
-    """How the tensors ``given`` differ from the shapes ``expected`` (both keyed by name), or None if they fit."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    misshaped = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in given.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
-    parts = [f"{len(ks)} {label} (e.g. {', '.join(ks[:3])})" for label, ks in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if ks]
-    return "; ".join(parts) or None
-
-
-def load_weights(module, sd, source, what, ignore=()):
-    """Copy ``sd`` into ``module``, all or nothing; keys under the ``ignore`` prefixes are skipped."""
-    expected = {k: v.shape for k, v in module.state_dict().items() if not k.startswith(ignore)}
-    keep = {k: v for k, v in sd.items() if not k.startswith(ignore)}
-    mismatch = key_mismatch(expected, keep)
-    if mismatch:
-        raise UsageError(f"weights {source} do not fit {what}: {mismatch}")
-    module.load_state_dict(keep, strict=False)
-
-
-def build_model(name, num_classes, in_channels, weights=None, weights_path="weights", head_hidden=128):
-    """The model ``name`` with a fresh ``num_classes`` head, backbone weights from the state dict ``weights``.
-
-    ``vgg16`` / ``resnet50``: torchvision's backbone (torchvision key layout for ``weights``; its classifier
-    keys are ignored) with :class:`PaperHead`. ``smallcnn``: the demo's CNN (its own layout, ``head.*``
-    ignored). Any other torchvision classification model by name: loaded whole but for its classifier, the
-    last ``nn.Linear``, which is replaced by one with ``num_classes`` outputs.
-    """
-    if name == "smallcnn":
-        model = HeadNet(small_cnn_features(in_channels), PaperHead(64, num_classes, reduced=16, hidden=64, pool=2))
-        if weights is not None:
-            load_weights(model, weights, weights_path, "smallcnn", ignore=("head.",))
-        return ModelSpec(model, ["head"], in_channels, (0.5,), (0.5,))
-    import torchvision  # here, not at the top: the demo's smallcnn does without its ~1 s import
-
-    if name in ("vgg16", "resnet50"):
-        tv = getattr(torchvision.models, name)(weights=None)
-        if weights is not None:
-            load_weights(tv, weights, weights_path, name, ignore=("classifier.", "fc.", "head."))
-        if name == "vgg16":
-            features, channels = tv.features, 512
-        else:
-            features = nn.Sequential(OrderedDict((k, getattr(tv, k)) for k in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")))
-            channels = 2048
-        model = HeadNet(features, PaperHead(channels, num_classes, hidden=head_hidden))
-        return ModelSpec(model, ["head"], 3, IMAGENET_MEAN, IMAGENET_STD, 224)
-    try:
-        model = torchvision.models.get_model(name, weights=None)
-    except (ValueError, KeyError):
-        raise UsageError(f"unknown model {name!r}: use vgg16, resnet50, smallcnn or a torchvision classification model name") from None
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UsageError(f"model {name!r} has no nn.Linear classifier to re-size")
-    if weights is not None:
-        load_weights(model, weights, weights_path, name, ignore=(linears[-1] + ".",))
-    old = model.get_submodule(linears[-1])
-    parent, _, child = linears[-1].rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, nn.Linear(old.in_features, num_classes))
-    return ModelSpec(model, [linears[-1]], 3, IMAGENET_MEAN, IMAGENET_STD, 224)
-
-
-def _in_head(name, head):
-    return any(name == h or name.startswith(h + ".") for h in head)
-
-
-def setup_strategy(spec, strategy, order="pointwise_first", backend="auto", rank=1):
-    """Make ``spec.model`` train as ``strategy``; returns the CoLoRA layer names (empty unless ``colora``).
-
-    ``rank``: the terms of every backbone conv, or {conv name: rank} (an allocation plan: convs it leaves out stay
-    plain and frozen).
-
-    ``colora`` and ``head`` freeze every backbone parameter but the adapters, BatchNorm's affine parameters
-    included; BatchNorm running statistics still follow the new data in training mode.
-    """
-    model, wrapped = spec.model, []
-    if strategy == "colora":
-        chosen = lambda n, m: not _in_head(n, spec.head) and (isinstance(rank, int) or n in rank)  # noqa: E731
-        wrapped = cf.apply_colora(model, include=chosen, order=order, backend=backend, rank=rank)
-        adapters = {id(p) for _, layer in cf.colora_layers(model) for p in layer.adapter_parameters()}
-        for n, p in model.named_parameters():
-            p.requires_grad_(id(p) in adapters or _in_head(n, spec.head))
-    else:
-        for n, p in model.named_parameters():
-            p.requires_grad_(strategy == "full" or _in_head(n, spec.head))
-    return wrapped
-
-
-def training_set(train, balance):
-    """The training split as trained on: ``--balance truncate`` keeps the first n of every class (the paper)."""
-    return subset(train, truncate_per_class(train.labels)) if balance == "truncate" else train
-
-
-def run_config(args, strategy, splits, world):
-    """The settings a checkpoint must have been made with to be resumed: those shaping the model, the data order
-    and the updates. ``--epochs`` is not among them: a resumed run may train longer."""
-    return {"model": args.model, "strategy": strategy, "num_classes": splits.num_classes, "in_channels": splits.in_channels, "order": args.order,
-            "merge_every": args.merge_every, "merge_unit": args.merge_unit, "merge_when": args.merge_when,
-            "merge_scope": args.merge_scope, "rank": args.rank, "rank_budget": args.rank_budget, "balance": args.balance,
-            "train_size": len(training_set(splits.train, args.balance)), "batch_size": args.batch_size, "processes": world,
-            "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "head_hidden": args.head_hidden,
-            "image_size": args.image_size}
-
-
-def trained_state(model, strategy, merged):
-    """What training changed: trainable tensors, buffers, and (after a merge) the CoLoRA base weights."""
-    if strategy == "full":
-        return OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
-    keys = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
-    if merged:
-        for name, layer in cf.colora_layers(model):
-            keys |= {f"{name}.weight"} | ({f"{name}.bias"} if layer.bias is not None else set())
-    return OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items() if k in keys)
-
-
-CHECKPOINT_KEYS = ("config", "epoch", "step", "merges", "model", "optimizer", "best", "history", "rng", "train_time_s", "skipped_steps")
-_KEPT = "nothing was changed; delete it or choose another --out to start afresh"
-
-
-def read_checkpoint(path):
-    """The checkpoint at ``path`` (``torch.load(weights_only=True)``); UsageError naming the file and why not."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding objects that weights_only refuses
-        raise UsageError(f"cannot resume from {path}: unreadable ({_reason(e)}); {_KEPT}") from None
-    if not isinstance(ck, dict) or "format" not in ck:
-        raise UsageError(f"cannot resume from {path}: not a colora-finetune checkpoint; {_KEPT}")
-    if ck["format"] != CHECKPOINT_FORMAT:
-        raise UsageError(f"cannot resume from {path}: written in format {ck['format']!r}, this version reads {CHECKPOINT_FORMAT!r}; {_KEPT}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
-    if missing:
-        raise UsageError(f"cannot resume from {path}: it lacks {', '.join(missing)}; {_KEPT}")
-    malformed = [k for k, kind in (("config", dict), ("model", dict), ("optimizer", dict), ("history", list)) if not isinstance(ck[k], kind)]
-    malformed += ["model"] * (not malformed and not all(isinstance(v, torch.Tensor) for v in ck["model"].values()))
-    if malformed:
-        raise UsageError(f"cannot resume from {path}: malformed {', '.join(malformed)}; {_KEPT}")
-    return ck
-
-
-def check_checkpoint(ck, path, config, model, strategy):
-    """UsageError naming ``path`` and the mismatch unless ``ck`` was made with ``config`` and fits ``model``."""
-    if ck["config"] != config:
-        keys = sorted(set(ck["config"]) | set(config))
-        diff = ", ".join(f"{k}: {ck['config'].get(k)!r} vs {config.get(k)!r}" for k in keys if ck["config"].get(k) != config.get(k))
-        raise UsageError(f"cannot resume from {path}: it was made with other settings (saved vs now: {diff}); {_KEPT}")
-    expected = {k: v.shape for k, v in trained_state(model, strategy, ck["merges"] > 0).items()}
-    mismatch = key_mismatch(expected, ck["model"])
-    if mismatch:
-        raise UsageError(f"cannot resume from {path}: its weights do not fit this model ({mismatch}); {_KEPT}")
-    # the optimizer state: one group over the trained parameters, each state tensor shaped like its parameter
-    shapes = [p.shape for p in model.parameters() if p.requires_grad]
-    groups = [g.get("params") for g in ck["optimizer"].get("param_groups", [])]
-    state = ck["optimizer"].get("state", {})
-    fits = groups == [list(range(len(shapes)))] and all(
-        isinstance(i, int) and 0 <= i < len(shapes) and isinstance(st, dict) and all(t.dim() == 0 or t.shape == shapes[i] for t in st.values() if isinstance(t, torch.Tensor))
-        for i, st in state.items())
-    if not fits:
-        raise UsageError(f"cannot resume from {path}: its optimizer state does not fit this model's {len(shapes)} trained tensors; {_KEPT}")
 
 
 @dataclass
@@ -371,85 +138,19 @@ def init_distributed(device):
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
-def save_torch(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+class Log(Progress):
+    """colora-finetune's progress report (``toolbox.Progress``): the recipe's own lines on stdout, from rank 0
+    only (``enabled``), each also in finetune.log once it is opened (appended: a resumed run adds to it); on a
+    terminal, unless ``bar=False`` (``--no-progress``), a bar over the training steps instead of step lines."""
 
-
-def save_json(obj, path):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
-def save_history_csv(history, path):
-    if not history:
-        return
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=list(history[0]))
-    w.writeheader()
-    w.writerows(history)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def duration(seconds):
-    """``42s``, ``3m05s`` or ``2h07m``: elapsed and remaining times in progress lines."""
-    s = int(round(seconds))
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-class Log:
-    """Progress lines: printed at once (rank 0 only) and, once :meth:`open`, appended to a log file with a UTC
-    time stamp. Each line is flushed as written, so it shows in a redirected stdout, a CI log or ``tail -f``.
-
-    The log file is the one file not written by ``atomic_write``: it only grows, a line at a time, and a
-    resumed run appends to it.
-    """
-
-    def __init__(self, enabled):
-        self.enabled, self.file = enabled, None
-        self.start = self.last = time.perf_counter()
-
-    def open(self, path):
-        if self.enabled:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8", buffering=1)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def elapsed(self):
-        return time.perf_counter() - self.start
-
-    def quiet_for(self):
-        """Seconds since the last line."""
-        return time.perf_counter() - self.last
-
-    def __call__(self, msg, console=True):
-        if not self.enabled:
-            return
-        self.last = time.perf_counter()
-        if console:
-            print(msg, flush=True)
-        if self.file is not None:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            self.file.writelines(f"{stamp} {line}\n" for line in msg.splitlines() or [""])
-
-
-def prepare_batch(images, spec, image_size, device, channels_last):
-    """uint8 ``[B, C, H, W]`` → normalised float on ``device``: channels matched, resized to ``image_size``²."""
-    x = images.to(device, non_blocking=True).float().div_(255.0)
-    if x.shape[1] != spec.in_channels:
-        x = x.expand(-1, spec.in_channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
-    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > image_size)
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    def __init__(self, enabled=True, bar=True):
+        super().__init__(stream=sys.stdout, bar=bar, lines=False, interval_s=None, enabled=enabled)
 
 
 class Trainer:
-    """One strategy's run: model, optimizer, loaders, the merge schedule, checkpoints and reports.
+    """One strategy's run: model, optimizer, loaders, the training loop and the run's files.
+
+    Merges: ``cf.MergeSchedule`` (CoLoRA with ``--merge-every`` above 0), told of every step and epoch.
 
     Crash safety: every file goes through ``atomic_write``, and each epoch writes its checkpoint last, so a
     kill at any instant leaves the previous epoch's checkpoint whole; ``--resume`` redoes what came after it,
@@ -463,7 +164,8 @@ class Trainer:
     """
 
     def __init__(self, args, splits, spec, strategy, out_dir, ctx):
-        self.args, self.splits, self.spec, self.strategy, self.out, self.ctx = args, splits, spec, strategy, out_dir, ctx
+        self.args, self.splits, self.spec, self.strategy = args, splits, spec, strategy
+        self.out, self.ctx = out_dir, ctx
         self.tag = f"[{strategy}]"
         self.model = spec.model.to(ctx.device)
         self.channels_last = ctx.device.type == "cuda"
@@ -472,50 +174,54 @@ class Trainer:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
         self.optimizer = torch.optim.Adam(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.schedule = None
+        if strategy == "colora" and args.merge_every > 0:
+            self.schedule = cf.MergeSchedule(self.model, self.optimizer, args.merge_every, args.merge_unit,
+                                             args.merge_when, args.merge_scope, seed=args.seed)
         self.net = self.model
         if ctx.active:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.image_size = args.image_size or spec.image_size
         train = training_set(splits.train, args.balance)
-        self.sampler = EpochSampler(train.labels, shuffle=True, balance=args.balance == "sample", num_replicas=ctx.world, rank=ctx.rank, seed=args.seed)
+        self.sampler = EpochSampler(train.labels, shuffle=True, balance=args.balance == "sample",
+                                    num_replicas=ctx.world, rank=ctx.rank, seed=args.seed)
         self.train_loader = make_loader(train, self.sampler, args.batch_size, args.workers, ctx.device.type == "cuda")
         self.ck_path = os.path.join(out_dir, "checkpoint.pt")
-        self.epoch = self.step = self.merges = self.skipped = 0
+        self.epoch = self.step = self.skipped = 0
         self.train_time = 0.0
         self.best = {"val_acc": -1.0, "epoch": None, "test_probs": None, "test_labels": None}
         self.history = []
 
+    @property
+    def merges(self):
+        return len(self.schedule.merges) if self.schedule is not None else 0
+
     def config(self):
         return run_config(self.args, self.strategy, self.splits, self.ctx.world)
 
-    def merge(self):
-        """Merge the adapters (eq. 10–13) with a fresh Kp drawn from a seed fixed by the merge count: all of
-        them, or with --merge-when those whose relative update ‖ΔK‖/‖K0‖ reached it (none: no merge)."""
-        names = None
-        if self.args.merge_when is not None:
-            names = layers_due(self.model, self.args.merge_when, self.args.merge_scope)
-            if not names:
-                return
-        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.args.seed * 7919 + self.merges + 1)
-            try:
-                cf.merge_colora(self.model, self.optimizer, names)
-            except ValueError as e:  # merge_colora checks every layer first: nothing was merged
-                raise NonFiniteError(f"{self.tag} the merge after step {self.step} was refused: {e}; {self._kept()}") from None
-        self.merges += 1
+    def _input(self, images):
+        return prepare_batch(images, self.spec, self.image_size, self.ctx.device, self.channels_last)
 
-    def _merge_due(self, unit):
-        a = self.args
-        if self.strategy != "colora" or a.merge_every <= 0 or a.merge_unit != unit:
-            return False
-        return (self.step if unit == "step" else self.epoch) % a.merge_every == 0
+    def _finished(self, unit):
+        """Tell the merge schedule that a step or an epoch ("step", "epoch") finished: it merges when one is due.
+        ``merge_colora`` checks every layer first, so a refused merge changed nothing."""
+        if self.schedule is None:
+            return
+        try:
+            if unit == "step":
+                self.schedule.step()
+            else:
+                self.schedule.epoch_end()
+        except ValueError as e:
+            raise NonFiniteError(f"{self.tag} the merge after step {self.step} was refused: {e}; "
+                                 f"{self._kept()}") from None
 
     def _kept(self):
         if self.epoch == 0:
             return "no epoch had finished, so this run has no checkpoint yet"
-        return f"the last good checkpoint, {self.ck_path} (end of epoch {self.epoch}), is kept: --resume continues from it"
+        return (f"the last good checkpoint, {self.ck_path} (end of epoch {self.epoch}), is kept: --resume continues "
+                "from it")
 
     def _nonfinite(self, loss):
         """None when the loss and every gradient are finite, else which is not ('loss', 'gradient of <name>').
@@ -524,7 +230,8 @@ class Trainer:
         rank stops or skips together.
         """
         ok = torch.ones((), dtype=torch.bool, device=loss.device)
-        flags = torch.stack([torch.isfinite(loss)] + [torch.isfinite(p.grad).all() if p.grad is not None else ok for p in self.params])
+        flags = torch.stack([torch.isfinite(loss)]
+                            + [torch.isfinite(p.grad).all() if p.grad is not None else ok for p in self.params])
         if self.ctx.active:
             flags = flags.int()
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -535,17 +242,16 @@ class Trainer:
 
     def train_epoch(self, log):
         """One pass over the training split; returns (mean loss, accuracy, steps skipped) over the steps taken."""
-        from tqdm import tqdm
-
         a = self.args
         self.net.train()
         self.sampler.set_epoch(self.epoch)
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss sum, correct, count
-        bar = tqdm(self.train_loader, desc=f"{self.strategy} epoch {self.epoch + 1}/{a.epochs}", leave=False, disable=None if self.ctx.main and a.progress else True, dynamic_ncols=True)  # None: off when not a terminal
-        lines = bar.disable  # no bar to watch: progress lines every --log-every seconds instead
+        where = f"{self.strategy} epoch {self.epoch + 1}/{a.epochs}"
+        log.detail(where)
+        lines = not log.has_bar  # no bar to watch: progress lines every --log-every seconds instead
         steps, skipped, start = len(self.train_loader), 0, time.perf_counter()
-        for i, (images, labels) in enumerate(bar, 1):
-            x = prepare_batch(images, self.spec, self.image_size, self.ctx.device, self.channels_last)
+        for i, (images, labels) in enumerate(self.train_loader, 1):
+            x = self._input(images)
             y = labels.to(self.ctx.device, non_blocking=True)
             with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=a.amp):
                 logits = self.net(x)
@@ -559,33 +265,33 @@ class Trainer:
                 totals[1] += (logits.argmax(1) == y).sum()
                 totals[2] += y.numel()
             else:
-                where = f"epoch {self.epoch + 1}/{a.epochs}, step {self.step + 1} (batch {i}/{steps} of the epoch)"
+                at = f"epoch {self.epoch + 1}/{a.epochs}, step {self.step + 1} (batch {i}/{steps} of the epoch)"
                 if not a.skip_nonfinite:
-                    raise NonFiniteError(f"{self.tag} non-finite {bad} at {where}; stopped before the update; {self._kept()}. "
-                                         "Lower --lr, check the data, or pass --skip-nonfinite to skip such steps")
+                    raise NonFiniteError(f"{self.tag} non-finite {bad} at {at}; stopped before the update; "
+                                         f"{self._kept()}. Lower --lr, check the data, or pass --skip-nonfinite to "
+                                         "skip such steps")
                 skipped += 1
-                log(f"{self.tag} non-finite {bad} at {where}: step skipped (--skip-nonfinite)")
+                log.message(f"{self.tag} non-finite {bad} at {at}: step skipped (--skip-nonfinite)")
             self.step += 1
+            log.advance()
             if lines and self._line_due(log):
                 per_step = (time.perf_counter() - start) / i
                 left = per_step * ((steps - i) + (a.epochs - self.epoch - 1) * steps)
-                log(f"{self.tag} epoch {self.epoch + 1}/{a.epochs} step {i}/{steps}  loss {loss.item():.4f} | "
-                    f"{duration(log.elapsed())} elapsed, ~{duration(left)} of training left")
-            elif not bar.disable and self.step % 20 == 0:  # .item() waits for the GPU: not every step
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if self._merge_due("step"):
-                self.merge()
-        bar.close()
+                log.message(f"{self.tag} epoch {self.epoch + 1}/{a.epochs} step {i}/{steps}  loss {loss.item():.4f} | "
+                            f"{duration(log.elapsed())} elapsed, ~{duration(left)} of training left")
+            elif not lines and self.step % 20 == 0:  # .item() waits for the GPU: not every step
+                log.detail(f"{where} loss {loss.item():.3f}")
+            self._finished("step")
         if skipped == steps:
-            raise NonFiniteError(f"{self.tag} every step of epoch {self.epoch + 1}/{a.epochs} was non-finite and skipped; {self._kept()}")
+            raise NonFiniteError(f"{self.tag} every step of epoch {self.epoch + 1}/{a.epochs} was non-finite and "
+                                 f"skipped; {self._kept()}")
         if self.ctx.active:
             dist.all_reduce(totals)
             for b in self.model.buffers():  # BatchNorm statistics: keep rank 0's on every rank
                 dist.broadcast(b, 0)
         self._check_parameters()
         self.epoch += 1
-        if self._merge_due("epoch"):
-            self.merge()
+        self._finished("epoch")
         self.skipped += skipped
         loss_sum, correct, count = totals.tolist()
         return loss_sum / count, correct / count, skipped
@@ -594,42 +300,23 @@ class Trainer:
         """A finite gradient can still step a parameter to Inf: nothing non-finite is merged or checkpointed."""
         bad = [n for n, p in zip(self.param_names, self.params) if not bool(torch.isfinite(p).all())]
         if bad:
-            raise NonFiniteError(f"{self.tag} parameters {', '.join(bad[:3])} became non-finite in epoch {self.epoch + 1} "
-                                 f"(by step {self.step}); {self._kept()}")
+            raise NonFiniteError(f"{self.tag} parameters {', '.join(bad[:3])} became non-finite in epoch "
+                                 f"{self.epoch + 1} (by step {self.step}); {self._kept()}")
 
     def _line_due(self, log):
         """Whether a progress line is due (rank 0): ``--log-every`` seconds since the last line of any kind."""
         return self.ctx.main and self.args.log_every >= 0 and log.quiet_for() >= self.args.log_every
 
-    @torch.no_grad()
-    def predict(self, dataset, log, name):
-        """Logits and labels of the whole ``dataset`` (each rank scores a shard; every rank gets all)."""
-        self.model.eval()
-        shard = list(range(self.ctx.rank, len(dataset), self.ctx.world))
-        loader = make_loader(dataset, shard, self.args.batch_size * 2, self.args.workers)
-        out, ys = [], []
-        for i, (images, labels) in enumerate(loader, 1):
-            if self._line_due(log):  # no bar here: a large split on a CPU can take minutes
-                log(f"{self.tag} epoch {self.epoch}/{self.args.epochs} evaluating {name}: batch {i}/{len(loader)} | "
-                    f"{duration(log.elapsed())} elapsed")
-            x = prepare_batch(images, self.spec, self.image_size, self.ctx.device, self.channels_last)
-            with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
-                out.append(self.model(x).float().cpu())
-            ys.append(torch.as_tensor(labels))
-        logits = torch.cat(out) if out else torch.zeros(0, self.splits.num_classes)
-        labels = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
-        if self.ctx.active:
-            parts = [None] * self.ctx.world
-            dist.all_gather_object(parts, (shard, logits, labels))
-            order = torch.tensor([i for p in parts for i in p[0]]).argsort()
-            logits = torch.cat([p[1] for p in parts])[order]
-            labels = torch.cat([p[2] for p in parts])[order]
-        return logits, labels
-
     def evaluate(self, dataset, log, name):
-        logits, labels = self.predict(dataset, log, name)
-        loss = F.cross_entropy(logits, labels).item()
-        return loss, (logits.argmax(1) == labels).double().mean().item(), logits.softmax(1), labels
+        """(loss, accuracy, probabilities, labels) on ``dataset``, with progress lines while it runs."""
+        def line(i, n):
+            if self._line_due(log):
+                log.message(f"{self.tag} epoch {self.epoch}/{self.args.epochs} evaluating {name}: batch {i}/{n} | "
+                            f"{duration(log.elapsed())} elapsed")
+
+        logits, labels = predict(self.model, dataset, self.ctx, self.args.batch_size * 2, self.args.workers,
+                                 self._input, self.args.amp, self.splits.num_classes, line)
+        return scores(logits, labels)
 
     def checkpoint(self):
         rng = {"torch": torch.get_rng_state()}
@@ -639,6 +326,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": self.config(),
             "epoch": self.epoch, "step": self.step, "merges": self.merges, "skipped_steps": self.skipped,
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "model": trained_state(self.model, self.strategy, self.merges > 0),
             "optimizer": self.optimizer.state_dict(),
             "best": self.best, "history": self.history, "rng": rng, "train_time_s": self.train_time,
@@ -652,26 +340,37 @@ class Trainer:
         for k, v in ck["model"].items():
             own[k].copy_(v)
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.epoch, self.step, self.merges, self.skipped = ck["epoch"], ck["step"], ck["merges"], ck["skipped_steps"]
+        if self.schedule is not None:
+            self.schedule.load_state_dict(ck["schedule"])
+        self.epoch, self.step, self.skipped = ck["epoch"], ck["step"], ck["skipped_steps"]
         self.best, self.history, self.train_time = ck["best"], ck["history"], ck["train_time_s"]
         torch.set_rng_state(ck["rng"]["torch"])
         if "cuda" in ck["rng"] and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.ctx.device)
 
-    def run(self, log):
-        """Train the remaining epochs, then write the final model and reports; returns the result row.
+    def save_epoch(self, improved):
+        """Rank 0 writes the epoch's files: the best model when it improved, the history, then the checkpoint,
+        which commits the epoch (a kill before it only makes ``--resume`` redo the epoch)."""
+        if not self.ctx.main:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        if improved:
+            save_merged(self.model, os.path.join(self.out, "best.safetensors"), self.config())
+        save_json(self.history, os.path.join(self.out, "history.json"))
+        save_history_csv(self.history, os.path.join(self.out, "history.csv"))
+        save_torch(self.checkpoint(), self.ck_path)
 
-        Per epoch the files are written best model, history, then the checkpoint: the checkpoint commits the
-        epoch, and a kill before it only makes ``--resume`` redo the epoch, rewriting the same files.
-        """
+    def run(self, log):
+        """Train the remaining epochs, then write the final model and reports; returns the result row."""
         a, out, tag = self.args, self.out, self.tag
         if a.resume and os.path.exists(self.ck_path):
             self.resume(self.ck_path)
-            log(f"{tag} resumed from {self.ck_path} at epoch {self.epoch}/{a.epochs}, step {self.step}")
+            log.message(f"{tag} resumed from {self.ck_path} at epoch {self.epoch}/{a.epochs}, step {self.step}")
         counts = cf.count_parameters(self.model)
         if self.epoch < a.epochs:
-            log(f"{tag} training epochs {self.epoch + 1}-{a.epochs}, {len(self.train_loader)} steps each, "
-                f"{counts['trainable']:,} of {counts['total']:,} parameters trained")
+            log.message(f"{tag} training epochs {self.epoch + 1}-{a.epochs}, {len(self.train_loader)} steps each, "
+                        f"{counts['trainable']:,} of {counts['total']:,} parameters trained")
+            log.add_total((a.epochs - self.epoch) * len(self.train_loader))
         start, epochs_here = time.perf_counter(), 0
         while self.epoch < a.epochs:
             t0 = time.perf_counter()
@@ -680,48 +379,41 @@ class Trainer:
             self.train_time += dt
             val_loss, val_acc, _, _ = self.evaluate(self.splits.val, log, "val")
             test_loss, test_acc, test_probs, test_labels = self.evaluate(self.splits.test, log, "test")
-            row = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                   "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc, "merges": self.merges, "skipped_steps": skipped,
-                   "epoch_time_s": dt}
+            row = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+                   "merges": self.merges, "skipped_steps": skipped, "epoch_time_s": dt}
             self.history.append(row)
             improved = val_acc > self.best["val_acc"]
             if improved:
-                self.best = {"val_acc": val_acc, "epoch": self.epoch, "test_probs": test_probs, "test_labels": test_labels}
-            if self.ctx.main:
-                os.makedirs(out, exist_ok=True)
-                if improved:
-                    save_merged(self.model, os.path.join(out, "best.safetensors"), self.config())
-                save_json(self.history, os.path.join(out, "history.json"))
-                save_history_csv(self.history, os.path.join(out, "history.csv"))
-                save_torch(self.checkpoint(), self.ck_path)
+                self.best = {"val_acc": val_acc, "epoch": self.epoch, "test_probs": test_probs,
+                             "test_labels": test_labels}
+            self.save_epoch(improved)
             epochs_here += 1
             left = (time.perf_counter() - start) / epochs_here * (a.epochs - self.epoch)
-            log(f"{tag} epoch {self.epoch}/{a.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f} | "
-                f"val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | {dt:.1f}s"
-                + (f", {skipped} skipped" if skipped else "") + ("  *best" if improved else "")
-                + f" | {duration(log.elapsed())} elapsed, ~{duration(left)} left")
+            log.message(f"{tag} epoch {self.epoch}/{a.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                        f"val loss {val_loss:.4f} acc {val_acc:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
+                        f"{dt:.1f}s" + (f", {skipped} skipped" if skipped else "") + ("  *best" if improved else "")
+                        + f" | {duration(log.elapsed())} elapsed, ~{duration(left)} left")
         if a.dump_rank_state:
             os.makedirs(a.dump_rank_state, exist_ok=True)
-            save_torch(OrderedDict((k, v.detach().cpu()) for k, v in self.model.state_dict().items()), os.path.join(a.dump_rank_state, f"{self.strategy}_rank{self.ctx.rank}.pt"))
-        result = {"strategy": self.strategy, "epochs": self.epoch, "steps": self.step, "merges": self.merges, "skipped_steps": self.skipped,
-                  "trained_params": counts["trainable"], "total_params": counts["total"], "adapter_params": counts["adapter"],
+            save_torch(OrderedDict((k, v.detach().cpu()) for k, v in self.model.state_dict().items()),
+                       os.path.join(a.dump_rank_state, f"{self.strategy}_rank{self.ctx.rank}.pt"))
+        result = {"strategy": self.strategy, "epochs": self.epoch, "steps": self.step, "merges": self.merges,
+                  "skipped_steps": self.skipped, "trained_params": counts["trainable"],
+                  "total_params": counts["total"], "adapter_params": counts["adapter"],
                   "train_time_s": self.train_time, "wall_time_s": time.perf_counter() - start}
         if self.best["epoch"] is None:
             return result
-        report = metrics.classification_report(self.best["test_labels"], self.best["test_probs"], self.splits.class_names)
+        report = metrics.classification_report(self.best["test_labels"], self.best["test_probs"],
+                                               self.splits.class_names)
         result.update(best_epoch=self.best["epoch"], val_acc=self.best["val_acc"], test_acc=report["accuracy"],
                       test_auc=report["macro"]["auc"], final_test_acc=self.history[-1]["test_acc"])
         if self.ctx.main:
-            log(f"{tag} writing the final model and reports to {out}")
+            log.message(f"{tag} writing the final model and reports to {out}")
             save_merged(self.model, os.path.join(out, "model_final.safetensors"), self.config())
-            save_json({"best_epoch": self.best["epoch"], "best_val_acc": self.best["val_acc"], "test": report, "run": result},
-                      os.path.join(out, "metrics.json"))
-            cm = np.asarray(report["confusion_matrix"])
-            metrics.plot_confusion_matrix(cm, self.splits.class_names, os.path.join(out, "confusion_matrix.png"),
-                                          title=f"{self.strategy}: test, best epoch {self.best['epoch']}")
-            metrics.plot_roc_curves(self.best["test_probs"], self.best["test_labels"], self.splits.class_names, os.path.join(out, "roc.png"),
-                                    title=f"{self.strategy}: test ROC, best epoch {self.best['epoch']}")
-        log(f"{tag} done: test acc {report['accuracy']:.4f} (best epoch {self.best['epoch']}) | {duration(log.elapsed())} elapsed")
+            write_test_report(out, self.strategy, self.best, report, result, self.splits.class_names)
+        log.message(f"{tag} done: test acc {report['accuracy']:.4f} (best epoch {self.best['epoch']}) | "
+                    f"{duration(log.elapsed())} elapsed")
         return result
 
 
@@ -729,19 +421,24 @@ def build_parser():
     demo, data = DEMO_DEFAULTS, DATA_DEFAULTS
     p = argparse.ArgumentParser(
         prog="colora-finetune",
-        description="Fine-tune a pretrained CNN with CoLoRA (Rivera & Hoyos 2025), full fine-tuning or head-only training, "
-                    "and compare. With no --data: the bundled digits demo (pre-train on 0-4, fine-tune on 5-9). "
-                    "Files are written atomically; --resume continues after a crash or kill.")
-    p.add_argument("--data", metavar="PATH", help="a MedMNIST .npz file or an ImageFolder directory (default: the digits demo)")
-    p.add_argument("--model", help="vgg16, resnet50, smallcnn or a torchvision classification model name (default: vgg16; the demo: smallcnn)")
-    p.add_argument("--weights", metavar="FILE", help="pretrained weights: .pt/.pth (read with torch.load(weights_only=True)) or .safetensors; never "
-                                     "downloaded (default: the demo pre-trains its own; otherwise random initialisation)")
+        description="Fine-tune a pretrained CNN with CoLoRA (Rivera & Hoyos 2025), full fine-tuning or head-only "
+                    "training, and compare. With no --data: the bundled digits demo (pre-train on 0-4, fine-tune on "
+                    "5-9). Files are written atomically; --resume continues after a crash or kill.")
+    p.add_argument("--data", metavar="PATH",
+                   help="a MedMNIST .npz file or an ImageFolder directory (default: the digits demo)")
+    p.add_argument("--model", help="vgg16, resnet50, smallcnn or a torchvision classification model name (default: "
+                                   "vgg16; the demo: smallcnn)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="pretrained weights: .pt/.pth (read with torch.load(weights_only=True)) or .safetensors; never "
+                        "downloaded (default: the demo pre-trains its own; otherwise random initialisation)")
     p.add_argument("--strategy", help="comma list of colora, full, head, or 'all' (default: colora; the demo: all)")
-    p.add_argument("--epochs", type=int, metavar="N", help=f"epochs per strategy (default: {data['epochs']}; the demo: {demo['epochs']})")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help=f"epochs per strategy (default: {data['epochs']}; the demo: {demo['epochs']})")
     p.add_argument("--batch-size", type=int, metavar="N", help=f"batch size per process (default: {data['batch_size']}"
                    + (f"; the demo: {demo['batch_size']})" if demo["batch_size"] != data["batch_size"] else ")"))
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {data['lr']:g}; the demo: {demo['lr']:g})")
-    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="Adam weight decay (L2 penalty) on the trained parameters (default: 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
+                   help="Adam weight decay (L2 penalty) on the trained parameters (default: 0)")
     p.add_argument("--merge-every", type=int, metavar="N",
                    help=f"merge the CoLoRA adapters into the frozen weights every N merge units; 0: only at the end "
                         f"(default: {data['merge_every']}, the paper; the demo: {demo['merge_every']})")
@@ -751,47 +448,57 @@ def build_parser():
                    help="adaptive merge: at each point --merge-every/--merge-unit names, merge only the layers whose "
                         "relative update ||dK||/||K0|| reached T (see --merge-scope); default: merge every layer there")
     p.add_argument("--merge-scope", choices=("layer", "model"), default="layer",
-                   help="--merge-when per layer, or once for all layers by the whole model's ||dK||/||K0|| (default: layer)")
+                   help="--merge-when per layer, or once for all layers by the whole model's ||dK||/||K0|| "
+                        "(default: layer)")
     p.add_argument("--tasks", type=int, metavar="N",
-                   help="the collaborative recipe instead of --strategy: N tasks of related classes (t, t+1), each with "
-                        "its head, trained as shared+personal, personal-only and shared-only CoLoRA adapters side by side; "
-                        "an epoch is then one step per task (the study uses --epochs 40)")
+                   help="the collaborative recipe instead of --strategy: N tasks of related classes (t, t+1), each "
+                        "with its head, trained as shared+personal, personal-only and shared-only CoLoRA adapters side "
+                        "by side; an epoch is then one step per task (the study uses --epochs 40)")
     p.add_argument("--task-samples", type=int, default=10, metavar="K",
                    help="with --tasks: training images per class and task, no image in two tasks (default: 10)")
     p.add_argument("--rank", type=int, default=1, metavar="R",
                    help="Kp (x) Kd terms of each CoLoRA layer (default: 1, the paper)")
     p.add_argument("--rank-budget", type=int, metavar="PARAMS",
-                   help="instead of --rank: give each backbone conv a rank by its measured contribution (cf.allocate_rank, "
-                        f"{ALLOCATION_BATCHES} training batches) within this many adapter parameters; convs given rank 0 stay frozen")
+                   help="instead of --rank: give each backbone conv a rank by its measured contribution "
+                        f"(cf.allocate_rank, {ALLOCATION_BATCHES} training batches) within this many adapter "
+                        "parameters; convs given rank 0 stay frozen")
     p.add_argument("--order", choices=("pointwise_first", "depthwise_first"), default="pointwise_first",
                    help="CoLoRA factor order: pointwise_first (paper §3.2, Kd per output channel) or depthwise_first "
                         "(paper §3.1, Keras SeparableConv2D) (default: pointwise_first)")
     p.add_argument("--backend", choices=("auto", "triton", "hybrid", "torch", "reference"), default="auto",
-                   help="CoLoRA conv implementation: auto picks the fastest on a GPU and torch elsewhere; reference is the "
-                        "slow unmerged oracle (default: auto)")
+                   help="CoLoRA conv implementation: auto picks the fastest on a GPU and torch elsewhere; reference is "
+                        "the slow unmerged oracle (default: auto)")
     p.add_argument("--balance", choices=("none", "sample", "truncate"), default="none",
                    help="class balance of the training split: none, class-weighted sampling, or the paper's "
                         "first-n-per-class truncation (default: none)")
-    p.add_argument("--image-size", type=int, metavar="PIXELS", help="resize inputs to this square size (default: 224 for torchvision models, native for smallcnn)")
-    p.add_argument("--head-hidden", type=int, default=128, metavar="N", help="width of the head's first fully connected layer (default: 128)")
-    p.add_argument("--class-names", metavar="NAMES", help="comma-separated class names for reports (default: the folder names, or 0, 1, ...)")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share of a single ImageFolder directory (default: 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share of a single ImageFolder directory (default: 0.1)")
+    p.add_argument("--image-size", type=int, metavar="PIXELS",
+                   help="resize inputs to this square size (default: 224 for torchvision models, native for smallcnn)")
+    p.add_argument("--head-hidden", type=int, default=128, metavar="N",
+                   help="width of the head's first fully connected layer (default: 128)")
+    p.add_argument("--class-names", metavar="NAMES",
+                   help="comma-separated class names for reports (default: the folder names, or 0, 1, ...)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="validation share of a single ImageFolder directory (default: 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
+                   help="test share of a single ImageFolder directory (default: 0.1)")
     p.add_argument("--pretrain-epochs", type=int, default=demo["pretrain_epochs"], metavar="N",
                    help=f"the demo: epochs of pre-training on digits 0-4 (default: {demo['pretrain_epochs']})")
-    p.add_argument("--workers", type=int, default=4, metavar="N", help="DataLoader worker processes for image folders (default: 4)")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="DataLoader worker processes for image folders (default: 4)")
     p.add_argument("--amp", action="store_true", help="train and evaluate under bf16 autocast (CUDA)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="seed of the initialisation, the data order, the demo's splits and each merge's fresh Kp (default: 0)")
+                   help="seed of the initialisation, the data order, the demo's splits and each merge's fresh Kp "
+                        "(default: 0)")
     p.add_argument("--out", default="finetune-results", metavar="DIR",
-                   help="output folder: one sub-folder per strategy, summary files and finetune.log (default: finetune-results)")
+                   help="output folder: one sub-folder per strategy, summary files and finetune.log (default: "
+                        "finetune-results)")
     p.add_argument("--resume", action="store_true",
-                   help="continue each strategy from <out>/<strategy>/checkpoint.pt when present; a checkpoint that cannot "
-                        "be read or was made by other settings stops the run before anything is written")
+                   help="continue each strategy from <out>/<strategy>/checkpoint.pt when present; a checkpoint that "
+                        "cannot be read or was made by other settings stops the run before anything is written")
     p.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip an optimizer step whose loss or gradient is NaN/Inf (as AMP's GradScaler does) instead of "
-                        "stopping the run; a skipped step still counts for --merge-unit step")
+                   help="skip an optimizer step whose loss or gradient is NaN/Inf (as AMP's GradScaler does) instead "
+                        "of stopping the run; a skipped step still counts for --merge-unit step")
     p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="seconds between progress lines during an epoch when no progress bar is shown (output not a "
                         "terminal, or --no-progress); 0: every step; negative: none (default: 30)")
@@ -813,7 +520,8 @@ def parse_args(argv=None):
     args.strategies = list(STRATEGIES) if strategy == "all" else [s.strip() for s in strategy.split(",") if s.strip()]
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown or not args.strategies:
-        raise UsageError(f"unknown strategy {', '.join(unknown) or repr(strategy)}: choose from {', '.join(STRATEGIES)} or all")
+        raise UsageError(f"unknown strategy {', '.join(unknown) or repr(strategy)}: choose from "
+                         f"{', '.join(STRATEGIES)} or all")
     for k in ("epochs", "batch_size", "pretrain_epochs"):
         if getattr(args, k) < (1 if k == "batch_size" else 0):
             raise UsageError(f"--{k.replace('_', '-')} must be positive")
@@ -837,8 +545,8 @@ def parse_args(argv=None):
 
 
 def format_table(results):
-    cols = [("strategy", "{}"), ("test_acc", "{:.4f}"), ("val_acc", "{:.4f}"), ("test_auc", "{:.4f}"), ("trained_params", "{:,}"),
-            ("total_params", "{:,}"), ("merges", "{}"), ("train_time_s", "{:.1f}")]
+    cols = [("strategy", "{}"), ("test_acc", "{:.4f}"), ("val_acc", "{:.4f}"), ("test_auc", "{:.4f}"),
+            ("trained_params", "{:,}"), ("total_params", "{:,}"), ("merges", "{}"), ("train_time_s", "{:.1f}")]
     head = ["strategy", "test acc", "val acc", "test AUC", "trained params", "total params", "merges", "train time (s)"]
     rows = [[fmt.format(r[k]) if r.get(k) is not None else "-" for k, fmt in cols] for r in results]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -870,15 +578,16 @@ def allocated_ranks(args, spec, splits, device, log=None):
     batches = [batch_of(train, chunk, spec, size, device) for chunk in order.split(args.batch_size)]
     spec.model.to(device)
     plan = cf.allocate_rank(spec.model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), args.rank_budget,
-                            include=lambda n, m: not _in_head(n, spec.head), order=args.order, apply=False)
+                            include=lambda n, m: not in_head(n, spec.head), order=args.order, apply=False)
     if log is not None:
-        log("rank allocation (--rank-budget):\n" + plan.table())
+        log.message("rank allocation (--rank-budget):\n" + plan.table())
     return plan.ranks
 
 
 def run_strategy(args, splits, weights, strategy, ctx, log, out=None, epochs=None):
     torch.manual_seed(args.seed)
-    spec = build_model(args.model, splits.num_classes, splits.in_channels, weights, args.weights or "weights", args.head_hidden)
+    spec = build_model(args.model, splits.num_classes, splits.in_channels, weights, args.weights or "weights",
+                       args.head_hidden)
     rank = allocated_ranks(args, spec, splits, ctx.device, log) if strategy == "colora" else args.rank
     setup_strategy(spec, strategy, args.order, args.backend, rank)
     run_args = copy.copy(args)
@@ -903,7 +612,7 @@ def run(argv=None):
     except UsageError as e:
         raise SystemExit(f"colora-finetune: error: {e}") from None
     ctx = init_distributed(args.device)
-    log = Log(ctx.main)
+    log = Log(ctx.main, bar=args.progress)
     if args.data is None and ctx.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the demo's 8×8 convs are too small to split: one thread ran it 5-10× faster
     try:
@@ -916,49 +625,52 @@ def run(argv=None):
                 splits = load_digits_task(range(5, 10), seed=args.seed)
             else:
                 pre = None
-                splits = load_data(args.data, args.image_size or 224, args.val_fraction, args.test_fraction, args.seed, args.class_names)
+                splits = load_data(args.data, args.image_size or 224, args.val_fraction, args.test_fraction,
+                                   args.seed, args.class_names)
             pretrain = pre is not None and weights is None
             plan = [("full", pre, os.path.join(args.out, "pretrain"))] if pretrain else []
             plan += [(s, splits, os.path.join(args.out, s)) for s in args.strategies]
             for strategy, data, out in plan:  # every model, and every checkpoint to resume, before anything trains
-                spec = build_model(args.model, data.num_classes, data.in_channels, weights, args.weights or "weights", args.head_hidden)
+                spec = build_model(args.model, data.num_classes, data.in_channels, weights,
+                                   args.weights or "weights", args.head_hidden)
                 setup_strategy(spec, strategy, args.order, args.backend,
                                allocated_ranks(args, spec, data, ctx.device) if strategy == "colora" else args.rank)
                 ck = os.path.join(out, "checkpoint.pt")
                 if args.resume and os.path.exists(ck):
-                    check_checkpoint(read_checkpoint(ck), ck, run_config(args, strategy, data, ctx.world), spec.model, strategy)
+                    check_checkpoint(read_checkpoint(ck), ck, run_config(args, strategy, data, ctx.world),
+                                     spec.model, strategy)
             del spec
         except (UsageError, DataError, ValueError, TypeError) as e:
             raise SystemExit(f"colora-finetune: error: {e}") from None
-        log.open(os.path.join(args.out, "finetune.log"))
-        log(f"colora-finetune {' '.join(argv if argv is not None else sys.argv[1:])}", console=False)
-        log(f"data: {splits.description}")
+        log.open_log(os.path.join(args.out, "finetune.log"), append=True)
+        log.message(f"colora-finetune {' '.join(argv if argv is not None else sys.argv[1:])}", console=False)
+        log.message(f"data: {splits.description}")
         try:
             if pretrain:
-                log(f"demo: pre-training {args.model} on {pre.description} for {args.pretrain_epochs} epochs")
+                log.message(f"demo: pre-training {args.model} on {pre.description} for {args.pretrain_epochs} epochs")
                 pre_dir = os.path.join(args.out, "pretrain")
                 run_strategy(args, pre, None, "full", ctx, log, out=pre_dir, epochs=args.pretrain_epochs)
                 if ctx.active:
                     dist.barrier()
                 weights = read_state_dict(os.path.join(pre_dir, "model_final.safetensors"))
-                log(f"demo: fine-tuning on {splits.description}")
+                log.message(f"demo: fine-tuning on {splits.description}")
             if args.tasks:
-                spec = build_model(args.model, splits.num_classes, splits.in_channels, weights, args.weights or "weights",
-                                   args.head_hidden)
+                spec = build_model(args.model, splits.num_classes, splits.in_channels, weights,
+                                   args.weights or "weights", args.head_hidden)
                 size = args.image_size or spec.image_size
                 prepare = lambda ds, idx: batch_of(ds, idx, spec, size, ctx.device)  # noqa: E731
                 results = collab.run(args, splits, spec, ctx.device, prepare, log)
-                log(f"\noutputs in {os.path.abspath(args.out)} | {duration(log.elapsed())} elapsed")
+                log.message(f"\noutputs in {os.path.abspath(args.out)} | {duration(log.elapsed())} elapsed")
                 return results
             results = [run_strategy(args, splits, weights, s, ctx, log) for s in args.strategies]
         except NonFiniteError as e:
-            log(f"error: {e}", console=False)
+            log.message(f"error: {e}", console=False)
             raise SystemExit(f"colora-finetune: error: {e}") from None
         if ctx.main:
             save_json(results, os.path.join(args.out, "summary.json"))
             save_history_csv(results, os.path.join(args.out, "summary.csv"))
-        log("\n" + format_table(results))
-        log(f"\noutputs in {os.path.abspath(args.out)} | {duration(log.elapsed())} elapsed")
+        log.message("\n" + format_table(results))
+        log.message(f"\noutputs in {os.path.abspath(args.out)} | {duration(log.elapsed())} elapsed")
         if ctx.active:
             dist.barrier()  # no rank tears gloo/NCCL down while a peer still talks to it
         return results

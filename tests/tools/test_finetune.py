@@ -579,7 +579,7 @@ def test_merge_of_a_nonfinite_delta_is_refused_and_stops(tmp_path, monkeypatch):
         finally:
             assert torch.equal(model.features[2].weight, base)  # refused: K0 unchanged
 
-    monkeypatch.setattr(cf, "merge_colora", poisoned)
+    monkeypatch.setattr(cf.callbacks, "merge_colora", poisoned)  # what MergeSchedule calls
     with pytest.raises(SystemExit) as e:
         run("--data", write_npz(tmp_path / "d.npz"), *NPZ_RUN, "--epochs", "2", out=tmp_path / "out")
     message = str(e.value.code)
