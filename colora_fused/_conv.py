@@ -1,10 +1,11 @@
 """Small helpers shared by the layers, the reference and the backends: conv hyper-parameter normalisation."""
 import math
-import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from . import settings
 
 ORDERS = ("pointwise_first", "depthwise_first")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -49,11 +50,6 @@ def adapter_shapes(weight_shape: Sequence[int], groups: int, order: str, rank: i
     kd_channels = c_out if order == "pointwise_first" else c_in_g * groups
     lead = (rank,) if rank > 1 else ()
     return (*lead, c_out, c_in_g), (*lead, kd_channels, *kernel)
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton's interpreter is asked for (it runs the kernels on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def conv_output_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
@@ -115,11 +111,14 @@ def adapter_grad_route(x_shape: Sequence[int], weight_shape: Sequence[int], out_
     """The cheaper way to the adapter gradients of this conv (DESIGN §5), by counting multiply-adds.
 
     "gradw": the full weight gradient (N·HWo·C_out·C_in/g·T), then small reductions. "cheap": two 1×1 GEMMs at
-    Z1's resolution plus two depthwise stencils of T taps, the stencils weighted by STENCIL_COST. The
-    environment variable COLORA_GRAD_ROUTE ("cheap" or "gradw") overrides the choice.
+    Z1's resolution plus two depthwise stencils of T taps, the stencils weighted by STENCIL_COST.
+    COLORA_GRAD_ROUTE overrides the choice (`settings.grad_route`).
+
+    The one route policy: every caller of an adapter-gradient path (`ops`, aten or Triton) passes the route
+    chosen here.
     """
-    forced = os.environ.get("COLORA_GRAD_ROUTE", "")
-    if forced:
+    forced = settings.grad_route()
+    if forced is not None:
         if forced not in ROUTES:
             raise ValueError(f"COLORA_GRAD_ROUTE={forced!r}; choose one of {ROUTES}")
         return forced

@@ -2,7 +2,6 @@
 import contextlib
 import importlib.util
 import logging
-import os
 import time
 from typing import Callable, Dict, Optional, Sequence
 
@@ -11,9 +10,9 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import ops, settings
 from ._conv import (PADDING_MODES, TRITON_DTYPES, MergeSpec, adapter_rank, adapter_shapes, check_order, f_pad_arg,
-                    interpreter_enabled, ntuple, pad_amounts)
+                    ntuple, pad_amounts)
 from .reference import colora_conv_reference
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def hybrid_unsupported_reason(x: Tensor) -> Optional[str]:
     kernel) cannot run this call, or None when it can: what every Triton path needs."""
     if not triton_available():
         return "triton is not installed"
-    if not (x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())):
+    if not (x.is_cuda or (x.device.type == "cpu" and settings.triton_interpret())):
         return (f"tensors on {x.device} need CUDA (or TRITON_INTERPRET=1 set before triton is imported, "
                 "for CPU tests)")
     if x.dtype not in TRITON_DTYPES:
@@ -155,10 +154,10 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
 
 
 def requested_backend(backend: str) -> str:
-    """`backend`, with `auto` replaced by COLORA_BACKEND when that is set."""
+    """`backend`, with `auto` replaced by COLORA_BACKEND when that is set (`settings.backend`)."""
     check_backend(backend)
     if backend == "auto":
-        return check_backend(os.environ.get("COLORA_BACKEND", "auto") or "auto")
+        return check_backend(settings.backend())
     return backend
 
 
@@ -247,10 +246,6 @@ def _transforms_active() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
-def _merge_cache_enabled() -> bool:
-    return os.environ.get("COLORA_MERGE_CACHE", "1") != "0"
-
-
 def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode, order,
           backend):
     """What `colora_conv` runs, decided before it runs: checks, padding, autocast dtype and the backend.
@@ -295,7 +290,7 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
                  and not fused_prefers_library(weight, groups))
         candidates = tuple(c for c in AUTO_CANDIDATES if fused or c != "triton")
         # Under torch.compile nothing is measured or looked up: the op itself still falls back at run time.
-        if torch.compiler.is_compiling() or os.environ.get("COLORA_AUTOTUNE", "1") == "0":
+        if torch.compiler.is_compiling() or not settings.autotune():
             backend = candidates[0]
         else:
             training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
@@ -353,7 +348,7 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
         else:
             merged = None
             if (ops.split_fallback(backend)[0] in ("torch", "hybrid") and merge_cache is not None
-                    and _merge_cache_enabled() and not torch.compiler.is_compiling()):
+                    and settings.merge_cache() and not torch.compiler.is_compiling()):
                 merged = merge_cache.get(weight, pointwise, depthwise, groups, order, x.dtype)
             # With a prebuilt K0 + ΔK the op reads K0 only for its gradient: no weight-sized cast when frozen.
             if merged is None or weight.requires_grad:

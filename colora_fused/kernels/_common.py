@@ -6,7 +6,6 @@ the launchers take `meta` tensors; the static audit (`colora_fused.audit`) drive
 so it compiles exactly the specialisations a real launch would, for a GPU this machine does not have.
 """
 import contextlib
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -15,12 +14,13 @@ import torch
 import triton
 import triton.language as tl  # noqa: F401 (Triton requires it in the globals of a @triton.jit helper)
 
+from .. import settings
 from .._conv import ORDERS, TRITON_DTYPES, adapter_rank, adapter_shapes
 
 INTERPRET = triton.knobs.runtime.interpret
 # One fixed config instead of autotuning: always under the interpreter, and on a GPU when COLORA_TRITON_AUTOTUNE=0
 # (the CUDA tests set it: autotuning every tiny test shape would cost more than the tests).
-FIXED_CONFIG = INTERPRET or os.environ.get("COLORA_TRITON_AUTOTUNE") == "0"
+FIXED_CONFIG = INTERPRET or not settings.triton_autotune()
 DTYPES = TRITON_DTYPES
 _WAY_OUT = 'use backend="torch" for this case'
 # Hopper's wgmma multiplies 64-row tiles per warpgroup: a tl.dot whose M tile is narrower (or that runs on fewer
@@ -372,7 +372,7 @@ def new_tensor(shape, dtype, device, channels_last: bool = False) -> torch.Tenso
         t = torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=device).movedim(-1, 1)
     else:
         t = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("COLORA_NAN_FILL") == "1":
+    if settings.nan_fill():
         t.fill_(float("nan"))
     return t
 
