@@ -12,7 +12,7 @@ from .adapters import (active_adapters, add_adapter, delete_adapter, set_active_
 from .capacity import RankPlan, allocate_rank
 from .callbacks import MergeSchedule
 from .config import CoLoRAConfig
-from .functional import colora_conv
+from .functional import clear_caches, colora_conv
 from .model import (apply_colora, colora_layers, count_parameters, disable_colora, get_colora_model,
                     merge_and_unload, merge_colora, print_trainable_parameters, unapply_colora)
 from .layers import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
@@ -26,10 +26,11 @@ _LAZY_CALLBACKS = ("CoLoRALightningCallback", "CoLoRATrainerCallback")
 # The lazy callback names stay out of __all__: `from colora_fused import *` must work without their frameworks.
 __all__ = [
     "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "RankPlan", "active_adapters",
-    "adapters", "add_adapter", "allocate_rank", "apply_colora", "callbacks", "colora_conv", "colora_layers",
-    "colora_state_dict", "count_parameters", "delete_adapter", "disable_colora", "functional", "get_colora_model",
-    "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora", "print_trainable_parameters",
-    "save_colora", "save_merged", "set_active_adapters", "set_trainable_adapters", "unapply_colora",
+    "adapters", "add_adapter", "allocate_rank", "apply_colora", "callbacks", "clear_caches", "colora_conv",
+    "colora_layers", "colora_state_dict", "count_parameters", "delete_adapter", "disable_colora", "functional",
+    "get_colora_model", "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora",
+    "print_trainable_parameters", "save_colora", "save_merged", "set_active_adapters", "set_trainable_adapters",
+    "unapply_colora",
 ]
 
 

@@ -4,8 +4,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
+from . import backends
 from ._conv import check_order, check_rank
-from .functional import check_backend
 
 Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 UNSUPPORTED = ("error", "skip")  # what to do with a selected conv whose class CoLoRA cannot repeat
@@ -62,7 +62,7 @@ class CoLoRAConfig:
                                 f"got {self.modules_to_save!r}")
             self.modules_to_save = list(names)
         check_order(self.order)
-        check_backend(self.backend)
+        backends.check(self.backend)
         check_rank(self.rank)
         if self.unsupported not in UNSUPPORTED:
             raise ValueError(f"CoLoRAConfig.unsupported: expected one of {UNSUPPORTED}, got {self.unsupported!r}")

@@ -3,30 +3,20 @@ import contextlib
 import importlib.util
 import logging
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, settings
+from . import backends, ops, settings
 from ._conv import (PADDING_MODES, TRITON_DTYPES, MergeSpec, adapter_rank, adapter_shapes, check_order, f_pad_arg,
                     ntuple, pad_amounts)
+from .backends import AUTO_CANDIDATES  # noqa: F401 (read here by tests and tools; `backends` is its home)
 from .reference import colora_conv_reference
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "triton", "hybrid", "torch", "reference")
-# What `auto` weighs on CUDA, by measuring each shape (`fastest_backend`).
-AUTO_CANDIDATES = ("triton", "hybrid", "torch")
-
-
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return backend
-
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -35,26 +25,24 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
-def hybrid_unsupported_reason(x: Tensor) -> Optional[str]:
-    """Why the hybrid backend (library convs on the merged weight, adapter gradients by the one-pass Triton
-    kernel) cannot run this call, or None when it can: what every Triton path needs."""
+def unsupported_reason(backend: str, x: Tensor, weight: Tensor, groups: int) -> Optional[str]:
+    """Why `backend` cannot run this call, or None when it can. A backend with a Triton part (`backends.TABLE`)
+    needs triton, one of its devices (or CPU tensors under the interpreter) and a dtype the kernels take; the
+    fused kernels ("triton") also need a conv they serve (`kernels.conv_fwd.supports_forward`)."""
+    record = backends.TABLE[backend]
+    if not record.triton:
+        return None
     if not triton_available():
         return "triton is not installed"
-    if not (x.is_cuda or (x.device.type == "cpu" and settings.triton_interpret())):
+    if not (x.device.type in record.devices or (x.device.type == "cpu" and settings.triton_interpret())):
         return (f"tensors on {x.device} need CUDA (or TRITON_INTERPRET=1 set before triton is imported, "
                 "for CPU tests)")
     if x.dtype not in TRITON_DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16 are)"
+    if backend == "triton":
+        from .kernels.conv_fwd import supports_forward
+        return supports_forward(x, weight, groups)
     return None
-
-
-def triton_unsupported_reason(x: Tensor, weight: Tensor, groups: int) -> Optional[str]:
-    """Why the triton backend (the fused kernels) cannot run this call, or None when it can."""
-    reason = hybrid_unsupported_reason(x)
-    if reason is not None:
-        return reason
-    from .kernels.conv_fwd import supports_forward
-    return supports_forward(x, weight, groups)
 
 
 def fused_prefers_library(weight: Tensor, groups: int) -> bool:
@@ -134,19 +122,19 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
                                              groups, order, "torch", merged))
 
         def step(name):
-            backend = "torch" if name == "torch" else ops.with_torch_fallback(name)
-            buffer = None if name == "triton" else merged
+            fallback = backends.TABLE[name].falls_back
+            buffer = merged if backends.TABLE[name].merged_weight else None
             with torch.no_grad():
                 ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order,
-                         backend, buffer)
+                         name, buffer, fallback)
                 if training:
                     ops.conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups,
-                                      order, backend, True, False, True, buffer)
+                                      order, name, True, False, True, buffer, fallback)
 
         times = {name: _time_ms(lambda: step(name), x.device) for name in candidates}
-        for name in ops.TRITON_OP_BACKENDS:
+        for name in candidates:
             if ops.triton_failed(shape, name):
-                times.pop(name, None)
+                times.pop(name)
         _FASTEST[key] = min(times, key=times.get)
         logger.info("colora_fused: backend %s for x %s, weight %s (%s)", _FASTEST[key], tuple(x.shape),
                     tuple(weight.shape), ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
@@ -155,9 +143,9 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
 
 def requested_backend(backend: str) -> str:
     """`backend`, with `auto` replaced by COLORA_BACKEND when that is set (`settings.backend`)."""
-    check_backend(backend)
+    backends.check(backend)
     if backend == "auto":
-        return check_backend(settings.backend())
+        return backends.check(settings.backend())
     return backend
 
 
@@ -175,15 +163,13 @@ def resolve_backend(backend: str, x: Tensor, weight: Tensor, groups: int) -> str
     """
     backend = requested_backend(backend)
     if backend == "auto":
-        if _auto_considers_triton(x) and hybrid_unsupported_reason(x) is None:
+        if _auto_considers_triton(x) and unsupported_reason("hybrid", x, weight, groups) is None:
             return "auto-cuda"
         return "torch"
-    if backend in ("triton", "hybrid"):
-        reason = (triton_unsupported_reason(x, weight, groups) if backend == "triton"
-                  else hybrid_unsupported_reason(x))
-        if reason is not None:
-            raise ValueError(f"backend={backend!r} cannot run this convolution: {reason}; "
-                             "use backend='torch' (or 'auto') instead")
+    reason = unsupported_reason(backend, x, weight, groups)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run this convolution: {reason}; "
+                         "use backend='torch' (or 'auto') instead")
     return backend
 
 
@@ -246,14 +232,24 @@ def _transforms_active() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
-def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode, order,
-          backend):
-    """What `colora_conv` runs, decided before it runs: checks, padding, autocast dtype and the backend.
+class _Plan(NamedTuple):
+    """What `colora_conv` runs: x padded and cast, the conv arguments as lists for the op, the autocast dtype, the
+    backend ("reference", "composite" (`ops.merged_conv`, for torch.func and forward AD) or one of
+    `backends.OP_BACKENDS`), whether a Triton failure falls back to torch (what `auto` asks), and whether x was
+    unbatched."""
+    x: Tensor
+    stride: list
+    padding: list
+    dilation: list
+    dtype: Optional[torch.dtype]
+    backend: str
+    fallback: bool
+    unbatched: bool
 
-    Returns (x, stride, padding, dilation, autocast dtype, backend, unbatched) with x padded and cast, the conv
-    arguments as lists for the op, and backend one of "reference", "composite" (`ops.merged_conv`, for
-    torch.func and forward AD) or ops.OP_BACKENDS.
-    """
+
+def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode, order,
+          backend) -> _Plan:
+    """What `colora_conv` runs, decided before it runs: checks, padding, autocast dtype and the backend."""
     check_order(order)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"unknown padding_mode {padding_mode!r}; choose one of {PADDING_MODES}")
@@ -267,7 +263,7 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
     dtype = _autocast_dtype(x.device.type)
     check_tensors(x, weight, bias, pointwise, depthwise, bias_delta, groups, order, dtype)
     if requested_backend(backend) == "reference":
-        return x, stride, padding, dilation, dtype, "reference", unbatched
+        return _Plan(x, stride, padding, dilation, dtype, "reference", False, unbatched)
 
     stride, dilation = ntuple(stride, nd), ntuple(dilation, nd)
     if padding == "same" and any(s != 1 for s in stride):
@@ -283,23 +279,22 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
     x = _cast(x, dtype)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     if not torch.compiler.is_compiling() and _transforms_active():
-        return x, stride, padding, dilation, dtype, "composite", unbatched
+        return _Plan(x, stride, padding, dilation, dtype, "composite", False, unbatched)
     backend = resolve_backend(backend, x, _metadata_like(weight, x.dtype), groups)
-    if backend == "auto-cuda":
-        fused = (triton_unsupported_reason(x, _metadata_like(weight, x.dtype), groups) is None
-                 and not fused_prefers_library(weight, groups))
-        candidates = tuple(c for c in AUTO_CANDIDATES if fused or c != "triton")
-        # Under torch.compile nothing is measured or looked up: the op itself still falls back at run time.
-        if torch.compiler.is_compiling() or not settings.autotune():
-            backend = candidates[0]
-        else:
-            training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
-            with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-                backend = fastest_backend(x, _cast(weight, dtype), _cast(pointwise, dtype), _cast(depthwise, dtype),
-                                          stride, padding, dilation, groups, order, training, candidates)
-        if backend in ops.TRITON_OP_BACKENDS:
-            backend = ops.with_torch_fallback(backend)
-    return x, stride, padding, dilation, dtype, backend, unbatched
+    if backend != "auto-cuda":
+        return _Plan(x, stride, padding, dilation, dtype, backend, False, unbatched)
+    fused = (unsupported_reason("triton", x, _metadata_like(weight, x.dtype), groups) is None
+             and not fused_prefers_library(weight, groups))
+    candidates = tuple(c for c in backends.AUTO_CANDIDATES if fused or c != "triton")
+    # Under torch.compile nothing is measured or looked up: the op itself still falls back at run time.
+    if torch.compiler.is_compiling() or not settings.autotune():
+        backend = candidates[0]
+    else:
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+            backend = fastest_backend(x, _cast(weight, dtype), _cast(pointwise, dtype), _cast(depthwise, dtype),
+                                      stride, padding, dilation, groups, order, training, candidates)
+    return _Plan(x, stride, padding, dilation, dtype, backend, backends.TABLE[backend].falls_back, unbatched)
 
 
 def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
@@ -312,12 +307,12 @@ def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise:
     Under `auto` on CUDA this measures the shape if it has not been measured yet, as the call itself would;
     a shape on which Triton failed reports "torch".
     """
-    x, stride, padding, dilation, _, name, _ = _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride,
-                                                     padding, dilation, groups, padding_mode, order, backend)
-    name, falls_back = ops.split_fallback(name)
-    if falls_back and ops.triton_failed(ops.shape_key(x, weight, stride, padding, dilation, groups, order), name):
+    plan = _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode,
+                 order, backend)
+    key = ops.shape_key(plan.x, weight, plan.stride, plan.padding, plan.dilation, groups, order)
+    if plan.fallback and ops.triton_failed(key, plan.backend):
         return "torch"
-    return name
+    return plan.backend
 
 
 def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
@@ -337,18 +332,20 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
     torch.compile, nor when COLORA_MERGE_CACHE=0.
     """
     args = (x, weight, bias, pointwise, depthwise, bias_delta)
-    x, stride, padding, dilation, dtype, backend, unbatched = _plan(*args, stride, padding, dilation, groups,
-                                                                   padding_mode, order, backend)
-    if backend == "reference":
-        out = colora_conv_reference(x, *args[1:], stride, padding, dilation, groups, padding_mode, order)
-        return out.squeeze(0) if unbatched else out
+    plan = _plan(*args, stride, padding, dilation, groups, padding_mode, order, backend)
+    x, dtype = plan.x, plan.dtype
+    if plan.backend == "reference":
+        out = colora_conv_reference(x, *args[1:], plan.stride, plan.padding, plan.dilation, groups, padding_mode,
+                                    order)
+        return out.squeeze(0) if plan.unbatched else out
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        if backend == "composite":
-            out = ops.merged_conv(x, *(_cast(t, dtype) for t in args[1:]), stride, padding, dilation, groups, order)
+        if plan.backend == "composite":
+            out = ops.merged_conv(x, *(_cast(t, dtype) for t in args[1:]), plan.stride, plan.padding, plan.dilation,
+                                  groups, order)
         else:
             merged = None
-            if (ops.split_fallback(backend)[0] in ("torch", "hybrid") and merge_cache is not None
-                    and settings.merge_cache() and not torch.compiler.is_compiling()):
+            if (backends.TABLE[plan.backend].merged_weight and merge_cache is not None and settings.merge_cache()
+                    and not torch.compiler.is_compiling()):
                 merged = merge_cache.get(weight, pointwise, depthwise, groups, order, x.dtype)
             # With a prebuilt K0 + ΔK the op reads K0 only for its gradient: no weight-sized cast when frozen.
             if merged is None or weight.requires_grad:
@@ -356,6 +353,14 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
             bias, pointwise, depthwise, bias_delta = (_cast(t, dtype) for t in (bias, pointwise, depthwise, bias_delta))
             # The registered op for torch.compile to trace; its eager twin (same body, less dispatch) otherwise.
             conv = ops.conv if torch.compiler.is_compiling() else ops.conv_eager
-            out = conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order,
-                       backend, merged)
-    return out.squeeze(0) if unbatched else out
+            out = conv(x, weight, bias, pointwise, depthwise, bias_delta, plan.stride, plan.padding, plan.dilation,
+                       groups, order, plan.backend, merged, plan.fallback)
+    return out.squeeze(0) if plan.unbatched else out
+
+
+def clear_caches() -> None:
+    """Forget what this process has cached: `auto`'s measured choices (`fastest_backend`), the shapes on which
+    Triton failed under `auto` (`ops.clear_caches`), the CPU workspaces and every layer's merged K0 + ΔK. Each is
+    rebuilt when next needed; useful between benchmarks, after changing the environment, and in tests."""
+    _FASTEST.clear()
+    ops.clear_caches()

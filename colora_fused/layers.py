@@ -10,7 +10,8 @@ from . import conv_kinds
 from . import functional
 from . import ops
 from ._conv import MergeSpec, adapter_rank, adapter_shapes, adapter_terms, check_order, check_rank
-from .functional import check_backend, chosen_backend, colora_conv
+from .backends import check as check_backend
+from .functional import chosen_backend, colora_conv
 
 DEFAULT = "default"  # the adapter a layer is built with: its own pointwise, depthwise, bias_delta
 
@@ -355,5 +356,4 @@ class CoLoRAConv3d(_CoLoRAConvNd, nn.Conv3d):
         return super()._apply(lambda t: fn(t.unsqueeze(0)).squeeze(0) if t.dim() == 4 else fn(t), recurse)
 
 
-COLORA_LAYERS = (CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d)
 CONV_TO_COLORA = {nn.Conv1d: CoLoRAConv1d, nn.Conv2d: CoLoRAConv2d, nn.Conv3d: CoLoRAConv3d}

@@ -13,7 +13,7 @@ from torch.nn.parameter import is_lazy
 from ._conv import adapter_shapes, check_order, check_rank
 from .config import UNSUPPORTED, CoLoRAConfig, Selector
 from .conv_kinds import SUPPORTED
-from .functional import check_backend
+from .backends import check as check_backend
 from .layers import CONV_TO_COLORA, DEFAULT, _CoLoRAConvNd, merge_layers_
 
 logger = logging.getLogger(__name__)

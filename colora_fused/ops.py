@@ -2,8 +2,8 @@
 
 `colora_fused::conv` computes O = (K0 + ΔK) ⊛ x + b0 + Δb for an x already padded by `functional` (so the
 ops see symmetric zero padding only). `colora_fused::conv_backward` returns the gradients of x, K0, Kp, Kd
-and Δb. Both take `backend` ("torch" or "triton") and dispatch inside, so `torch.compile` sees two opaque ops
-and no graph break, whichever backend runs them.
+and Δb. Both take `backend` (one of `backends.OP_BACKENDS`) and dispatch inside, so `torch.compile` sees two
+opaque ops and no graph break, whichever backend runs them.
 
 The `torch` backend merges the weight once and runs one cuDNN/oneDNN convolution forward; its backward gets
 the input gradient through the merged weight and the adapter gradients by whichever route of DESIGN §5 costs
@@ -17,14 +17,14 @@ gradient penalties, Hessian-vector products), by a composition of aten ops; `tor
 forward-mode AD have no rule on a custom op, so `functional` routes them to `merged_conv`, the same convolution
 as plain aten ops.
 
-The backend argument of the ops is "torch", "triton" or "hybrid" (a Triton failure raises), or
-"triton-or-torch" / "hybrid-or-torch" (what `auto` passes: a Triton compile or launch failure logs one warning
-naming the shape and runs the torch path). "hybrid" is the torch backend with the cheap route's adapter gradients
-by the one-pass Triton kernel.
+The ops' `backend` is "torch", "triton" or "hybrid" ("hybrid" is the torch backend with the cheap route's
+adapter gradients by the one-pass Triton kernel). With `fallback` (what `auto` passes) a Triton compile or launch
+failure logs one warning naming the shape and runs the torch path; without it, it raises.
 """
 import logging
 import math
 import threading
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import backends
 from ._conv import CONV_FNS, MergeSpec, adapter_grad_route, adapter_rank, adapter_terms, conv_output_shape
 
 logger = logging.getLogger(__name__)
@@ -136,10 +137,12 @@ class MergedWeightCache:
     """
 
     _hooked = False
+    _all: "weakref.WeakSet[MergedWeightCache]" = weakref.WeakSet()  # for `clear_caches`
 
     def __init__(self):
         self._entries: Dict[tuple, Tuple[tuple, Tensor]] = {}
         self._lock = threading.Lock()
+        MergedWeightCache._all.add(self)
         if not MergedWeightCache._hooked:
             register_optimizer_step_post_hook(_count_optimizer_step)
             MergedWeightCache._hooked = True
@@ -296,8 +299,8 @@ def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilatio
 
 
 def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups: int, order: str, route: str,
-                  grad_weight: Optional[Tensor] = None, grad_weight_owned: bool = False, weight: Optional[Tensor] = None,
-                  use_triton: bool = False):
+                  grad_weight: Optional[Tensor] = None, grad_weight_owned: bool = False,
+                  weight: Optional[Tensor] = None, use_triton: bool = False):
     """dKp, dKd of the merged-weight path by `route` (DESIGN §5): "gradw" reduces `grad_weight`, the full weight
     gradient the caller computed next to dx (and may be overwritten when `grad_weight_owned`); "cheap" runs the
     ≈ 2F/prod(k) route, by aten ops or, with `use_triton` (the `hybrid` backend), by the one-pass Triton kernel
@@ -319,7 +322,7 @@ def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, grou
     if use_triton:
         from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
         d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
-                                                      dilation, groups, order, False, route="cheap")
+                                                      dilation, groups, order, False, route=route)
         return d_kp, d_kd
     return _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
 
@@ -373,8 +376,8 @@ def _differentiable_backward(grad, x, weight, pointwise, depthwise, stride, padd
 def _triton_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order,
                     merged):
     from .kernels.conv_fwd import colora_conv_forward
-    out = torch.empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation), dtype=x.dtype, device=x.device,
-                      memory_format=_memory_format(x))
+    out = torch.empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation), dtype=x.dtype,
+                      device=x.device, memory_format=_memory_format(x))
     return colora_conv_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation,
                                groups, order, out=out)
 
@@ -398,25 +401,11 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
     return grad_x, grad_w, d_kp, d_kd
 
 
-# "hybrid": the torch backend's merged weight and library convolutions, with the adapter gradients of the cheap
-# route by the one-pass Triton kernel.
+# What each of `backends.OP_BACKENDS` runs. "hybrid": the torch backend's merged weight and library convolutions,
+# with the adapter gradients of the cheap route by the one-pass Triton kernel.
 _FORWARD = {"torch": _torch_forward, "triton": _triton_forward, "hybrid": _torch_forward}
 _BACKWARD = {"torch": _torch_backward, "triton": _triton_backward, "hybrid": _hybrid_backward}
-TRITON_OP_BACKENDS = ("triton", "hybrid")
-_OR_TORCH = "-or-torch"
-OP_BACKENDS = ("torch", *TRITON_OP_BACKENDS, *(name + _OR_TORCH for name in TRITON_OP_BACKENDS))
 
-
-def with_torch_fallback(name: str) -> str:
-    """The op backend that runs `name` ("triton" or "hybrid") and falls back to torch if Triton fails."""
-    return name + _OR_TORCH
-
-
-def split_fallback(backend: str) -> Tuple[str, bool]:
-    """An op backend → (the path it runs, whether a Triton failure falls back to torch)."""
-    if backend.endswith(_OR_TORCH):
-        return backend[:-len(_OR_TORCH)], True
-    return backend, False
 # (backend, shape) pairs on which Triton failed under `auto`: the warning was logged once; `auto` runs torch for
 # them from now on.
 _TRITON_FAILURES: Dict[tuple, str] = {}
@@ -434,29 +423,38 @@ def triton_failed(key: tuple, backend: str = "triton") -> bool:
     return (backend, key) in _TRITON_FAILURES
 
 
-def _dispatch(table, backend: str, key: tuple, *args):
-    """Run `table[backend]`; for "<name>-or-torch" fall back to torch (one warning per shape) if Triton fails."""
-    if backend == "torch":
-        return table["torch"](*args)
+def clear_caches() -> None:
+    """Forget the shapes on which Triton failed under `auto`, this thread's CPU workspaces and every
+    `MergedWeightCache`'s buffers (`functional.clear_caches` clears these and `auto`'s choices)."""
+    _TRITON_FAILURES.clear()
+    _WORKSPACES.__dict__.pop("buffers", None)
+    for cache in list(MergedWeightCache._all):
+        cache.clear()
+
+
+def _dispatch(table, backend: str, fallback: bool, key: tuple, *args):
+    """Run `table[backend]`; with `fallback`, run torch instead (one warning per shape) where Triton fails."""
+    if not backends.TABLE[backend].triton:
+        return table[backend](*args)
     from .kernels._common import TritonBackendError, TritonBackendTypeError
-    name, falls_back = split_fallback(backend)
-    if falls_back and (name, key) in _TRITON_FAILURES:
+    if fallback and (backend, key) in _TRITON_FAILURES:
         return table["torch"](*args)
     try:
-        return table[name](*args)
+        return table[backend](*args)
     except Exception as exc:  # a compile, launch or resource failure, whatever Triton raises for it
-        if not falls_back:
+        if not fallback:
             if isinstance(exc, (TritonBackendError, TritonBackendTypeError)):
                 raise
             raise RuntimeError(f"backend={backend!r} failed on x {list(key[0])}, weight {list(key[2])}: "
                                f"{type(exc).__name__}: {exc}; backend='torch' (or 'auto') runs this "
                                "convolution") from exc
-        _TRITON_FAILURES[(name, key)] = f"{type(exc).__name__}: {exc}"
+        _TRITON_FAILURES[(backend, key)] = f"{type(exc).__name__}: {exc}"
         logger.warning("colora_fused: Triton failed (%s backend) on x %s, weight %s, stride %s, padding %s, "
-                       "dilation %s, groups %d (%s: %s); running the torch backend for this shape instead", name,
+                       "dilation %s, groups %d (%s: %s); running the torch backend for this shape instead", backend,
                        list(key[0]), list(key[2]), list(key[3]), list(key[4]), list(key[5]), key[6],
                        type(exc).__name__, exc)
         return table["torch"](*args)
+
 
 # One layout rule for both backends and the fake (meta) functions, so that torch.compile's stride assumptions
 # hold: outputs and dx are channels_last exactly when x is, dK0 follows K0's layout, adapter gradients are
@@ -464,22 +462,22 @@ def _dispatch(table, backend: str, key: tuple, *args):
 
 
 def _conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend,
-          merged=None):
+          merged=None, fallback=False):
     if forward_ad._current_level >= 0:
         # Reached only by calling the op directly: it has no forward-AD rule and would return a zero tangent.
         raise RuntimeError("colora_fused::conv has no forward-mode AD rule; call colora_fused.colora_conv (or a "
                            "CoLoRA layer), which runs forward-mode AD through aten ops")
     key = shape_key(x, weight, stride, padding, dilation, groups, order)
-    out = _dispatch(_FORWARD, backend, key, x, weight, bias, pointwise, depthwise, bias_delta, stride, padding,
-                    dilation, groups, order, merged)
+    out = _dispatch(_FORWARD, backend, fallback, key, x, weight, bias, pointwise, depthwise, bias_delta, stride,
+                    padding, dilation, groups, order, merged)
     return out.contiguous(memory_format=_memory_format(x))
 
 
 def _conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend,
-                   need_x, need_weight, need_adapters, merged=None):
+                   need_x, need_weight, need_adapters, merged=None, fallback=False):
     key = shape_key(x, weight, stride, padding, dilation, groups, order)
-    grads = _dispatch(_BACKWARD, backend, key, grad, x, weight, pointwise, depthwise, stride, padding, dilation,
-                      groups, order, need_x, need_weight, need_adapters, merged)
+    grads = _dispatch(_BACKWARD, backend, fallback, key, grad, x, weight, pointwise, depthwise, stride, padding,
+                      dilation, groups, order, need_x, need_weight, need_adapters, merged)
     layouts = (_memory_format(x), _memory_format(weight), torch.contiguous_format, torch.contiguous_format)
     return tuple(grad.new_empty(0) if g is None else g.contiguous(memory_format=f) for g, f in zip(grads, layouts))
 
@@ -487,19 +485,20 @@ def _conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilat
 @torch.library.custom_op("colora_fused::conv", mutates_args=())
 def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
          bias_delta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], groups: int,
-         order: str, backend: str, merged: Optional[Tensor] = None) -> Tensor:
-    """O = (K0 + ΔK) ⊛ x + b0 + Δb with symmetric zero padding; `backend` one of OP_BACKENDS.
+         order: str, backend: str, merged: Optional[Tensor] = None, fallback: bool = False) -> Tensor:
+    """O = (K0 + ΔK) ⊛ x + b0 + Δb with symmetric zero padding; `backend` one of `backends.OP_BACKENDS`.
 
     `merged`, when given, is K0 + ΔK already built by the caller: the torch backend convolves with it (and so
-    does the backward), reading `weight` only for its gradient.
+    does the backward), reading `weight` only for its gradient. `fallback`: a Triton failure runs torch instead
+    of raising (`_dispatch`).
     """
     return _conv(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order,
-                 backend, merged)
+                 backend, merged, fallback)
 
 
 @conv.register_fake
 def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend,
-      merged=None):
+      merged=None, fallback=False):
     return x.new_empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation)).contiguous(
         memory_format=_memory_format(x))
 
@@ -508,15 +507,15 @@ def _(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilati
 def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor,
                   stride: List[int], padding: List[int], dilation: List[int], groups: int, order: str,
                   backend: str, need_x: bool, need_weight: bool, need_adapters: bool,
-                  merged: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  merged: Optional[Tensor] = None, fallback: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dK0, dKp, dKd); a gradient not asked for is an empty tensor (custom ops return no None)."""
     return _conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend,
-                          need_x, need_weight, need_adapters, merged)
+                          need_x, need_weight, need_adapters, merged, fallback)
 
 
 @conv_backward.register_fake
 def _(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, order, backend, need_x,
-      need_weight, need_adapters, merged=None):
+      need_weight, need_adapters, merged=None, fallback=False):
     def like(t, needed):
         return t.new_empty(t.shape).contiguous(memory_format=_memory_format(t)) if needed else grad.new_empty(0)
 
@@ -527,6 +526,7 @@ def _(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups, 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order, backend = inputs[:12]
     merged = inputs[12] if len(inputs) > 12 else None
+    ctx.fallback = inputs[13] if len(inputs) > 13 else False
     ctx.save_for_backward(x, weight, pointwise, depthwise, merged)
     ctx.conv_args = (stride, padding, dilation, groups, order, backend)
 
@@ -543,11 +543,11 @@ def _gradients(ctx, grad, conv_backward_fn):
                                                               dilation, groups, order, *needs)
     else:
         grad_x, grad_w, d_kp, d_kd = conv_backward_fn(grad, x, weight, pointwise, depthwise, *ctx.conv_args, *needs,
-                                                      merged)
+                                                      merged, ctx.fallback)
     d_bias = grad.sum([0, *range(2, grad.dim())]) if (need_b or need_db) else None
     return (grad_x if need_x else None, grad_w if need_w else None, d_bias if need_b else None,
             d_kp if need_kp else None, d_kd if need_kd else None, d_bias if need_db else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("colora_fused::conv",
@@ -573,10 +573,10 @@ class _EagerConv(torch.autograd.Function):
 
 
 def conv_eager(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups: int,
-               order: str, backend: str, merged: Optional[Tensor] = None) -> Tensor:
+               order: str, backend: str, merged: Optional[Tensor] = None, fallback: bool = False) -> Tensor:
     """What `torch.ops.colora_fused.conv` computes, with its gradients, at less overhead; not traceable."""
     return _EagerConv.apply(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups,
-                            order, backend, merged)
+                            order, backend, merged, fallback)
 
 
 def _register_flop_formulas():
@@ -593,7 +593,8 @@ def _register_flop_formulas():
 
     @register_flop_formula(torch.ops.colora_fused.conv_backward)
     def _(grad_shape, x_shape, weight_shape, pointwise_shape, depthwise_shape, stride, padding, dilation, groups,
-          order, backend, need_x, need_weight, need_adapters, merged_shape=None, out_shape=None, **kwargs) -> int:
+          order, backend, need_x, need_weight, need_adapters, merged_shape=None, fallback=False, out_shape=None,
+          **kwargs) -> int:
         f = conv_flops(x_shape, weight_shape, grad_shape)
         adapters = 0
         if need_adapters:

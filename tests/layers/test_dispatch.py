@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from colora_fused import functional
+import colora_fused as cf
+from colora_fused import backends, functional
 from colora_fused.functional import colora_conv, fastest_backend, resolve_backend
 
 from cases import CASES, TRITON_DEVICE, assert_close, fp32_tolerance, make_tensors, reference_output
@@ -57,7 +58,7 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("training", [False, True], ids=["forward", "training"])
 def test_fastest_backend_measures_once_and_caches(monkeypatch, training):
-    functional._FASTEST.clear()
+    cf.clear_caches()
     t, _ = _args(device=TRITON_DEVICE)
     calls = []
     fake_ms = {"triton": 1.0, "torch": 2.0}
@@ -74,7 +75,7 @@ def test_fastest_backend_measures_once_and_caches(monkeypatch, training):
     assert fastest_backend(*conv) == "triton"
     assert len(calls) == 2  # measured once per candidate, then cached
     fake_ms.update(triton=3.0)
-    functional._FASTEST.clear()
+    cf.clear_caches()
     calls.clear()
     assert fastest_backend(*conv) == "torch"
 
@@ -83,7 +84,7 @@ def test_fastest_backend_weighs_hybrid_in_training_only(monkeypatch):
     """auto's three candidates: the fused kernels, hybrid (library convs, one-pass adapter gradients) and torch;
     hybrid's forward is torch's, so only a training step tells them apart."""
     pytest.importorskip("triton")
-    functional._FASTEST.clear()
+    cf.clear_caches()
     t, _ = _args(device=TRITON_DEVICE)
     timed = []
     fake_ms = {"triton": 3.0, "hybrid": 1.0, "torch": 2.0}
@@ -97,7 +98,7 @@ def test_fastest_backend_weighs_hybrid_in_training_only(monkeypatch):
 
     monkeypatch.setattr(functional, "_time_ms", fake_time)
     conv = (t["x"], t["weight"], t["pointwise"], t["depthwise"], [1, 1], [1, 1], [1, 1], 1, "pointwise_first")
-    names = iter(functional.AUTO_CANDIDATES)
+    names = iter(backends.AUTO_CANDIDATES)
     assert fastest_backend(*conv, True) == "hybrid"
     assert timed == ["triton", "hybrid", "torch"]
     timed.clear()
@@ -115,14 +116,14 @@ def test_auto_leaves_thin_groups_to_the_library_conv(monkeypatch):
     monkeypatch.setenv("COLORA_AUTOTUNE", "1")
     weighed = []
 
-    def fake_fastest(*args, candidates=functional.AUTO_CANDIDATES, **kwargs):
+    def fake_fastest(*args, candidates=backends.AUTO_CANDIDATES, **kwargs):
         weighed.append(tuple(args[-1] if isinstance(args[-1], tuple) else candidates))
         return weighed[-1][0]
 
     monkeypatch.setattr(functional, "fastest_backend", fake_fastest)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 6, 6, generator=g).to(TRITON_DEVICE)
-    for c_in_g, groups, expected in ((1, 8, ("hybrid", "torch")), (8, 1, functional.AUTO_CANDIDATES)):
+    for c_in_g, groups, expected in ((1, 8, ("hybrid", "torch")), (8, 1, backends.AUTO_CANDIDATES)):
         weight = torch.randn(8, c_in_g, 3, 3, generator=g).to(TRITON_DEVICE)
         kp, kd = (torch.randn(8, c_in_g, generator=g).to(TRITON_DEVICE),
                   torch.randn(8, 3, 3, generator=g).to(TRITON_DEVICE))

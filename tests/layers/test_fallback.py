@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import colora_fused as cf
-from colora_fused import functional, ops
+from colora_fused import backends, functional, ops
 
 from cases import CASES, assert_close, make_tensors, reference_output
 
@@ -24,10 +24,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def _auto_takes_triton(monkeypatch):
-    """`auto` weighs Triton here as on CUDA, takes it without timing, and forgets earlier failures."""
+    """`auto` weighs Triton here as on CUDA, takes it without timing, and forgets earlier failures (and, after
+    the test, those it caused)."""
     monkeypatch.setattr(functional, "_auto_considers_triton", lambda x: True)
     monkeypatch.setenv("COLORA_AUTOTUNE", "0")
-    monkeypatch.setattr(ops, "_TRITON_FAILURES", {})
+    cf.clear_caches()
+    yield
+    cf.clear_caches()
 
 
 def _broken_launch(*args, **kwargs):
@@ -89,8 +92,7 @@ def test_measured_auto_never_picks_a_failing_triton(monkeypatch, caplog):
     """Between a failing fused path and torch, measured `auto` takes torch (hybrid left out: which of it and torch
     is faster is a matter of timing, not of failure)."""
     monkeypatch.setenv("COLORA_AUTOTUNE", "1")
-    monkeypatch.setattr(functional, "_FASTEST", {})
-    monkeypatch.setattr(functional, "AUTO_CANDIDATES", ("triton", "torch"))
+    monkeypatch.setattr(backends, "AUTO_CANDIDATES", ("triton", "torch"))
     monkeypatch.setattr(conv_fwd, "launch", _broken_launch)
     with caplog.at_level(logging.WARNING, logger="colora_fused"):
         _run("auto")
@@ -102,8 +104,8 @@ def test_auto_on_hybrid_falls_back_to_torch_with_one_warning(monkeypatch, caplog
     """The hybrid path's Triton part is the one-pass adapter-gradient kernel: its failure under `auto` is one
     warning, then the torch path, whose gradients are exact."""
     import colora_fused.kernels.conv_bwd_adapters as conv_bwd_adapters
-    monkeypatch.setattr(functional, "AUTO_CANDIDATES", ("hybrid", "torch"))
-    monkeypatch.setattr(conv_bwd_adapters, "launch", _broken_launch)
+    monkeypatch.setattr(backends, "AUTO_CANDIDATES", ("hybrid", "torch"))
+    monkeypatch.setattr(conv_bwd_adapters, "colora_conv_backward_adapters", _broken_launch)
     monkeypatch.setenv("COLORA_GRAD_ROUTE", "cheap")
     with caplog.at_level(logging.WARNING, logger="colora_fused"):
         t = _run("auto")
@@ -116,7 +118,7 @@ def test_auto_on_hybrid_falls_back_to_torch_with_one_warning(monkeypatch, caplog
 
 def test_explicit_hybrid_raises_a_clear_error(monkeypatch):
     import colora_fused.kernels.conv_bwd_adapters as conv_bwd_adapters
-    monkeypatch.setattr(conv_bwd_adapters, "launch", _broken_launch)
+    monkeypatch.setattr(conv_bwd_adapters, "colora_conv_backward_adapters", _broken_launch)
     monkeypatch.setenv("COLORA_GRAD_ROUTE", "cheap")
     with pytest.raises(RuntimeError, match=r"backend='hybrid' failed on x \[2, 5, 9, 11\].*out of resources"):
         _run("hybrid")
