@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._conv import adapter_shapes, check_order
-from .config import Selector
+from .config import LAYER_FIELDS, CoLoRAConfig, Selector, with_options
 from .model import _select_convs, apply_colora
 
 
@@ -125,27 +125,30 @@ def plan_ranks(named_convs, energies: List[Tensor], budget: int, order: str, max
 
 
 def allocate_rank(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], Tensor], budget: int,
-                  include: Selector = None, exclude: Selector = None, order: str = "pointwise_first",
-                  max_rank: int = 8, train_bias: Optional[bool] = None, backend: str = "auto",
-                  apply: bool = True) -> RankPlan:
+                  include: Selector = None, exclude: Selector = None, *, max_rank: int = 8, apply: bool = True,
+                  config: Optional[CoLoRAConfig] = None, **options) -> RankPlan:
     """Measure each selected plain conv's contribution on `batches` (`loss_fn(model, batch)` → scalar loss),
     give ranks within `budget` adapter parameters (Kp, Kd and Δb) as the module docstring says, and, with
     `apply`, wrap each conv of rank ≥ 1 by `apply_colora` at its rank and freeze the weight and bias of each
-    selected conv of rank 0, which stays plain (the convs left out of the selection are not touched). Returns
-    the `RankPlan` (print it for the table). Raises ValueError when no conv can be given a term within the budget.
+    selected conv of rank 0, which stays plain (the convs left out of the selection are not touched). The layers'
+    options come from `config` with keyword `options` overriding them, as for `apply_colora` (`order` and
+    `train_bias` also price the terms; the rank is the plan's). Returns the `RankPlan` (print it for the table;
+    `CoLoRAConfig(rank=plan.ranks)` wraps a fresh copy of the model the same way). Raises ValueError when no conv
+    can be given a term within the budget.
     """
-    check_order(order)
-    named = _select_convs(model, include, exclude, caller="allocate_rank")
+    unsupported = options.pop("unsupported", "error" if config is None else config.unsupported)
+    config = with_options(config, options, "allocate_rank", tuple(f for f in LAYER_FIELDS if f != "rank"))
+    order = config.order
+    named = _select_convs(model, include, exclude, unsupported, caller="allocate_rank")
     convs = [conv for _, conv in named]
     grads = measure_gradients(model, convs, batches, loss_fn)
     energies = [separable_energy(g, conv.groups, order) for g, conv in zip(grads, convs)]
-    plan = plan_ranks(named, energies, budget, order, max_rank, train_bias)
+    plan = plan_ranks(named, energies, budget, order, max_rank, config.train_bias)
     if not plan.ranks:
         raise ValueError(f"allocate_rank: no conv gets a term within budget={budget:,d} (the smallest term costs "
                          f"{min(_term_params(c, order) for c in convs):,d} parameters, or every gradient is zero)")
     if apply:
-        apply_colora(model, include=list(plan.ranks), order=order, train_bias=train_bias, backend=backend,
-                     rank=plan.ranks)
+        apply_colora(model, config=config, rank=plan.ranks)
         for name, conv in named:
             if name not in plan.ranks:
                 conv.requires_grad_(False)

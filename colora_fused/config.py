@@ -1,6 +1,13 @@
-"""`CoLoRAConfig`: what `get_colora_model` wraps and trains, as one object that round-trips through JSON."""
+"""`CoLoRAConfig`: what `get_colora_model` wraps and trains, as one object that round-trips through JSON.
+
+The config travels to the layers: `get_colora_model` and `apply_colora` hand it to `from_conv`, which reads
+the fields outside `SELECTION_FIELDS` (`LAYER_FIELDS`) from it. A new adapter option is a field here and the code
+in `layers` that reads it; every keyword-taking entry point (the layer constructors, `from_conv`,
+`apply_colora`, `allocate_rank`) accepts it as an override by its field name (`with_options`).
+"""
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -8,7 +15,10 @@ from . import backends
 from ._conv import check_order, check_rank
 
 Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+Rank = Union[int, Dict[str, int]]
 UNSUPPORTED = ("error", "skip")  # what to do with a selected conv whose class CoLoRA cannot repeat
+# The fields that pick and freeze the modules (`get_colora_model`, `apply_colora`); the layers read the others.
+SELECTION_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "unsupported")
 
 
 def _check_selector(field: str, value: Selector) -> Selector:
@@ -33,8 +43,12 @@ class CoLoRAConfig:
     - `exclude_modules`: the same forms; convs it selects are left plain (`apply_colora`'s `exclude`).
     - `modules_to_save`: names of modules kept fully trainable (the classifier, say); a module matches when
       its qualified name equals a name or ends with "." + name, as in PEFT. Everything else is frozen.
-    - `order`, `train_bias`, `backend`, `rank`: as in `CoLoRAConv2d.from_conv` (`rank`: the Kp ⊛ Kd terms of each
-      wrapped conv, 1 as in the paper; PEFT's `r`).
+    - `order`, `train_bias`, `backend`: as in `CoLoRAConv2d.from_conv`.
+    - `rank`: the Kp ⊛ Kd terms of each wrapped conv, 1 as in the paper (PEFT's `r`); or a plan
+      `{qualified conv name: rank}` (`RankPlan.ranks`, what `allocate_rank` gives), each conv at its own rank.
+      With a plan, `target_modules=None` wraps the plan's convs (every one of them, small adapter or not); a conv
+      selected otherwise that the plan does not name, or a plan name that is no conv of the model, raises
+      ValueError: a plan says every wrapped conv's rank, so a gap or a typo is not guessed over.
     - `unsupported`: "error" (default) refuses a selection holding a conv whose class computes what a CoLoRA layer
       cannot repeat (`conv_kinds`: a custom `forward`), naming it; "skip" leaves such convs plain (and frozen)
       and logs a warning listing them.
@@ -49,7 +63,7 @@ class CoLoRAConfig:
     order: str = "pointwise_first"
     train_bias: Optional[bool] = None
     backend: str = "auto"
-    rank: int = 1
+    rank: Rank = 1
     unsupported: str = "error"
 
     def __post_init__(self):
@@ -63,7 +77,7 @@ class CoLoRAConfig:
             self.modules_to_save = list(names)
         check_order(self.order)
         backends.check(self.backend)
-        check_rank(self.rank)
+        self.rank = _check_plan(self.rank) if isinstance(self.rank, Mapping) else check_rank(self.rank)
         if self.unsupported not in UNSUPPORTED:
             raise ValueError(f"CoLoRAConfig.unsupported: expected one of {UNSUPPORTED}, got {self.unsupported!r}")
         if self.train_bias is not None and not isinstance(self.train_bias, bool):
@@ -87,3 +101,35 @@ class CoLoRAConfig:
             raise ValueError(f"CoLoRAConfig.from_dict: unknown keys {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+LAYER_FIELDS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(CoLoRAConfig)
+                                     if f.name not in SELECTION_FIELDS)
+
+
+def _check_plan(plan: Mapping) -> Dict[str, int]:
+    if not plan:
+        raise ValueError("CoLoRAConfig.rank: an empty {name: rank} plan wraps no conv; give an int or name convs")
+    for name, rank in plan.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"CoLoRAConfig.rank: a plan's keys are qualified conv names, got {name!r}")
+        try:
+            check_rank(rank)
+        except ValueError as err:
+            raise ValueError(f"CoLoRAConfig.rank[{name!r}]: {err}") from None
+    return dict(plan)
+
+
+def with_options(config: Optional[CoLoRAConfig], options: Dict[str, Any], caller: str,
+                 allowed: Sequence[str] = LAYER_FIELDS) -> CoLoRAConfig:
+    """`config` (the defaults when None) with the fields `options` names replaced: what an entry point taking
+    both a config and keyword options runs. A name outside `allowed` raises TypeError naming those there are."""
+    if config is None:
+        config = CoLoRAConfig()
+    elif not isinstance(config, CoLoRAConfig):
+        raise TypeError(f"{caller}: config must be a CoLoRAConfig, got {config!r}")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{caller}: unexpected keyword arguments {', '.join(unknown)}; the options are "
+                        f"{', '.join(allowed)}")
+    return dataclasses.replace(config, **options) if options else config

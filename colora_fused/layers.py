@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from . import conv_kinds
 from . import functional
 from . import ops
-from ._conv import MergeSpec, adapter_rank, adapter_shapes, adapter_terms, check_order, check_rank
-from .backends import check as check_backend
+from ._conv import MergeSpec, adapter_rank, adapter_shapes, adapter_terms, check_rank
+from .config import CoLoRAConfig, with_options
 from .functional import chosen_backend, colora_conv
 
 DEFAULT = "default"  # the adapter a layer is built with: its own pointwise, depthwise, bias_delta
@@ -30,10 +30,12 @@ class _Adapter(nn.Module):
 class _CoLoRAConvNd:
     """The CoLoRA part shared by the three layers; each also subclasses the matching `nn.ConvNd` (`_conv_cls`).
 
-    Constructor as torch's, plus `order` ("pointwise_first" | "depthwise_first"), `train_bias` (None: a Δb
-    exists iff the base conv has a bias), `backend` ("auto" | "triton" | "hybrid" | "torch" | "reference") and
-    `rank` (r ≥ 1 terms, ΔK = Σ_i Kp[i] ⊛ Kd[i]; at r = 1 Kp is [C_out, C_in/groups] and Kd [C_out or C_in, *k],
-    the paper's shapes; at r > 1 both get a leading r).
+    Constructor as torch's, plus the adapter options, read from `config` (a `CoLoRAConfig`, whose selection
+    fields a layer ignores) with keyword options overriding its fields (`config.with_options`): `order`
+    ("pointwise_first" | "depthwise_first"), `train_bias` (None: a Δb exists iff the base conv has a bias),
+    `backend` (`backends.NAMES`: "auto" | "triton" | "hybrid" | "torch" | "reference") and `rank` (an int r ≥ 1 of
+    terms, ΔK = Σ_i Kp[i] ⊛ Kd[i]; at r = 1 Kp is [C_out, C_in/groups] and Kd [C_out or C_in, *k], the paper's
+    shapes; at r > 1 both get a leading r).
 
     Attributes: `disable_adapters` (False; PEFT's name): True makes forward the plain base conv (K0, b0).
     `cache_merged_weight` (True): the torch and hybrid backends keep K0 + ΔK in one buffer per dtype between calls,
@@ -57,19 +59,17 @@ class _CoLoRAConvNd:
     _base_state: Tuple[str, ...] = ()  # what from_conv took over beyond the nn.ConvNd's own state (timm's eps, gain)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", device=None, dtype=None, *, order="pointwise_first",
-                 train_bias=None, backend="auto", rank=1):
-        check_order(order)
-        check_backend(backend)
-        check_rank(rank)
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, config: Optional[CoLoRAConfig] = None,
+                 **options):
+        config = _layer_config(config, options, type(self).__name__)
         self._conv_cls.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                 bias, padding_mode, device, dtype)
-        self._init_adapters(order, train_bias, backend, rank)
+        self._init_adapters(config)
 
-    def _init_adapters(self, order: str, train_bias: Optional[bool], backend: str, rank: int = 1) -> None:
-        self.order = check_order(order)
-        self.rank = check_rank(rank)
-        self.backend = check_backend(backend)
+    def _init_adapters(self, config: CoLoRAConfig) -> None:
+        """The CoLoRA state of a layer whose conv state is set: the adapter options of `config`, the frozen base
+        and a fresh "default" adapter (ΔK = 0)."""
+        self.order, self.rank, self.backend = config.order, config.rank, config.backend
         self.disable_adapters = False
         self.active_adapters = (DEFAULT,)
         self.cache_merged_weight = True
@@ -78,10 +78,10 @@ class _CoLoRAConvNd:
         if self.bias is not None:
             self.bias.requires_grad_(False)
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
-        kp_shape, kd_shape = adapter_shapes(self.weight.shape, self.groups, order, rank)
+        kp_shape, kd_shape = adapter_shapes(self.weight.shape, self.groups, self.order, self.rank)
         self.pointwise = nn.Parameter(torch.empty(kp_shape, **factory))
         self.depthwise = nn.Parameter(torch.empty(kd_shape, **factory))
-        has_bias_delta = self.bias is not None if train_bias is None else bool(train_bias)
+        has_bias_delta = self.bias is not None if config.train_bias is None else config.train_bias
         self.bias_delta = nn.Parameter(torch.empty(self.out_channels, **factory)) if has_bias_delta else None
         self.reset_adapter_()
 
@@ -107,17 +107,15 @@ class _CoLoRAConvNd:
         return None
 
     @classmethod
-    def from_conv(cls, conv: nn.Module, order: str = "pointwise_first", train_bias: Optional[bool] = None,
-                  backend: str = "auto", rank: int = 1):
+    def from_conv(cls, conv: nn.Module, config: Optional[CoLoRAConfig] = None, **options):
         """Wrap `conv`, reusing (not copying) its weight, bias and whatever else its class holds (timm's gain, eps,
-        ...), the parameters frozen. `conv` is an nn.ConvNd of this dimension or a subclass `conv_kinds` supports;
-        anything else raises TypeError naming its class (and what is supported), and nothing changes."""
+        ...), the parameters frozen; the adapter options as for the constructor (`config`, keyword overrides).
+        `conv` is an nn.ConvNd of this dimension or a subclass `conv_kinds` supports; anything else raises
+        TypeError naming its class (and what is supported), and nothing changes."""
         reason = cls.refusal(conv)
         if reason is not None:
             raise TypeError(f"{cls.__name__}.from_conv: {reason} (CoLoRA supports {conv_kinds.SUPPORTED})")
-        check_order(order)
-        check_backend(backend)
-        check_rank(rank)
+        config = _layer_config(config, options, f"{cls.__name__}.from_conv")
         kind, _ = conv_kinds.kind_or_reason(conv)
         layer = cls.__new__(cls)
         cls._conv_cls.__init__(layer, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
@@ -128,7 +126,7 @@ class _CoLoRAConvNd:
         layer._base_state = conv_kinds.own_state(conv, cls._conv_cls)
         conv_kinds.copy_state(conv, layer, layer._base_state, clone=False)
         layer.conv_kind, layer._base_class = kind, type(conv)
-        layer._init_adapters(order, train_bias, backend, rank)
+        layer._init_adapters(config)
         layer.train(conv.training)
         return layer
 
@@ -301,6 +299,16 @@ class _CoLoRAConvNd:
         base = f", base={self.base_class.__name__}" if self.base_class is not self._conv_cls else ""
         return (f"{super().extra_repr()}, order={self.order}{rank}, backend={self.backend}, adapter_params={n}"
                 f"{active}{base}")
+
+
+def _layer_config(config: Optional[CoLoRAConfig], options, caller: str) -> CoLoRAConfig:
+    """The config a layer is built from: `config` with `options` overriding its adapter fields; its rank an int
+    (a {name: rank} plan is resolved per conv by `apply_colora` / `get_colora_model`)."""
+    config = with_options(config, options, caller)
+    if not isinstance(config.rank, int):
+        raise ValueError(f"{caller}: rank must be an int >= 1 for one layer, got the plan {config.rank!r} "
+                         "(apply_colora and get_colora_model take a {name: rank} plan)")
+    return config
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,17 +3,16 @@ import contextlib
 import logging
 import math
 import re
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from ._conv import adapter_shapes, check_order, check_rank
-from .config import UNSUPPORTED, CoLoRAConfig, Selector
+from ._conv import adapter_shapes
+from .config import UNSUPPORTED, CoLoRAConfig, Selector, with_options
 from .conv_kinds import SUPPORTED
-from .backends import check as check_backend
 from .layers import CONV_TO_COLORA, DEFAULT, _CoLoRAConvNd, merge_layers_
 
 logger = logging.getLogger(__name__)
@@ -136,32 +135,51 @@ def _select_convs(model: nn.Module, include: Selector, exclude: Selector, unsupp
     return chosen
 
 
-def _wrap(model: nn.Module, chosen: List[Tuple[str, nn.Module]], ranks: Dict[str, int], order: str,
-          train_bias: Optional[bool], backend: str, caller: str) -> None:
-    """Replace each chosen conv by its CoLoRA layer at ranks[name]; a conv shared by several names once."""
-    wrapped: Dict[int, nn.Module] = {}
+def _plan_names(model: nn.Module, config: CoLoRAConfig, caller: str) -> Optional[List[str]]:
+    """The names a {name: rank} plan (`config.rank`) gives, or None for an int rank. ValueError naming those that
+    are no conv of the model (a typo must not be dropped)."""
+    if isinstance(config.rank, int):
+        return None
+    convs = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, tuple(CONV_TO_COLORA))}
+    unknown = [n for n in config.rank if n not in convs]
+    if unknown:
+        raise ValueError(f"{caller}: the rank plan names what is no conv of the model: {_shown(unknown)}")
+    return list(config.rank)
+
+
+def _wrap(model: nn.Module, chosen: List[Tuple[str, nn.Module]], config: CoLoRAConfig, caller: str) -> None:
+    """Replace each chosen conv by its CoLoRA layer built from `config` (at its rank in a {name: rank} plan); a
+    conv shared by several names once. Checks every rank before anything changes."""
+    plan = config.rank if isinstance(config.rank, dict) else None
+    missing = [n for n, _ in chosen if plan is not None and n not in plan]
+    if missing:
+        raise ValueError(f"{caller}: the rank plan gives no rank for {_count(len(missing), 'selected conv')}: "
+                         f"{_shown(missing)}")
+    ranks = {n: config.rank if plan is None else plan[n] for n, _ in chosen}
+    first: Dict[int, str] = {}
     for name, conv in chosen:
-        if id(conv) in wrapped and wrapped[id(conv)].rank != ranks[name]:
+        if ranks[first.setdefault(id(conv), name)] != ranks[name]:
             raise ValueError(f"{caller}: {name} shares its conv with another name of another rank")
-        if id(conv) not in wrapped:
-            wrapped[id(conv)] = CONV_TO_COLORA[_torch_conv(conv)].from_conv(conv, order, train_bias, backend,
-                                                                            ranks[name])
+    wrapped = {id(conv): CONV_TO_COLORA[_torch_conv(conv)].from_conv(conv, config, rank=ranks[name])
+               for name, conv in chosen if first[id(conv)] == name}
     for name, conv in chosen:
         _set_submodule(model, name, wrapped[id(conv)])
 
 
 def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector = None,
-                 order: str = "pointwise_first", train_bias: Optional[bool] = None,
-                 backend: str = "auto", rank: Union[int, Dict[str, int]] = 1, unsupported: str = "error") -> List[str]:
+                 config: Optional[CoLoRAConfig] = None, **options) -> List[str]:
     """Replace the selected convs of `model` (nn.Conv1d/2d/3d and the subclasses `conv_kinds` supports), in
     place, by CoLoRA layers sharing their weights.
 
     `include` None (or "all") selects every conv; `exclude` leaves out what it selects (both: a regex searched in
-    the qualified name, a list of qualified names, or a callable (name, module) -> bool). `rank`: the terms of
-    every wrapped conv, or {qualified name: rank} for each selected conv (a missing name, or a name selected
-    twice under different ranks, raises ValueError). `unsupported`: "error" (a selected conv whose class computes
-    something CoLoRA cannot repeat raises TypeError naming it) or "skip" (such convs stay plain, and a warning
-    lists them).
+    the qualified name, a list of qualified names, or a callable (name, module) -> bool). The layers are built
+    from `config` (a `CoLoRAConfig`; its `target_modules`, `exclude_modules` and `modules_to_save` are not read
+    here) with keyword `options` overriding its fields: the layer options (`order`, `train_bias`, `backend`,
+    `rank`, ...) and `unsupported`. `rank`: the terms of every wrapped conv, or a {qualified name: rank} plan (then
+    `include=None` selects the plan's convs; a selected conv the plan does not name, a plan name that is no conv,
+    or a conv selected under two names of different ranks raises ValueError). `unsupported`: "error" (a
+    selected conv whose class computes something CoLoRA cannot repeat raises TypeError naming it) or "skip" (such
+    convs stay plain, and a warning lists them).
 
     The wrapped convs' base weights and biases (and their other parameters, timm's gain) are frozen; nothing else
     is touched: BatchNorm, the classifier and the convs left out stay as trainable as they were.
@@ -169,17 +187,12 @@ def apply_colora(model: nn.Module, include: Selector = None, exclude: Selector =
     qualified names replaced. Raises (and changes nothing) when the selection matches no conv, holds an
     unsupported conv (unless skipped) or includes CoLoRA layers already there.
     """
-    check_order(order)
-    check_backend(backend)
-    chosen = _select_convs(model, include, exclude, unsupported)
-    ranks = {n: rank for n, _ in chosen} if isinstance(rank, int) else dict(rank)
-    missing = [n for n, _ in chosen if n not in ranks]
-    if missing:
-        raise ValueError(f"apply_colora: rank gives no rank for {_count(len(missing), 'selected conv')}: "
-                         f"{_shown(missing)}")
-    for value in ranks.values():
-        check_rank(value)
-    _wrap(model, chosen, ranks, order, train_bias, backend, "apply_colora")
+    unsupported = options.pop("unsupported", "error" if config is None else config.unsupported)
+    config = with_options(config, options, "apply_colora")
+    planned = _plan_names(model, config, "apply_colora")
+    chosen = _select_convs(model, planned if include is None and planned is not None else include, exclude,
+                           unsupported)
+    _wrap(model, chosen, config, "apply_colora")
     return [n for n, _ in chosen]
 
 
@@ -205,15 +218,19 @@ def get_colora_model(model: nn.Module, config: Optional[CoLoRAConfig] = None) ->
     those of `config.modules_to_save`; returns `model`.
 
     With the default `target_modules=None` the convs wrapped are those whose adapter is smaller than their weight
-    (`adapter_is_smaller`: k×k, not depthwise); "all" wraps every conv. Unlike `apply_colora`, BatchNorm's
+    (`adapter_is_smaller`: k×k, not depthwise), or the plan's convs when `rank` is a {name: rank} plan; "all"
+    wraps every conv. Each layer is built from `config` (`from_conv`). Unlike `apply_colora`, BatchNorm's
     affine parameters, the classifier and the convs left plain end up with `requires_grad=False` unless named in
     `modules_to_save` (BatchNorm's running statistics still follow the data in training mode). Raises and changes
     nothing when the selection matches no conv, when it holds a conv CoLoRA cannot stand in for (TypeError;
     `unsupported="skip"` leaves those plain instead), when a `modules_to_save` name matches no module, or when a
-    module to save holds a conv that would be wrapped (a module is either adapted or trained whole).
+    module to save holds a conv that would be wrapped (a module is either adapted or trained whole), or when a
+    rank plan misses a selected conv or names no conv.
     """
     config = CoLoRAConfig() if config is None else config
-    chosen = _select_convs(model, config.target_modules, config.exclude_modules, config.unsupported,
+    planned = _plan_names(model, config, "get_colora_model")
+    target = planned if config.target_modules is None and planned is not None else config.target_modules
+    chosen = _select_convs(model, target, config.exclude_modules, config.unsupported,
                            caller="get_colora_model", args=("target_modules", "exclude_modules"),
                            efficient=(config.order, config.rank))
     saved = _modules_to_save(model, config.modules_to_save)
@@ -223,8 +240,7 @@ def get_colora_model(model: nn.Module, config: Optional[CoLoRAConfig] = None) ->
         raise ValueError(f"get_colora_model: modules_to_save picks {_count(len(overlap), 'module')} holding convs "
                          f"that target_modules selects: {_shown(overlap)}; exclude them from target_modules or drop "
                          "them from modules_to_save")
-    _wrap(model, chosen, {n: config.rank for n, _ in chosen}, config.order, config.train_bias, config.backend,
-          "get_colora_model")
+    _wrap(model, chosen, config, "get_colora_model")
     keep: Set[int] = {id(p) for _, layer in colora_layers(model) for p in layer.adapter_parameters()}
     keep |= {id(p) for _, m in saved for p in m.parameters()}
     for p in model.parameters():
