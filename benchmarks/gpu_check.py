@@ -87,24 +87,10 @@ def say(text: str) -> None:
 # --- env --------------------------------------------------------------------------------------------------------
 
 def environment(device: torch.device) -> dict:
-    import triton
-    import torchvision
-    env = dict(python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-               triton=triton.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-               cpus=os.cpu_count(), host=platform.node(), device=str(device))
-    for name in ("numpy", "peft", "timm"):
-        try:
-            env[name] = __import__(name).__version__
-        except ImportError:
-            env[name] = None
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                   smem_per_block_optin=p.shared_memory_per_block_optin,
-                   smem_per_sm=p.shared_memory_per_multiprocessor, memory_gib=round(p.total_memory / 2 ** 30, 1))
-    else:
-        env.update(gpu=None)
-    return env
+    """What every tool records (`colora_fused.toolbox.environment`: versions, CPU, the GPU's properties), the
+    device and the host's name."""
+    from colora_fused.toolbox import environment as tool_environment
+    return dict(tool_environment(device), device=str(device), host=platform.node())
 
 
 def phase_env(out: str, device: torch.device) -> None:
@@ -310,7 +296,8 @@ def check_launch(family: str, p: Problem, index: int, tuners: list, device: torc
             except AssertionError as exc:
                 ok, error = False, str(exc).splitlines()[0][:300]
     except Exception as exc:  # a launch that fails is a finding of the check, not its end
-        ok, error = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:300]
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        ok, error = False, f"{type(exc).__name__}: {last}"[:300]
     row.update(ok=ok, max_rel_err=f"{worst:.3g}", error=error,
                configs=" + ".join(f"{k.base_fn.__name__.strip('_')} {config_text(k.best_config)}" for k, _ in tuners
                                   if getattr(k, "best_config", None) is not None))

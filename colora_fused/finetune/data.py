@@ -148,7 +148,8 @@ def _npz_labels(name, a):
     if a.ndim == 2 and a.shape[1] == 1:
         a = a[:, 0]
     if a.ndim != 1:
-        raise DataError(f"{name} must be [N] or [N, 1] class indices (multi-label is not supported), got shape {a.shape}")
+        raise DataError(f"{name} must be [N] or [N, 1] class indices (multi-label is not supported), got shape "
+                        f"{a.shape}")
     if a.size and not np.issubdtype(a.dtype, np.integer):
         if not np.issubdtype(a.dtype, np.floating) or not np.all(np.mod(a, 1) == 0):
             raise DataError(f"{name} must hold integer class indices, got dtype {a.dtype}")
@@ -166,9 +167,11 @@ def load_npz(path, class_names=None):
     with archive:
         missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in files]
         if missing:
-            raise DataError(f"{path} lacks {', '.join(missing)} (expected MedMNIST keys {{train,val,test}}_{{images,labels}}; found {', '.join(sorted(files)) or 'nothing'})")
+            raise DataError(f"{path} lacks {', '.join(missing)} (expected MedMNIST keys "
+                            f"{{train,val,test}}_{{images,labels}}; found {', '.join(sorted(files)) or 'nothing'})")
         try:
-            arrays = {s: (_npz_images(f"{s}_images", archive[f"{s}_images"]), _npz_labels(f"{s}_labels", archive[f"{s}_labels"])) for s in SPLITS}
+            arrays = {s: (_npz_images(f"{s}_images", archive[f"{s}_images"]),
+                          _npz_labels(f"{s}_labels", archive[f"{s}_labels"])) for s in SPLITS}
         except ValueError as e:
             if isinstance(e, DataError):
                 raise DataError(f"{path}: {e}") from None
@@ -184,7 +187,8 @@ def load_npz(path, class_names=None):
     num_classes = int(arrays["train"][1].max()) + 1
     for s, (_, y) in arrays.items():
         if y.min() < 0 or y.max() >= num_classes:
-            raise DataError(f"{path}: {s}_labels range over [{y.min()}, {y.max()}], outside the {num_classes} classes 0..{num_classes - 1} of train_labels")
+            raise DataError(f"{path}: {s}_labels range over [{y.min()}, {y.max()}], outside the {num_classes} "
+                            f"classes 0..{num_classes - 1} of train_labels")
     absent = sorted(set(range(num_classes)) - set(np.unique(arrays["train"][1]).tolist()))
     if absent:
         raise DataError(f"{path}: classes {absent} have no training samples")
@@ -194,7 +198,8 @@ def load_npz(path, class_names=None):
         num_classes=num_classes,
         class_names=names,
         in_channels=shape[2],
-        description=f"{os.path.basename(path)}: " + ", ".join(f"{s} {arrays[s][0].shape[0]}" for s in SPLITS) + f"; {num_classes} classes; {shape[0]}x{shape[1]}x{shape[2]} (HxWxC)",
+        description=(f"{os.path.basename(path)}: " + ", ".join(f"{s} {arrays[s][0].shape[0]}" for s in SPLITS)
+                     + f"; {num_classes} classes; {shape[0]}x{shape[1]}x{shape[2]} (HxWxC)"),
     )
 
 
@@ -234,11 +239,13 @@ def load_image_folder(root, image_size, val_fraction=0.1, test_fraction=0.1, see
         parts = [_image_folder(os.path.join(root, d), image_size) for d in (entries["train"], val, entries["test"])]
         for name, ds in zip(("validation", "test"), parts[1:]):
             if ds.classes != parts[0].classes:
-                raise DataError(f"{root}: the {name} classes {ds.classes} differ from the train classes {parts[0].classes}")
+                raise DataError(f"{root}: the {name} classes {ds.classes} differ from the train classes "
+                                f"{parts[0].classes}")
         splits = [subset(ds, np.arange(len(ds))) for ds in parts]
     else:
         if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise DataError(f"split fractions val={val_fraction} test={test_fraction} must be in (0, 1) with a sum below 1")
+            raise DataError(f"split fractions val={val_fraction} test={test_fraction} must be in (0, 1) with a sum "
+                            "below 1")
         full = _image_folder(root, image_size)
         parts = [full]
         fr = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
@@ -252,7 +259,8 @@ def load_image_folder(root, image_size, val_fraction=0.1, test_fraction=0.1, see
         num_classes=len(classes),
         class_names=_class_names(class_names, len(classes), root) if class_names is not None else list(classes),
         in_channels=3,
-        description=f"{root}: " + ", ".join(f"{s} {len(d)}" for s, d in zip(SPLITS, splits)) + f"; {len(classes)} classes; resized to {image_size}x{image_size}",
+        description=(f"{root}: " + ", ".join(f"{s} {len(d)}" for s, d in zip(SPLITS, splits))
+                     + f"; {len(classes)} classes; resized to {image_size}x{image_size}"),
     )
 
 
@@ -277,7 +285,8 @@ def load_digits_task(digits, fractions=(0.6, 0.2, 0.2), seed=0):
         num_classes=len(digits),
         class_names=[str(c) for c in sorted(digits)],
         in_channels=1,
-        description=f"scikit-learn digits {sorted(digits)}: " + ", ".join(f"{s} {len(i)}" for s, i in zip(SPLITS, parts)) + "; 8x8",
+        description=(f"scikit-learn digits {sorted(digits)}: "
+                     + ", ".join(f"{s} {len(i)}" for s, i in zip(SPLITS, parts)) + "; 8x8"),
     )
 
 
@@ -329,8 +338,10 @@ class EpochSampler(Sampler):
 def make_loader(dataset, sampler, batch_size, workers=0, pin_memory=False):
     """A DataLoader over ``sampler``'s order; an :class:`ArrayDataset` is gathered a whole batch at a time."""
     if isinstance(dataset, ArrayDataset):
-        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None, num_workers=0, pin_memory=pin_memory)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
+                          num_workers=0, pin_memory=pin_memory)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
 
 
 def training_set(train, balance):
@@ -344,7 +355,8 @@ def prepare_batch(images, spec, image_size, device, channels_last):
     if x.shape[1] != spec.in_channels:
         x = x.expand(-1, spec.in_channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
     if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > image_size)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > image_size)
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     x = (x - mean) / std
