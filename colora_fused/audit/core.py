@@ -47,12 +47,12 @@ from triton.compiler import ASTSource, compile as triton_compile, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import create_function_from_signature
 
-from .._conv import ORDERS, adapter_shapes, conv_output_shape
+from .._conv import ORDERS, adapter_grad_route, adapter_shapes, conv_output_shape
 from ..kernels import _common
 from ..kernels.conv_bwd_adapters import colora_conv_backward_adapters
 from ..kernels.conv_bwd_input import colora_conv_backward_input
 from ..kernels.conv_fwd import colora_conv_forward
-from ..kernels.merge import merged_weight
+from ..kernels.merge import merge_
 from ..toolbox import Progress, environment as toolbox_environment
 
 
@@ -106,10 +106,11 @@ QUICK_SHAPES = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
 FAMILIES = ("forward", "forward_plain", "input_grad", "adapters_cheap", "adapters_gradw", "merge")
-# Besides FAMILIES, `record` takes the adapter gradients on the route the launcher picks ("adapters") and on the
-# two-kernel cheap route (TWO_PASS), which the GPU check's warm-up compiles.
+# Besides FAMILIES, `record` takes the adapter gradients on the route production's policy picks ("adapters", None
+# here: `_conv.adapter_grad_route`) and on the cheap route's two-pass form (TWO_PASS), which the GPU check's warm-up
+# compiles. "merge" is the in-place merge of one layer (what `merge_many_` launches for one).
 TWO_PASS = "adapters_two_pass"
-ADAPTER_ROUTES = {"adapters": None, "adapters_cheap": "cheap", "adapters_gradw": "gradw", TWO_PASS: "cheap"}
+ADAPTER_ROUTES = {"adapters": None, "adapters_cheap": "cheap", "adapters_gradw": "gradw", TWO_PASS: "two_pass"}
 # forward_plain: the fused forward compiled with MERGE=False (a convolution by K0 alone), the yardstick for what
 # building K0 + ΔK in registers costs; bf16 on sm_90 only.
 BASELINE = "forward_plain"
@@ -168,12 +169,18 @@ def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config
         elif unit.family == "input_grad":
             colora_conv_backward_input(_tensor(out_shape, dtype, cl), w, kp, kd, s.x, cl, *conv)
         elif unit.family.startswith("adapters"):
-            colora_conv_backward_adapters(x, _tensor(out_shape, dtype, cl), w, kp, kd, *conv, s.bias,
-                                          route=ADAPTER_ROUTES[unit.family], two_pass=unit.family == TWO_PASS)
+            colora_conv_backward_adapters(x, _tensor(out_shape, dtype, cl), w, kp, kd, *conv,
+                                          route=adapter_route(unit.family, s.x, s.weight, out_shape, unit.order))
         else:
-            merged_weight(w, kp, kd, s.groups, unit.order)
+            merge_(w, None, kp, kd, None, s.groups, unit.order)
         # The autotuners prune for the device they see: the target, inside the recording.
         return [(launch, configs_of(launch)) for launch in launches]
+
+
+def adapter_route(family: str, x_shape: Sequence[int], weight_shape: Sequence[int], out_shape: Sequence[int],
+                  order: str) -> str:
+    """The `route` an adapter family's launches take: its own, or for "adapters" production's choice."""
+    return ADAPTER_ROUTES[family] or adapter_grad_route(x_shape, weight_shape, out_shape, order)
 
 
 def _jit_fn(kernel):
@@ -365,8 +372,8 @@ def estimate(c: Compiled, arch: Arch) -> Tuple[Optional[float], Optional[float],
     return issue, tensor, tensor / max(tensor, issue)
 
 
-CSV_FIELDS = ("family", "kernel", "shape", "layout", "dtype", "arch", "order", "config", "grid", "sms", "ctas_per_sm", "waves",
-              "regs", "spill_bytes", "smem", "smem_limit", "mma", "loop_instrs", "loop_mmas", "instrs_per_mma",
+CSV_FIELDS = ("family", "kernel", "shape", "layout", "dtype", "arch", "order", "config", "grid", "sms", "ctas_per_sm",
+              "waves", "regs", "spill_bytes", "smem", "smem_limit", "mma", "loop_instrs", "loop_mmas", "instrs_per_mma",
               "loop_waits", "outer_instrs", "wgmma_serialized", "issue_cycles", "tensor_cycles", "est_tensor_share",
               "error")
 

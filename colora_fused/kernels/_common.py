@@ -419,3 +419,33 @@ def locate_position(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3):
     strides s_n, s_1, s_2, s_3, in int64)."""
     n, i1, i2, i3 = decode_position(tl.where(mask, p, 0), S1, S2, S3)
     return n, i1, i2, i3, n.to(tl.int64) * s_n + i1.to(tl.int64) * s_1 + i2.to(tl.int64) * s_2 + i3 * s_3
+
+
+def channel_gemm_configs():
+    """BLOCK_K (positions per step), warps and stages of the adapter-gradient GEMMs that reduce over positions
+    (the two-pass dKp GEMM, the gradW route's kernel); their launchers set the channel tiles (BLOCK_M, BLOCK_N)."""
+    if FIXED_CONFIG:
+        return [triton.Config({"BLOCK_K": 64})]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bk, w, s in [(64, 8, 3), (32, 8, 4), (64, 4, 3), (32, 4, 4), (16, 4, 4), (16, 8, 3), (16, 4, 2)]]
+
+
+def channel_block(channels: int, cap: int = 128, rows: bool = False, device: Optional[torch.device] = None) -> int:
+    """A power-of-two channel tile of at least 16 (tl.dot's minimum), at most `cap`. `rows`: the tile is a dot's
+    M side, kept at WGMMA_ROWS or more on a GPU for groups of 16 channels or more (wgmma instead of mma.sync)."""
+    floor = WGMMA_ROWS if rows and channels >= 16 and device is not None and device.type != "cpu" else 16
+    return min(cap, max(floor, triton.next_power_of_2(channels)))
+
+
+def position_split(tiles: int, positions: int, device: torch.device, min_rows: int = 512) -> int:
+    """Programs per tile along an adapter gradient's reduction over positions: about two waves of the device, each
+    program reducing at least `min_rows` positions (32 on CPU). Each writes fp32 partials that the launcher sums in
+    a fixed order (bit-reproducible)."""
+    min_rows = 32 if device.type == "cpu" else min_rows
+    return max(1, min(triton.cdiv(2 * device_limits(device).sm_count, tiles), positions // min_rows))
+
+
+def split_stride(partials: torch.Tensor, dim: int) -> int:
+    """A kernel's stride along a split dim of its partials: 0 where the dim has one entry (its index is then 0),
+    so that a launch without a split is specialised on a zero stride."""
+    return 0 if partials.shape[dim] == 1 else partials.stride(dim)

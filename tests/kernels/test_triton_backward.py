@@ -1,4 +1,5 @@
-"""The Triton backward launchers (kernels/conv_bwd_input.py, kernels/conv_bwd_adapters.py) against the float64 reference, on the shared case table.
+"""The Triton backward launchers (kernels/conv_bwd_input.py, kernels/conv_bwd_adapters.py and its algorithms) against
+the float64 reference, on the shared case table.
 
 CPU runs under TRITON_INTERPRET=1 (fp32 and fp16: the interpreter's bf16 dot is broken); CUDA runs fp32 (TF32
 tolerance), fp16 and bf16 when a GPU is present. Every output starts as NaN (COLORA_NAN_FILL=1), so a tile a
@@ -18,7 +19,7 @@ from cases import CASE_PARAMS, CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_
 from colora_fused._conv import f_pad_arg, ntuple, pad_amounts
 
 pytest.importorskip("triton")
-from colora_fused.kernels import _common, conv_bwd_adapters  # noqa: E402
+from colora_fused.kernels import _common, adapters_one_pass, conv_bwd_adapters  # noqa: E402
 from colora_fused.kernels.conv_bwd_adapters import colora_conv_backward_adapters  # noqa: E402
 from colora_fused.kernels.conv_bwd_input import colora_conv_backward_input  # noqa: E402
 
@@ -76,19 +77,21 @@ def run_input(tensors, grad_out, conv, channels_last, split_k=None):
                                       tensors["x"].shape, channels_last, **conv, split_k=split_k)
 
 
-def run_adapters(tensors, grad_out, conv, need_bias, **kwargs):
+def route_by_taps(case):
+    """A case's main route in these tests: gradw for ≤ 2 taps, else cheap (each test also runs the other)."""
+    return "gradw" if math.prod(case.kernel) <= 2 else "cheap"
+
+
+def run_adapters(tensors, grad_out, conv, route):
     return colora_conv_backward_adapters(tensors["x"], grad_out, tensors["weight"], tensors["pointwise"],
-                                         tensors["depthwise"], need_bias_delta=need_bias, **conv, **kwargs)
+                                         tensors["depthwise"], **conv, route=route)
 
 
-def check_adapters(result, grads, need_bias, dtype, tol):
+def check_adapters(result, grads, dtype, tol):
     d_pointwise, d_depthwise, d_bias = result
     assert_close(d_pointwise, grads["pointwise"], dtype, "d_pointwise", tol)
     assert_close(d_depthwise, grads["depthwise"], dtype, "d_depthwise", tol)
-    if need_bias:
-        assert_close(d_bias, grads["bias_delta"], dtype, "d_bias_delta", tol)
-    else:
-        assert d_bias is None
+    assert d_bias is None
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
@@ -125,31 +128,31 @@ def test_backward_input_split_k(case, order):
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_backward_adapters(case, order, device, dtype):
     tensors, grad_out, conv, grads = setup_case(case, order, dtype, device)
-    result = run_adapters(tensors, grad_out, conv, case.bias)
+    result = run_adapters(tensors, grad_out, conv, route_by_taps(case))
     assert [t.dtype for t in result[:2]] == [dtype, dtype]
-    check_adapters(result, grads, case.bias, dtype, tolerance(device, dtype))
+    check_adapters(result, grads, dtype, tolerance(device, dtype))
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_backward_adapters_other_route(case, order, device):
-    """The route the launcher would not pick for this kernel size is exact too (both are general)."""
-    route = "cheap" if torch.Size(case.kernel).numel() <= 2 else "gradw"
+    """The other route for this kernel size is exact too (both are general)."""
+    route = "cheap" if route_by_taps(case) == "gradw" else "gradw"
     tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
-    result = run_adapters(tensors, grad_out, conv, case.bias, route=route)
-    check_adapters(result, grads, case.bias, torch.float32, tolerance(device, torch.float32))
+    result = run_adapters(tensors, grad_out, conv, route)
+    check_adapters(result, grads, torch.float32, tolerance(device, torch.float32))
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_backward_adapters_two_pass(case, order, device):
-    """The two-kernel cheap route (what the one-pass kernel leaves to it: depthwise base convs, many taps) is
+    """The cheap route's two-pass form (what the one-pass kernel leaves to it: depthwise base convs, many taps) is
     exact on every case too."""
     tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
-    result = run_adapters(tensors, grad_out, conv, case.bias, route="cheap", two_pass=True)
-    check_adapters(result, grads, case.bias, torch.float32, tolerance(device, torch.float32))
+    result = run_adapters(tensors, grad_out, conv, "two_pass")
+    check_adapters(result, grads, torch.float32, tolerance(device, torch.float32))
 
 
 def meta_case(case, order):
@@ -165,15 +168,15 @@ def _taps(case):
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", [c for c in CASE_PARAMS if c.values[0].groups < c.values[0].c_in
-                                  and _taps(c.values[0]) <= conv_bwd_adapters.ONE_PASS_MAX_TAPS])
+                                  and _taps(c.values[0]) <= adapters_one_pass.ONE_PASS_MAX_TAPS])
 def test_cheap_route_runs_one_kernel_pass(case, order):
-    """On the cheap route one kernel computes dKp and dKd (plus the dΔb sum when asked), where the one-pass kernel
-    serves the shape; the depthwise base conv goes to the two-kernel route."""
+    """On the cheap route one kernel computes dKp and dKd where the one-pass kernel serves the shape; the
+    depthwise base conv goes to the two-pass form."""
     tensors, grad_out, conv = meta_case(case, order)
     with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
-        run_adapters(tensors, grad_out, conv, True, route="cheap")
+        run_adapters(tensors, grad_out, conv, "cheap")
     names = [launch.kernel.fn.__name__ for launch in launches]
-    assert names == ["_adapter_grads_one_pass_kernel", "_channel_sum_kernel"]
+    assert names == ["_adapter_grads_one_pass_kernel"]
 
 
 @pytest.mark.parametrize("case_id", ["2d-k3-pad1", "1d-k3-stride2", "3d-1x3x3-channels-last"])
@@ -188,7 +191,7 @@ def test_kernels_read_operands_channels_innermost(case_id):
     with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
         out = colora_conv_forward(x, weight, None, tensors["pointwise"], tensors["depthwise"], None, **conv)
         dx = run_input(tensors, grad_out, conv, case.channels_last)
-        run_adapters(tensors, grad_out, conv, False, route="cheap")
+        run_adapters(tensors, grad_out, conv, "cheap")
     fwd, bwd_in, adapters = launches
     innermost = [fwd.args[0], fwd.args[1], fwd.args[6], bwd_in.args[0], bwd_in.args[1], bwd_in.args[4],
                  adapters.args[0], adapters.args[1]]
@@ -202,12 +205,12 @@ def test_kernels_read_operands_channels_innermost(case_id):
                                                          (80, "2d-5x5-stride2", False), (80, "2d-k3-pad1", True)])
 def test_one_pass_serves_up_to_a_number_of_taps(capability, case_id, one_pass, caplog, monkeypatch):
     """The one-pass kernel keeps one accumulator per tap: up to 25 taps on sm_90, 9 before; more go to the
-    two-kernel route, the reason logged."""
+    two-pass form, the reason logged."""
     monkeypatch.setattr(conv_bwd_adapters, "_TWO_PASS_LOGGED", set())
     case = next(c for c in CASES if c.id == case_id)
     tensors, grad_out, conv = meta_case(case, "pointwise_first")
     with _common.recording(_common.DeviceLimits(132, 232448, capability)) as launches, caplog.at_level("INFO"):
-        run_adapters(tensors, grad_out, conv, False, route="cheap")
+        run_adapters(tensors, grad_out, conv, "cheap")
     names = [launch.kernel.fn.__name__ for launch in launches]
     assert names == (["_adapter_grads_one_pass_kernel"] if one_pass
                      else ["_pointwise_grad_kernel", "_depthwise_grad_kernel"])
@@ -219,9 +222,10 @@ def test_depthwise_base_conv_takes_two_pass_route(caplog, monkeypatch):
     case = next(c for c in CASES if c.groups == c.c_in)
     tensors, grad_out, conv = meta_case(case, "pointwise_first")
     with _common.recording(_common.DeviceLimits(132, 232448)) as launches, caplog.at_level("INFO"):
-        run_adapters(tensors, grad_out, conv, False, route="cheap")
-        run_adapters(tensors, grad_out, conv, False, route="cheap")
-    assert [launch.kernel.fn.__name__ for launch in launches] == ["_pointwise_grad_kernel", "_depthwise_grad_kernel"] * 2
+        run_adapters(tensors, grad_out, conv, "cheap")
+        run_adapters(tensors, grad_out, conv, "cheap")
+    names = [launch.kernel.fn.__name__ for launch in launches]
+    assert names == ["_pointwise_grad_kernel", "_depthwise_grad_kernel"] * 2
     assert caplog.text.count("depthwise base conv") == 1, "the reason is logged once per shape"
 
 
@@ -234,9 +238,9 @@ def test_fp32_parameters_with_half_activations(order, device):
     mixed = dict(tensors, **{k: tensors[k].float() for k in ("weight", "pointwise", "depthwise")})
     tol = TOLERANCE[torch.float16]
     assert_close(run_input(mixed, grad_out, conv, True), grads["x"], torch.float16, "grad_x", tol)
-    result = run_adapters(mixed, grad_out, conv, True)
-    assert [t.dtype for t in result] == [torch.float32] * 3
-    check_adapters(result, grads, True, torch.float16, tol)
+    result = run_adapters(mixed, grad_out, conv, route_by_taps(case))
+    assert [t.dtype for t in result[:2]] == [torch.float32] * 2
+    check_adapters(result, grads, torch.float16, tol)
 
 
 DETERMINISM_CASES = [pytest.param(c, id=c.id) for c in CASES if c.id in ("2d-1x1-nobias", "1d-k3-stride2")]
@@ -245,14 +249,12 @@ DETERMINISM_CASES = [pytest.param(c, id=c.id) for c in CASES if c.id in ("2d-1x1
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", DETERMINISM_CASES)
-def test_deterministic_is_bit_identical_and_atomics_are_close(case, order, device):
-    tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
-    for route in ("cheap", "gradw"):
-        first = run_adapters(tensors, grad_out, conv, case.bias, route=route)
-        second = run_adapters(tensors, grad_out, conv, case.bias, route=route)
+def test_adapter_gradients_are_bit_identical_run_to_run(case, order, device):
+    tensors, grad_out, conv, _ = setup_case(case, order, torch.float32, device)
+    for route in ("cheap", "gradw", "two_pass"):
+        first = run_adapters(tensors, grad_out, conv, route)
+        second = run_adapters(tensors, grad_out, conv, route)
         assert all(a is b is None or torch.equal(a, b) for a, b in zip(first, second)), route
-        atomic = run_adapters(tensors, grad_out, conv, case.bias, route=route, deterministic=False)
-        check_adapters(atomic, grads, case.bias, torch.float32, tolerance(device, torch.float32))
     assert torch.equal(run_input(tensors, grad_out, conv, False), run_input(tensors, grad_out, conv, False))
 
 
@@ -271,7 +273,8 @@ def test_strided_views(device):
     assert not x_view.is_contiguous() and not g_view.is_contiguous()
     tol = tolerance(device, torch.float32)
     assert_close(run_input(tensors, g_view, conv, False), grads["x"], torch.float32, "grad_x", tol)
-    check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, True), grads, True, torch.float32, tol)
+    check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, route_by_taps(case)), grads, torch.float32,
+                   tol)
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
@@ -297,8 +300,7 @@ def test_channels_last_views_with_spatial_gaps(case_id, order, device):
     assert x_view.stride(1) == 1 and position_stride(x_view.unsqueeze(2)) == 0
     assert position_stride(tensors["x"].contiguous(memory_format=torch.channels_last).unsqueeze(2)) == case.c_in
     tol = tolerance(device, torch.float32)
-    check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, case.bias, route="cheap"), grads, case.bias,
-                   torch.float32, tol)
+    check_adapters(run_adapters(dict(tensors, x=x_view), g_view, conv, "cheap"), grads, torch.float32, tol)
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -310,7 +312,7 @@ def test_one_pass_flat_addressing_flags(order):
         case = next(c for c in CASES if c.id == case_id)
         tensors, grad_out, conv = meta_case(case, order)
         with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
-            run_adapters(tensors, grad_out, conv, False, route="cheap")
+            run_adapters(tensors, grad_out, conv, "cheap")
         flags[case_id] = (launches[0].kwargs["FLAT_Q"], launches[0].kwargs["FLAT_S"])
     assert flags == {"2d-k3-pad1": (True, True), "2d-valid": (True, False), "2d-channels-last-groups": (True, False)}
     case = next(c for c in CASES if c.id == "2d-k3-pad1")
@@ -318,13 +320,14 @@ def test_one_pass_flat_addressing_flags(order):
     tall = torch.empty(case.batch, case.c_in, 2 * case.size[0], case.size[1], device="meta")
     gapped = tall.to(memory_format=torch.channels_last)[:, :, ::2]
     with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
-        run_adapters(dict(tensors, x=gapped), grad_out, conv, False, route="cheap")
+        run_adapters(dict(tensors, x=gapped), grad_out, conv, "cheap")
     assert launches[0].kwargs["FLAT_Q" if order == "pointwise_first" else "FLAT_S"] is False
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("kernel,padding,stride", [((3, 3, 1), (1, 1, 0), (1, 1, 1)), ((2, 3, 3), (1, 1, 1), (2, 1, 2))])
+@pytest.mark.parametrize("kernel,padding,stride", [((3, 3, 1), (1, 1, 0), (1, 1, 1)),
+                                                   ((2, 3, 3), (1, 1, 1), (2, 1, 2))])
 def test_one_pass_3d_taps(kernel, padding, stride, order, device):
     """3-d kernels of ≤ 25 taps in the one-pass kernel (depth taps, depth stride) against the float64 reference."""
     case = dataclasses.replace(next(c for c in CASES if c.id == "3d-k3-groups2"), kernel=kernel, padding=padding,
@@ -332,9 +335,9 @@ def test_one_pass_3d_taps(kernel, padding, stride, order, device):
     tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
     with _common.recording(_common.DeviceLimits(132, 232448)) as launches:
         run_adapters({k: None if v is None else v.to("meta") for k, v in tensors.items()}, grad_out.to("meta"), conv,
-                     case.bias, route="cheap")
+                     "cheap")
     assert launches[0].kernel.fn.__name__ == "_adapter_grads_one_pass_kernel"
-    check_adapters(run_adapters(tensors, grad_out, conv, case.bias, route="cheap"), grads, case.bias, torch.float32,
+    check_adapters(run_adapters(tensors, grad_out, conv, "cheap"), grads, torch.float32,
                    tolerance(device, torch.float32))
 
 
@@ -347,7 +350,7 @@ def test_one_pass_inf_input_channel_leaves_other_channels_finite(order, device):
     tensors, grad_out, conv, grads = setup_case(case, order, torch.float32, device)
     x = tensors["x"].clone()
     x[0, 0, 2, 3] = float("inf")
-    d_kp, _, _ = run_adapters(dict(tensors, x=x), grad_out, conv, False, route="cheap")
+    d_kp, _, _ = run_adapters(dict(tensors, x=x), grad_out, conv, "cheap")
     assert torch.isfinite(d_kp[:, 1:]).all()
     assert_close(d_kp[:, 1:], grads["pointwise"][:, 1:], torch.float32, "d_pointwise without the inf channel",
                  tolerance(device, torch.float32))
@@ -371,7 +374,7 @@ class TestBadInput:
             if launcher == "input":
                 run_input(tensors, grad_out, conv, False)
             else:
-                run_adapters(tensors, grad_out, conv, True)
+                run_adapters(tensors, grad_out, conv, "cheap")
 
     def test_cpu_tensors_without_interpreter(self, monkeypatch):
         tensors, grad_out, conv = bad_input_args("cpu")
@@ -379,17 +382,17 @@ class TestBadInput:
         with pytest.raises(ValueError, match='triton backend.*CUDA.*backend="torch"'):
             run_input(tensors, grad_out, conv, False)
         with pytest.raises(ValueError, match='triton backend.*CUDA.*backend="torch"'):
-            run_adapters(tensors, grad_out, conv, True)
+            run_adapters(tensors, grad_out, conv, "cheap")
 
     def test_mismatched_devices(self):
         tensors, grad_out, conv = bad_input_args(self.device)
         with pytest.raises(ValueError, match="triton backend.*different devices"):
-            run_adapters(tensors, grad_out.to("meta"), conv, True)
+            run_adapters(tensors, grad_out.to("meta"), conv, "cheap")
 
     def test_mismatched_dtypes(self):
         tensors, grad_out, conv = bad_input_args(self.device)
         with pytest.raises(TypeError, match="triton backend.*share a dtype"):
-            run_adapters(tensors, grad_out.half(), conv, True)
+            run_adapters(tensors, grad_out.half(), conv, "cheap")
 
     @pytest.mark.parametrize("change,match", [
         (dict(order="sideways"), "unknown order"),
@@ -402,11 +405,22 @@ class TestBadInput:
         with pytest.raises(ValueError, match=f"triton backend.*{match}"):
             run_input(tensors, grad_out, dict(conv, **change), False)
 
+    def test_route_is_the_callers_and_no_bias_delta(self):
+        tensors, grad_out, conv = bad_input_args(self.device)
+        with pytest.raises(TypeError, match="route"):
+            colora_conv_backward_adapters(tensors["x"], grad_out, tensors["weight"], tensors["pointwise"],
+                                          tensors["depthwise"], **conv)
+        with pytest.raises(ValueError, match="triton backend.*unknown route 'fast'"):
+            run_adapters(tensors, grad_out, conv, "fast")
+        with pytest.raises(ValueError, match="need_bias_delta=False"):
+            colora_conv_backward_adapters(tensors["x"], grad_out, tensors["weight"], tensors["pointwise"],
+                                          tensors["depthwise"], **conv, need_bias_delta=True, route="cheap")
+
     def test_bad_shapes(self):
         tensors, grad_out, conv = bad_input_args(self.device)
         with pytest.raises(ValueError, match="triton backend.*depthwise has shape"):
-            run_adapters(dict(tensors, depthwise=tensors["depthwise"][:, :2]), grad_out, conv, True)
+            run_adapters(dict(tensors, depthwise=tensors["depthwise"][:, :2]), grad_out, conv, "cheap")
         with pytest.raises(ValueError, match="triton backend.*grad_out has shape"):
             run_input(tensors, grad_out[..., :-1], conv, False)
         with pytest.raises(ValueError, match="triton backend.*grad_out has shape"):
-            run_adapters(tensors, grad_out[:1], conv, True)
+            run_adapters(tensors, grad_out[:1], conv, "cheap")
