@@ -1,8 +1,8 @@
-"""Merging a CoLoRA residual into its base conv (paper eq. 10–13): `K0 + ΔK`, out of place or in place.
+"""Merging a CoLoRA residual into its base conv in place (paper eq. 10–13): K0 += ΔK.
 
 ΔK[o, c, t] = Kp[o, c] · Kd[o, t] (pointwise_first) or Kp[o, c] · Kd[g(o)·C_in/groups + c, t] (depthwise_first),
-g(o) = o // (C_out/groups). The in-place merge also folds Δb into b0, in the same launch, with no temporary of
-K0's size. `merge_many_` merges many layers in place in one launch per dtype combination: a model's merge.
+g(o) = o // (C_out/groups). The merge also folds Δb into b0, in the same launch, with no temporary of K0's size.
+`merge_many_` merges many layers in one launch per dtype combination: a model's merge.
 """
 import itertools
 from typing import List, Optional, Sequence, Tuple
@@ -34,8 +34,8 @@ def _merge_block(
     s_b, s_db, RANK,
     PW_FIRST, HAS_BIAS, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[o, c, t] = w[o, c, t] + Σ_{i<RANK} Kp[i, o, c] · Kd[i, ·, t] in fp32 on one [BLOCK_O, BLOCK_R] block; with HAS_BIAS the
-    blocks with j_blk = 0 also fold b[o] += db[o].
+    """out[o, c, t] = w[o, c, t] + Σ_{i<RANK} Kp[i, o, c] · Kd[i, ·, t] in fp32 on one [BLOCK_O, BLOCK_R] block;
+    with HAS_BIAS the blocks with j_blk = 0 also fold b[o] += db[o].
 
     w, out: [C_OUT, C_IN_G, KD, KH, KW] by strides (out may be w: an in-place merge; each element is read and
     written by one block). Block (i_blk, j_blk) holds rows [i_blk·BLOCK_O, (i_blk+1)·BLOCK_O) and flat positions
@@ -145,22 +145,19 @@ def _pad_strides(t: torch.Tensor, lead: int):
     return tuple(t.stride()[:lead]) + (0,) * (3 - (t.dim() - lead)) + tuple(t.stride()[lead:])
 
 
-def _check_merge(weight, bias, pointwise, depthwise, bias_delta, groups, order):
+def _check_merge(spec: MergeSpec) -> None:
+    weight, bias, pointwise, depthwise, bias_delta, groups, order = spec
     if weight.dim() not in (3, 4, 5) or groups < 1 or weight.shape[0] % groups:
         raise backend_error(f"weight {tuple(weight.shape)} with groups={groups} is not a 1d/2d/3d conv weight")
     check_conv_tensors(dict(weight=weight, bias=bias, pointwise=pointwise, depthwise=depthwise,
                             bias_delta=bias_delta), weight, groups, order)
-
-
-def _check_merge_in_place(spec: MergeSpec) -> None:
-    _check_merge(*spec)
-    if spec.bias_delta is not None and spec.bias is None:
+    if bias_delta is not None and bias is None:
         raise backend_error("bias_delta needs a base bias to merge into, but bias is None")
 
 
-def _launch(weight, out, bias, pointwise, depthwise, bias_delta, groups, order):
-    if weight.numel() == 0:
-        return
+def _launch(spec: MergeSpec) -> None:
+    """One layer by `_merge_kernel`, in place (the kernel's output is the weight itself)."""
+    weight, bias, pointwise, depthwise, bias_delta, groups, order = spec
     c_out = weight.shape[0]
     kd, kh, kw = pad3(weight.shape[2:], 1)
     kps, kds = adapter_terms(pointwise, depthwise)
@@ -170,9 +167,9 @@ def _launch(weight, out, bias, pointwise, depthwise, bias_delta, groups, order):
         grid = (triton.cdiv(c_out, block_o), triton.cdiv(weight[0].numel(), block_r))
         launch(
             _merge_kernel, grid,
-            weight, out, pointwise, depthwise, bias if has_bias else weight, bias_delta if has_bias else weight,
+            weight, weight, pointwise, depthwise, bias if has_bias else weight, bias_delta if has_bias else weight,
             c_out, weight.shape[1], c_out // groups, kd, kh, kw,
-            *_pad_strides(weight, 2), *_pad_strides(out, 2), *kps.stride(), *_pad_strides(kds, 2),
+            *_pad_strides(weight, 2), *_pad_strides(weight, 2), *kps.stride(), *_pad_strides(kds, 2),
             bias.stride(0) if has_bias else 0, bias_delta.stride(0) if has_bias else 0,
             RANK=kps.shape[0], PW_FIRST=order == "pointwise_first", HAS_BIAS=has_bias, BLOCK_O=block_o, BLOCK_R=block_r,
             num_warps=num_warps,
@@ -247,15 +244,6 @@ def _launch_groups(specs: Sequence[MergeSpec]) -> List[List[MergeSpec]]:
     return [members for _, _, members in launches]
 
 
-def merged_weight(weight: torch.Tensor, pointwise: torch.Tensor, depthwise: torch.Tensor, groups: int,
-                  order: str) -> torch.Tensor:
-    """A new tensor K0 + ΔK, with weight's dtype, device and strides."""
-    _check_merge(weight, None, pointwise, depthwise, None, groups, order)
-    out = torch.empty_like(weight)
-    _launch(weight, out, None, pointwise, depthwise, None, groups, order)
-    return out
-
-
 def merge_many_(specs: Sequence[MergeSpec]) -> None:
     """In place, for every layer: weight += ΔK and, when bias_delta is given, bias += bias_delta.
 
@@ -265,14 +253,14 @@ def merge_many_(specs: Sequence[MergeSpec]) -> None:
     """
     for i, spec in enumerate(specs):
         try:
-            _check_merge_in_place(spec)
+            _check_merge(spec)
         except (TritonBackendError, TritonBackendTypeError) as err:
             if len(specs) == 1:
                 raise
             raise type(err)(f"layer {i} of {len(specs)}: {err}") from None
     for group in _launch_groups([s for s in specs if s.weight.numel()]):
         if len(group) == 1:
-            _launch(group[0].weight, *group[0])  # out: the weight itself
+            _launch(group[0])
         else:
             _launch_many(group)
     # The kernels write through raw pointers: tell autograd the tensors changed, as in-place ops would.

@@ -12,7 +12,7 @@ from cases import CASE_PARAMS, CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_
 from colora_fused._conv import f_pad_arg, ntuple, pad_amounts
 from colora_fused.kernels import _common, conv_fwd
 from colora_fused.kernels.conv_fwd import colora_conv_forward, supports_forward
-from colora_fused.kernels.merge import merge_, merged_weight
+from colora_fused.kernels.merge import merge_
 from colora_fused.reference import delta_weight_reference
 
 requires_interpreter = pytest.mark.skipif(not _common.INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
@@ -127,37 +127,20 @@ def test_forward_int64_offsets(case_id, monkeypatch):
     check_forward(BY_ID[case_id], "depthwise_first", torch.float32, "cpu")
 
 
-def check_merged_weight(case, order, dtype, device):
+def check_merge_in_place(case, order, dtype, device):
+    """The in-place merge of the case's layer (a channels_last weight where the case is channels_last)."""
     t = make_tensors(case, order, dtype, device=device)
-    weight = t["weight"]
+    weight, bias = t["weight"].clone(), None if t["bias"] is None else t["bias"].clone()
     if case.channels_last:
         weight = weight.contiguous(memory_format=CHANNELS_LAST[weight.dim()])
     expected = t["weight"].double().cpu() + delta_weight_reference(
         t["pointwise"].double().cpu(), t["depthwise"].double().cpu(), case.groups, order)
-    merged = merged_weight(weight, t["pointwise"], t["depthwise"], case.groups, order)
-    assert merged.stride() == weight.stride() and merged.dtype == dtype
-    assert_close(merged, expected, dtype, f"{case.id} merged weight")
-    assert torch.equal(weight, t["weight"])
-
-
-def check_merge_in_place(case, order, dtype, device):
-    t = make_tensors(case, order, dtype, device=device)
-    weight, bias = t["weight"].clone(), None if t["bias"] is None else t["bias"].clone()
-    expected = t["weight"].double().cpu() + delta_weight_reference(
-        t["pointwise"].double().cpu(), t["depthwise"].double().cpu(), case.groups, order)
-    ptr, version = weight.data_ptr(), weight._version
+    ptr, version, strides = weight.data_ptr(), weight._version, weight.stride()
     merge_(weight, bias, t["pointwise"], t["depthwise"], t["bias_delta"], case.groups, order)
-    assert weight.data_ptr() == ptr and weight._version > version
+    assert weight.data_ptr() == ptr and weight._version > version and weight.stride() == strides
     assert_close(weight, expected, dtype, f"{case.id} weight")
     if bias is not None:
         assert_close(bias, t["bias"].double().cpu() + t["bias_delta"].double().cpu(), dtype, f"{case.id} bias")
-
-
-@requires_interpreter
-@pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("case", CASE_PARAMS)
-def test_merged_weight(case, order):
-    check_merged_weight(case, order, torch.float32, "cpu")
 
 
 @requires_interpreter
@@ -171,7 +154,6 @@ def test_merge_in_place(case, order):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case_id", ["2d-groups3", "3d-k3-groups2"])
 def test_merge_half_precision(case_id, dtype):
-    check_merged_weight(BY_ID[case_id], "depthwise_first", dtype, "cpu")
     check_merge_in_place(BY_ID[case_id], "depthwise_first", dtype, "cpu")
 
 
@@ -271,8 +253,8 @@ def test_merge_rejects_bad_inputs():
     t, conv = good_inputs()
     groups, order = conv["groups"], conv["order"]
     w, kp, kd = t["weight"], t["pointwise"], t["depthwise"]
-    expect_backend_error(TypeError, "dtype", merged_weight, w.double(), kp, kd, groups, order)
-    expect_backend_error(ValueError, "depthwise", merged_weight, w, kp, kd[:, :2], groups, order)
+    expect_backend_error(TypeError, "dtype", merge_, w.double(), None, kp, kd, None, groups, order)
+    expect_backend_error(ValueError, "depthwise", merge_, w.clone(), None, kp, kd[:, :2], None, groups, order)
     expect_backend_error(ValueError, "bias is None", merge_, w.clone(), None, kp, kd, t["bias_delta"], groups, order)
     expect_backend_error(ValueError, "different devices", merge_, w.clone(), t["bias"].to("meta"), kp, kd,
                          t["bias_delta"], groups, order)
@@ -291,5 +273,4 @@ def test_forward_cuda(case, order, dtype):
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_merge_cuda(case, order, dtype):
-    check_merged_weight(case, order, dtype, "cuda")
     check_merge_in_place(case, order, dtype, "cuda")
