@@ -3,8 +3,8 @@ tile built in registers from K0, Kp and Kd, split into stride phases so that no 
 
 Every tensor is seen as 5-d `[N, C, D, H, W]` with arbitrary strides (Conv1d/2d arrive as views with unit
 depth/height); dY and K0 are read and dX is written channels-innermost (NCHW ones are staged by one copy each,
-`channels_innermost`, `channels_innermost_output`); dX takes x's layout. Offsets that scale with the batch are int64 (one sample
-is assumed below 2³¹ elements). fp16/bf16 operands feed `tl.dot` with fp32 accumulation. With
+`channels_innermost`, `channels_innermost_output`); dX takes x's layout. Offsets that scale with the batch are
+int64 (one sample is assumed below 2³¹ elements). fp16/bf16 operands feed `tl.dot` with fp32 accumulation. With
 `COLORA_NAN_FILL=1` the output starts as NaN, so a tile the kernel fails to write shows up (the tests set it).
 """
 import contextlib
@@ -17,9 +17,10 @@ import triton.language as tl
 
 from .._conv import adapter_terms, conv_output_shape
 from ._autotune import autotune
-from ._common import (FIXED_CONFIG, channels_innermost, channels_innermost_output, check_backward_conv, check_backward_tensors, decode_position,
-                      fail, finish_output_, fit_configs, k_split, launch, lift, new_tensor, prune_by_registers,
-                      prune_by_shared_memory, split_partials, strides, sum_partials_, WGMMA_ROWS)
+from ._common import (FIXED_CONFIG, channels_innermost, channels_innermost_output, check_backward_conv,
+                      check_backward_tensors, decode_position, fail, finish_output_, fit_configs, k_split, launch, lift,
+                      new_tensor, prune_by_registers, prune_by_shared_memory, split_partials, strides, sum_partials_,
+                      WGMMA_ROWS)
 
 
 def _bwd_input_configs():
@@ -37,8 +38,8 @@ def _bwd_input_configs():
 def _prune_configs(configs, named_args, **kwargs):
     """The autotuner's early prune: channel tiles shrunk to the group's channels (down to tl.dot's 16, or wgmma's
     64 rows on the M side), duplicates dropped, then the configs whose pipeline (dY, K0 and Kp tiles per stage)
-    overflows the device's shared memory, then (NCHW) those past a register budget. A shared-memory overflow fails the launch, a spill
-    only slows it, so that limit is applied first."""
+    overflows the device's shared memory, then (NCHW) those past a register budget. A shared-memory overflow fails
+    the launch, a spill only slows it, so that limit is applied first."""
     named_args = {**named_args, **kwargs}  # the channel counts arrive as constexpr keyword arguments
 
     def fit(kw):
@@ -110,9 +111,9 @@ def _conv_bwd_input_kernel(
     SPLIT_K > 1 (stride 1 only, grids under one wave): program (tile, 0, g·SPLIT_K + s) reduces the s-th of
     SPLIT_K contiguous shares of the K loop into part [SPLIT_K, C_in, M_MAX] (fp32, contiguous), which the
     launcher sums in a fixed order.
-    Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups · SPLIT_K). dY: [N, C_out, OD, OH, OW], dX: [N, C_in,
-    D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [RANK, C_out, C_IN_G], Kd: [RANK, C_out or C_in, KD, KH, KW],
-    any strides.
+    Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups · SPLIT_K). dY: [N, C_out, OD, OH, OW],
+    dX: [N, C_in, D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [RANK, C_out, C_IN_G],
+    Kd: [RANK, C_out or C_in, KD, KH, KW], any strides.
     """
     N_KC: tl.constexpr = (C_OUT_G + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = C_OUT_G % BLOCK_K == 0

@@ -19,8 +19,9 @@ from .._conv import adapter_terms, conv_output_shape
 from ._autotune import autotune
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, channels_innermost,
                       channels_innermost_output, check_conv_tensors, device_problem, dtype_problem, empty_like_layout,
-                      extent, finish_output_, fit_configs, k_split, launch, pad3, prune_by_registers, prune_by_shared_memory, split_partials, strides5,
-                      sum_partials_, WGMMA_ROWS)
+                      extent, finish_output_, fit_configs, k_split, launch, pad3, prune_by_registers,
+                      prune_by_shared_memory, split_partials, strides5, sum_partials_, WGMMA_ROWS)
+
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
     problem = dtype_problem((x, weight), ("x", "weight"))
