@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import stats as bench_stats
-from .. import toolbox
+from .. import backends, toolbox
 from ..functional import timed_ms, triton_available
 from ..toolbox import cpu_name, load_average
 
@@ -18,9 +18,9 @@ DEFAULT_MODELS = ("resnet50", "vgg16")
 MODEL_METHODS = ("full", "head", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora",
                  "colora-eager-kxk", "colora-torch-kxk", "colora-triton-kxk", "colora-hybrid-kxk")
 LAYER_METHODS = ("conv", "full", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora")
-# colora-auto is no timed method: layer mode builds it to report the path `auto` takes per shape.
-COLORA_BACKENDS = {"colora-eager": "reference", "colora-torch": "torch", "colora-triton": "triton",
-                   "colora-hybrid": "hybrid", "colora-auto": "auto"}
+# The method of each backend (`backends.NAMES`): colora-<name>, the reference backend as colora-eager (the paper's
+# equations run as written). colora-auto is no timed method: layer mode builds it to report the path `auto` takes.
+COLORA_BACKENDS = {("colora-eager" if name == "reference" else f"colora-{name}"): name for name in backends.NAMES}
 COMPILE_SUFFIX = "+compile"
 KXK_SUFFIX = "-kxk"
 RANK_SUFFIX = re.compile(r"@r([1-9][0-9]*)$")  # colora-torch@r4: rank-4 CoLoRA layers
@@ -89,11 +89,11 @@ def split_method(name: str) -> Tuple[str, bool, bool]:
 def missing_dependency(method: str, device: torch.device) -> Optional[str]:
     """Why `method` cannot run on `device` in this environment, or None when it can."""
     base, _, _ = split_method(method)
-    if base in ("colora-triton", "colora-hybrid"):
-        if device.type != "cuda":
-            return f"needs a CUDA device (this run is on {device.type})"
-        if not triton_available():
-            return "needs triton (pip install triton)"
+    backend = backends.TABLE.get(COLORA_BACKENDS.get(base))
+    if backend is not None and backend.devices is not None and device.type not in backend.devices:
+        return f"needs a {' or '.join(d.upper() for d in backend.devices)} device (this run is on {device.type})"
+    if backend is not None and backend.triton and not triton_available():
+        return "needs triton (pip install triton)"
     if base == "peft-lora":
         try:
             import peft  # noqa: F401

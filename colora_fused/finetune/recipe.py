@@ -91,6 +91,7 @@ from torch import nn
 
 import colora_fused as cf
 from . import collab, metrics
+from .. import backends
 from .checkpoint import (CHECKPOINT_FORMAT, check_checkpoint, read_checkpoint, run_config, save_history_csv,
                          save_json, save_torch, trained_state)
 from .data import (DataError, EpochSampler, load_data, load_digits_task, make_loader, prepare_batch,
@@ -465,7 +466,7 @@ def build_parser():
     p.add_argument("--order", choices=("pointwise_first", "depthwise_first"), default="pointwise_first",
                    help="CoLoRA factor order: pointwise_first (paper §3.2, Kd per output channel) or depthwise_first "
                         "(paper §3.1, Keras SeparableConv2D) (default: pointwise_first)")
-    p.add_argument("--backend", choices=("auto", "triton", "hybrid", "torch", "reference"), default="auto",
+    p.add_argument("--backend", choices=backends.NAMES, default="auto",
                    help="CoLoRA conv implementation: auto picks the fastest on a GPU and torch elsewhere; reference is "
                         "the slow unmerged oracle (default: auto)")
     p.add_argument("--balance", choices=("none", "sample", "truncate"), default="none",
