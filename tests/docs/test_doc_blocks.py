@@ -74,6 +74,6 @@ def test_readme_is_a_landing_page():
     text = README.read_text(encoding="utf-8")
     assert len(text.encode("utf-8")) <= 15_000
     # .ci/run runs exactly the README's test command; the quick start's two commands stay as they are.
-    assert '    python -m pip install -e ".[test]" && python -m pytest tests\n' in text
+    assert '    python -m pip install -e ".[test]" && python -m pytest tests -n auto\n' in text
     assert '    python -m pip install -e ".[bench]" && colora-bench\n' in text
     assert "git clone" in text
