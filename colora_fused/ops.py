@@ -417,9 +417,9 @@ def shape_key(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
             x.dtype, x.device, order)
 
 
-def triton_failed(key: tuple, backend: str = "triton") -> bool:
-    """Whether Triton already failed on this conv (`shape_key`) under `auto`, in `backend` ("triton" or
-    "hybrid")."""
+def triton_failed(key: tuple, backend: str) -> bool:
+    """Whether Triton already failed on this conv (`shape_key`) under `auto`, in `backend` (one with a Triton
+    part)."""
     return (backend, key) in _TRITON_FAILURES
 
 
