@@ -308,22 +308,20 @@ def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, grou
 
     The one place that picks how the adapter gradients of the merged path are computed. At rank r each term's
     gradients are those of a rank-1 adapter of that term (ΔK is linear in the terms): the terms run one after
-    another (the gradW route reducing the one weight gradient against each) and stack.
+    another (the gradW route reducing the one weight gradient against each; the Triton launcher takes all the
+    terms at once, staging X and dY once) and stack.
     """
+    if use_triton and route == "cheap":
+        from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
+        d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
+                                                      dilation, groups, order, route=route)
+        return d_kp, d_kd
     if pointwise.dim() == 3:
-        if use_triton and route == "cheap":
-            from .kernels._common import channels_innermost
-            grad, x = channels_innermost(grad), channels_innermost(x)  # the kernel's layout, staged once
-        grads = [adapter_grads(grad, x, kp, kd, stride, padding, dilation, groups, order, route, grad_weight,
-                               weight=weight, use_triton=use_triton) for kp, kd in zip(pointwise, depthwise)]
+        grads = [adapter_grads(grad, x, kp, kd, stride, padding, dilation, groups, order, route, grad_weight)
+                 for kp, kd in zip(pointwise, depthwise)]
         return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
     if route == "gradw":
         return _reduce_gradw(grad_weight, pointwise, depthwise, groups, order, grad_weight_owned)
-    if use_triton:
-        from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
-        d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
-                                                      dilation, groups, order, False, route=route)
-        return d_kp, d_kd
     return _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilation, groups, order)
 
 
@@ -393,7 +391,7 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
                                             stride, padding, dilation, groups, order)
     if need_adapters:
         d_kp, d_kd, _ = colora_conv_backward_adapters(
-            x, grad, weight, pointwise, depthwise, stride, padding, dilation, groups, order, False,
+            x, grad, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
             route=adapter_grad_route(x.shape, weight.shape, grad.shape, order, adapter_rank(pointwise)))
     if need_weight:
         grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
