@@ -145,8 +145,9 @@ def test_management_is_all_or_nothing():
     with pytest.raises(ValueError, match="cannot be deleted"):
         model[0].delete_adapter("default")
     cf.set_trainable_adapters(model, ["shared"])
-    assert all(p.requires_grad for _, l in cf.colora_layers(model) for p in l.adapter_parameters(["shared"]))
-    assert not any(p.requires_grad for _, l in cf.colora_layers(model) for p in l.adapter_parameters(["default"]))
+    assert all(p.requires_grad for _, layer in cf.colora_layers(model) for p in layer.adapter_parameters(["shared"]))
+    assert not any(p.requires_grad for _, layer in cf.colora_layers(model)
+                   for p in layer.adapter_parameters(["default"]))
     cf.set_active_adapters(model, ["shared"])
     cf.delete_adapter(model, "shared")
     assert cf.active_adapters(model) == [] and model[0].adapter_names() == ["default"]

@@ -104,7 +104,8 @@ def _spawn(worker, out_dir) -> None:
                 process.join()
 
 
-needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed gloo")
 
 
 @needs_gloo
@@ -166,13 +167,14 @@ def _nonfinite_worker(rank: int, port: int, out_dir: str) -> None:
         results = {}
         for skip in (False, True):
             calls[0] = 0
-            args = finetune.parse_args(["--data", "in-memory", "--model", "smallcnn", "--strategy", "colora", "--epochs", "1",
-                                        "--batch-size", "4", "--lr", "3e-3", "--no-progress", "--log-every", "-1"]
-                                       + (["--skip-nonfinite"] if skip else []))
+            args = finetune.parse_args(["--data", "in-memory", "--model", "smallcnn", "--strategy", "colora",
+                                        "--epochs", "1", "--batch-size", "4", "--lr", "3e-3", "--no-progress",
+                                        "--log-every", "-1"] + (["--skip-nonfinite"] if skip else []))
             torch.manual_seed(0)
             spec = finetune.build_model("smallcnn", 3, 1)
             finetune.setup_strategy(spec, "colora")
-            trainer = finetune.Trainer(args, splits, spec, "colora", out_dir, finetune.Dist(rank, WORLD, torch.device("cpu")))
+            trainer = finetune.Trainer(args, splits, spec, "colora", out_dir,
+                                       finetune.Dist(rank, WORLD, torch.device("cpu")))
             try:
                 trainer.train_epoch(finetune.Log(False))
                 results[skip] = {"skipped": trainer.skipped, "steps": trainer.step,

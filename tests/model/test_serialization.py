@@ -74,7 +74,8 @@ def test_save_merged_matches_formula_and_leaves_model_alone(tmp_path, order):
         torch.testing.assert_close(sd[f"{name}.weight"], layer.weight + expected_delta(layer), rtol=0, atol=1e-12)
         base_bias = layer.bias if layer.bias is not None else 0
         torch.testing.assert_close(sd[f"{name}.bias"], base_bias + layer.bias_delta, rtol=0, atol=0)
-    assert torch.equal(sd["7.weight"], before["7.weight"]) and torch.equal(sd["1.running_mean"], before["1.running_mean"])
+    assert torch.equal(sd["7.weight"], before["7.weight"])
+    assert torch.equal(sd["1.running_mean"], before["1.running_mean"])
 
     plain = net()  # the original architecture, bias-free conv given a bias, loads the file strictly
     plain[3] = nn.Conv2d(6, 5, (3, 1), stride=2, dtype=torch.float64)
@@ -127,7 +128,8 @@ def test_atomic_write_fsyncs_file_and_folder_and_keeps_old_file_on_error(tmp_pat
     path.write_bytes(b"old")
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(serialization.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(serialization.os, "fsync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
 
     def fails(f):
         f.write(b"half")
