@@ -60,22 +60,18 @@ def _terms_as(grads: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
                                   pointwise: torch.Tensor, depthwise: torch.Tensor, stride: Sequence[int],
-                                  padding: Sequence[int], dilation: Sequence[int], groups: int, order: str,
-                                  need_bias_delta: bool = False, *, route: str
-                                  ) -> Tuple[torch.Tensor, torch.Tensor, None]:
+                                  padding: Sequence[int], dilation: Sequence[int], groups: int, order: str, *,
+                                  route: str) -> Tuple[torch.Tensor, torch.Tensor, None]:
     """(dKp, dKd, None) of `conv(X, K0 + Kp ⊛ Kd, ...)` given dL/dO = grad_out, by `route` ("cheap", "gradw" or
     "two_pass": the module docstring).
 
     x: [N, C_in, *in], grad_out: [N, C_out, *out] (one dtype, any strides); dKp in pointwise's dtype, dKd in
-    depthwise's. The third item stands where dΔb would: the kernels do not compute it (it is grad_out summed over
-    its positions, which the caller does), so `need_bias_delta` must be False.
+    depthwise's. The third item is None, where dΔb would be: the kernels do not compute it (it is grad_out summed
+    over its positions, which the caller does).
     Rank r (Kp [r, C_out, C_in/groups], Kd [r, C_kd, *k]): each term's gradients are those of a rank-1 adapter
     of that term (ΔK is linear in the terms), so the terms run one after another (r times the cost) on X and dY
     staged once, with the same algorithm.
     """
-    if need_bias_delta:
-        raise ValueError("colora_conv_backward_adapters computes no dΔb (grad_out summed over its positions, which "
-                         "the caller computes): pass need_bias_delta=False")
     device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
     stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups,
                                                   order)

@@ -405,16 +405,13 @@ class TestBadInput:
         with pytest.raises(ValueError, match=f"triton backend.*{match}"):
             run_input(tensors, grad_out, dict(conv, **change), False)
 
-    def test_route_is_the_callers_and_no_bias_delta(self):
+    def test_route_is_the_callers(self):
         tensors, grad_out, conv = bad_input_args(self.device)
         with pytest.raises(TypeError, match="route"):
             colora_conv_backward_adapters(tensors["x"], grad_out, tensors["weight"], tensors["pointwise"],
                                           tensors["depthwise"], **conv)
         with pytest.raises(ValueError, match="triton backend.*unknown route 'fast'"):
             run_adapters(tensors, grad_out, conv, "fast")
-        with pytest.raises(ValueError, match="need_bias_delta=False"):
-            colora_conv_backward_adapters(tensors["x"], grad_out, tensors["weight"], tensors["pointwise"],
-                                          tensors["depthwise"], **conv, need_bias_delta=True, route="cheap")
 
     def test_bad_shapes(self):
         tensors, grad_out, conv = bad_input_args(self.device)
