@@ -20,8 +20,8 @@ setup(
     extras_require={
         "bench": ["matplotlib>=3.5", "peft>=0.10"],
         "finetune": ["matplotlib>=3.5", "scikit-learn>=1.1"],
-        "test": ["pytest>=7.4", "pytest-xdist>=3.0", "pytest-benchmark>=4.0", "matplotlib>=3.5", "scikit-learn>=1.1", "peft>=0.10",
-                 "hypothesis>=6.0", "transformers>=4.30", "lightning>=2.0", "timm>=1.0"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.0", "pytest-benchmark>=4.0", "matplotlib>=3.5", "scikit-learn>=1.1",
+                 "peft>=0.10", "hypothesis>=6.0", "transformers>=4.30", "lightning>=2.0", "timm>=1.0"],
     },
     entry_points={
         "console_scripts": [

@@ -551,7 +551,10 @@ def format_table(results):
     head = ["strategy", "test acc", "val acc", "test AUC", "trained params", "total params", "merges", "train time (s)"]
     rows = [[fmt.format(r[k]) if r.get(k) is not None else "-" for k, fmt in cols] for r in results]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 

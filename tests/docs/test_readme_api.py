@@ -12,13 +12,13 @@ def test_hf_trainer_example(tmp_path, monkeypatch, capsys):
     import colora_fused as cf
 
     model = cf.get_colora_model(torchvision.models.resnet18(weights=None, num_classes=10),  # your pretrained backbone
-                                cf.CoLoRAConfig(target_modules=lambda n, m: m.kernel_size != (1, 1), modules_to_save=["fc"]))
+                                cf.CoLoRAConfig(target_modules=lambda n, m: m.kernel_size != (1, 1), modules_to_save=["fc"]))  # noqa: E501 (verbatim from docs/api.md)
     cf.print_trainable_parameters(model)
     data = [{"x": torch.randn(3, 32, 32), "labels": i % 10} for i in range(16)]  # forward(x) and the labels
     args = transformers.TrainingArguments("colora-out", num_train_epochs=2, per_device_train_batch_size=8,
                                           label_names=["labels"], report_to=[])
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cf.CoLoRATrainerCallback()],
-                                   compute_loss_func=lambda out, labels, **_: torch.nn.functional.cross_entropy(out, labels))
+                                   compute_loss_func=lambda out, labels, **_: torch.nn.functional.cross_entropy(out, labels))  # noqa: E501 (verbatim from docs/api.md)
     trainer.train()  # merges the adapters into the frozen weights after every epoch
     model = cf.merge_and_unload(model)  # a plain resnet18 again, the training folded into its weights
 

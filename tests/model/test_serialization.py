@@ -48,7 +48,7 @@ def expected_delta(layer):
     per_group = layer.in_channels // layer.groups
     rows = torch.arange(layer.out_channels) // (layer.out_channels // layer.groups) * per_group
     kd_oc = kd[rows[:, None] + torch.arange(per_group)[None, :]]  # Kd[g(o)·C_in/groups + c]
-    return kp[:, :, *([None] * (kd.dim() - 1))] * kd_oc
+    return kp[(slice(None), slice(None)) + (None,) * (kd.dim() - 1)] * kd_oc
 
 
 class Config:

@@ -104,16 +104,18 @@ def write_folder(root, classes=3, per_class=8):
 def test_data_end_to_end_outputs_and_export(tmp_path, source, extra):
     data = write_npz(tmp_path / "d.npz") if source == "npz" else write_folder(tmp_path / "imgs")
     out = tmp_path / "out"
-    (result,) = run("--data", data, "--model", "smallcnn", "--strategy", "colora", "--epochs", "2", "--batch-size", "8", "--lr", "3e-3",
-                    "--class-names", "a,b,c", *extra, out=out)
+    (result,) = run("--data", data, "--model", "smallcnn", "--strategy", "colora", "--epochs", "2", "--batch-size", "8",
+                    "--lr", "3e-3", "--class-names", "a,b,c", *extra, out=out)
     d = out / "colora"
-    for name in ("history.json", "history.csv", "checkpoint.pt", "best.safetensors", "model_final.safetensors", "metrics.json", "confusion_matrix.png", "roc.png"):
+    for name in ("history.json", "history.csv", "checkpoint.pt", "best.safetensors", "model_final.safetensors",
+                 "metrics.json", "confusion_matrix.png", "roc.png"):
         assert (d / name).exists(), name
     assert (out / "summary.json").exists() and (out / "summary.csv").exists()
     history = json.loads((d / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and {"train_loss", "val_acc", "test_loss"} <= set(history[0])
     m = json.loads((d / "metrics.json").read_text())
-    assert m["test"]["classes"] == ["a", "b", "c"] and set(m["test"]["per_class"]) == {"recall", "precision", "specificity", "auc"}
+    assert (m["test"]["classes"] == ["a", "b", "c"]
+            and set(m["test"]["per_class"]) == {"recall", "precision", "specificity", "auc"})
     # the exported model is a plain network (no adapters) that reproduces the run's final test accuracy
     final, meta = load_merged(d / "model_final.safetensors")
     assert not any("pointwise" in k or "depthwise" in k for k in final)
@@ -134,7 +136,8 @@ def _stack(ds):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, digits_weights):
-    common = ["--weights", digits_weights, "--strategy", "colora,head", "--merge-unit", "step", "--merge-every", "7", "--batch-size", "64"]
+    common = ["--weights", digits_weights, "--strategy", "colora,head", "--merge-unit", "step", "--merge-every", "7",
+              "--batch-size", "64"]
     run(*common, "--epochs", "3", out=tmp_path / "straight")
     run(*common, "--epochs", "2", out=tmp_path / "split")
     ck = torch.load(tmp_path / "split" / "colora" / "checkpoint.pt", weights_only=True)
@@ -146,7 +149,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, digits_weights):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), s
         ha = json.loads((tmp_path / "straight" / s / "history.json").read_text())
         hb = json.loads((tmp_path / "split" / s / "history.json").read_text())
-        drop = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]
+
+        def drop(h):
+            return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]
+
         assert drop(ha) == drop(hb)
 
 
@@ -214,7 +220,8 @@ def _error(argv, tmp_path):
 
 
 def test_bad_input_fails_before_training(tmp_path):
-    assert "unknown model 'nosuchnet'" in _error(["--model", "nosuchnet", "--data", write_npz(tmp_path / "d.npz")], tmp_path)
+    assert "unknown model 'nosuchnet'" in _error(["--model", "nosuchnet", "--data", write_npz(tmp_path / "d.npz")],
+                                                 tmp_path)
     assert "unknown strategy lora" in _error(["--strategy", "colora,lora"], tmp_path)
     assert "does not exist" in _error(["--data", str(tmp_path / "missing.npz")], tmp_path)
     assert "does not exist" in _error(["--weights", str(tmp_path / "missing.pt")], tmp_path)
@@ -234,16 +241,17 @@ def test_bad_input_fails_before_training(tmp_path):
 
 
 def test_cli_entry_point_help():
-    r = subprocess.run([sys.executable, "-m", "colora_fused.finetune", "--help"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+    r = subprocess.run([sys.executable, "-m", "colora_fused.finetune", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0 and "--merge-every" in r.stdout and "--dump-rank-state" not in r.stdout
 
 
 def test_torchrun_two_processes_gloo_identical_weights(tmp_path, digits_weights):
     out, dump = tmp_path / "out", tmp_path / "dump"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "colora_fused.finetune",
-           "--weights", digits_weights, "--strategy", "colora", "--epochs", "2", "--batch-size", "16", "--merge-unit", "step",
-           "--merge-every", "5", "--device", "cpu", "--no-progress", "--out", str(out), "--dump-rank-state", str(dump)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "colora_fused.finetune", "--weights", digits_weights, "--strategy", "colora", "--epochs", "2",
+           "--batch-size", "16", "--merge-unit", "step", "--merge-every", "5", "--device", "cpu", "--no-progress",
+           "--out", str(out), "--dump-rank-state", str(dump)]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -254,7 +262,8 @@ def test_torchrun_two_processes_gloo_identical_weights(tmp_path, digits_weights)
     assert not torch.equal(ranks[0]["features.0.weight"], start["features.0.weight"])  # merged updates landed
     history = json.loads((out / "colora" / "history.json").read_text())
     steps = history[-1]["step"]
-    assert steps == 2 * math.ceil(math.ceil(len(load_digits_task(range(5, 10)).train) / 2) / 16)  # each rank: half the data
+    # each rank: half the data
+    assert steps == 2 * math.ceil(math.ceil(len(load_digits_task(range(5, 10)).train) / 2) / 16)
     assert history[-1]["merges"] == steps // 5
     assert r.stdout.count("[colora] epoch 2/2") == 1  # rank 0 logs alone
 
@@ -267,9 +276,9 @@ TIMES = ("epoch_time_s", "train_time_s", "wall_time_s")
 
 
 def _cli(data, out, *extra):
-    return [sys.executable, "-m", "colora_fused.finetune", "--data", data, "--model", "smallcnn", "--strategy", "colora,head",
-            "--epochs", "6", "--batch-size", "8", "--lr", "3e-3", "--merge-unit", "step", "--merge-every", "5",
-            "--log-every", "0", *CPU, "--out", str(out), *extra]
+    return [sys.executable, "-m", "colora_fused.finetune", "--data", data, "--model", "smallcnn",
+            "--strategy", "colora,head", "--epochs", "6", "--batch-size", "8", "--lr", "3e-3", "--merge-unit", "step",
+            "--merge-every", "5", "--log-every", "0", *CPU, "--out", str(out), *extra]
 
 
 def _launch(cmd, stdout_path, kill_at=None, delay=0.0, timeout=120):
@@ -317,11 +326,13 @@ def _assert_same_outputs(a, b, strategies=("colora", "head")):
             assert _same(x, y) and mx == my, f"{s}/{name} differs"
         ca, cb = (torch.load(d / s / "checkpoint.pt", weights_only=True) for d in (a, b))
         ca["history"], cb["history"] = _untimed(ca.pop("history")), _untimed(cb.pop("history"))
-        assert _same({k: v for k, v in ca.items() if k not in TIMES}, {k: v for k, v in cb.items() if k not in TIMES}), f"{s}/checkpoint.pt differs"
+        assert _same({k: v for k, v in ca.items() if k not in TIMES},
+                     {k: v for k, v in cb.items() if k not in TIMES}), f"{s}/checkpoint.pt differs"
         ha, hb = (json.loads((d / s / "history.json").read_text()) for d in (a, b))
         assert _untimed(ha) == _untimed(hb)
         ma, mb = (json.loads((d / s / "metrics.json").read_text()) for d in (a, b))
-        assert ma["test"] == mb["test"] and ma["best_epoch"] == mb["best_epoch"] and _untimed([ma["run"]]) == _untimed([mb["run"]])
+        assert (ma["test"] == mb["test"] and ma["best_epoch"] == mb["best_epoch"]
+                and _untimed([ma["run"]]) == _untimed([mb["run"]]))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert _untimed(sa) == _untimed(sb)
 
@@ -350,13 +361,15 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path
     for k, i in enumerate(picks):
         line = f"{epochs[i]} step {rng.randint(1, 8)}/8 "
         assert line in stdout
-        rc, _ = _launch(_cli(data, tmp_path / "out", "--resume"), tmp_path / f"attempt{k}.txt", kill_at=line, delay=rng.uniform(0, 0.05))
+        rc, _ = _launch(_cli(data, tmp_path / "out", "--resume"), tmp_path / f"attempt{k}.txt", kill_at=line,
+                        delay=rng.uniform(0, 0.05))
         attempts.append((line, rc))
     assert [rc for _, rc in attempts] == [-signal.SIGKILL] * KILLS, attempts
     rc, _ = _launch(_cli(data, tmp_path / "out", "--resume"), tmp_path / "final.txt")
     final = (tmp_path / "final.txt").read_text()
     assert rc == 0, final[-3000:]
-    resumes = [ln for k in range(1, KILLS) for ln in (tmp_path / f"attempt{k}.txt").read_text().splitlines() if "resumed from" in ln]
+    resumes = [ln for k in range(1, KILLS) for ln in (tmp_path / f"attempt{k}.txt").read_text().splitlines()
+               if "resumed from" in ln]
     assert any(not ln.endswith("epoch 6/6, step 48") for ln in resumes), resumes  # some resumed mid-strategy
     _assert_same_outputs(reference, tmp_path / "out")
     assert not [p for p in (tmp_path / "out").rglob("*.partial")]
@@ -416,7 +429,8 @@ def test_unusable_checkpoint_is_refused_naming_file_and_reason_and_nothing_chang
         assert message.startswith("colora-finetune: error: cannot resume from ") and "\n" not in message, message
         for part in expected:
             assert part in message, message
-        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written, nothing overwritten
+        # nothing written, nothing overwritten
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     good = colora_ck.read_bytes()
     colora_ck.write_bytes(good[: len(good) // 2])  # a torn file (as a non-atomic writer killed mid-write leaves)
@@ -439,7 +453,8 @@ def test_unusable_checkpoint_is_refused_naming_file_and_reason_and_nothing_chang
     ck["model"]["head.fc2.weight"] = torch.zeros(4, 64)
     del ck["model"]["head.fc2.bias"]
     torch.save(ck, colora_ck)
-    refused(argv, str(colora_ck), "do not fit this model", "1 missing (e.g. head.fc2.bias)", "head.fc2.weight (4, 64) vs (3, 64)")
+    refused(argv, str(colora_ck), "do not fit this model", "1 missing (e.g. head.fc2.bias)",
+            "head.fc2.weight (4, 64) vs (3, 64)")
     ck["format"] = "colora-finetune/1"
     torch.save(ck, colora_ck)
     refused(argv, "written in format 'colora-finetune/1'")
@@ -466,7 +481,8 @@ def _nan_batches(monkeypatch, which):
     monkeypatch.setattr(finetune, "prepare_batch", patched)
 
 
-NPZ_RUN = ["--model", "smallcnn", "--strategy", "colora", "--batch-size", "8", "--lr", "3e-3", "--merge-unit", "step", "--merge-every", "5"]
+NPZ_RUN = ["--model", "smallcnn", "--strategy", "colora", "--batch-size", "8", "--lr", "3e-3", "--merge-unit", "step",
+           "--merge-every", "5"]
 
 
 def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -479,11 +495,14 @@ def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_chec
         run(*common, "--epochs", "3", out=tmp_path / "nan")
     message = str(e.value.code)
     ck_path = tmp_path / "nan" / "colora" / "checkpoint.pt"
-    assert "[colora] non-finite loss at epoch 2/3, step 11 (batch 3/8 of the epoch); stopped before the update" in message
+    assert ("[colora] non-finite loss at epoch 2/3, step 11 (batch 3/8 of the epoch); "
+            "stopped before the update") in message
     assert f"the last good checkpoint, {ck_path} (end of epoch 1), is kept" in message
     assert "non-finite loss at epoch 2/3" in (tmp_path / "nan" / "finetune.log").read_text()
-    ck, one = (torch.load(d / "colora" / "checkpoint.pt", weights_only=True) for d in (tmp_path / "nan", tmp_path / "one"))
-    assert _same(_untimed([ck])[0] | {"history": _untimed(ck["history"])}, _untimed([one])[0] | {"history": _untimed(one["history"])})
+    ck, one = (torch.load(d / "colora" / "checkpoint.pt", weights_only=True)
+               for d in (tmp_path / "nan", tmp_path / "one"))
+    assert _same(_untimed([ck])[0] | {"history": _untimed(ck["history"])},
+                 _untimed([one])[0] | {"history": _untimed(one["history"])})
     assert not (tmp_path / "nan" / "colora" / "model_final.safetensors").exists()
     monkeypatch.setattr(finetune, "prepare_batch", REAL_PREPARE_BATCH)
     run(*common, "--epochs", "3", "--resume", out=tmp_path / "nan")  # the kept checkpoint finishes the clean run
@@ -531,8 +550,10 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(tmp_path, monkeypatch):
     data = write_npz(tmp_path / "d.npz")
     _nan_batches(monkeypatch, {3, 8 + 5})
     (result,) = run("--data", data, *NPZ_RUN, "--epochs", "2", "--skip-nonfinite", out=tmp_path / "out")
-    assert result["skipped_steps"] == 2 and result["steps"] == 16 and result["merges"] == 3  # skipped steps count for merges
-    assert [r["skipped_steps"] for r in json.loads((tmp_path / "out" / "colora" / "history.json").read_text())] == [1, 1]
+    # skipped steps count for merges
+    assert result["skipped_steps"] == 2 and result["steps"] == 16 and result["merges"] == 3
+    assert [r["skipped_steps"]
+            for r in json.loads((tmp_path / "out" / "colora" / "history.json").read_text())] == [1, 1]
     ck = torch.load(tmp_path / "out" / "colora" / "checkpoint.pt", weights_only=True)
     spec = finetune.build_model("smallcnn", 3, 1)
     finetune.setup_strategy(spec, "colora")
@@ -563,7 +584,8 @@ def test_help_states_each_default_once_and_explains_every_flag(monkeypatch):
         assert not re.search(r"default: (None|True|False)", help_text), flags
     by_flag = {f.split()[0].rstrip(","): h for f, h in entries.items()}
     assert "Adam weight decay" in by_flag["--weight-decay"] and "epochs or optimizer steps" in by_flag["--merge-unit"]
-    assert "pointwise_first" in by_flag["--order"] and "reference" in by_flag["--backend"] and "seed of" in by_flag["--seed"]
+    assert ("pointwise_first" in by_flag["--order"] and "reference" in by_flag["--backend"]
+            and "seed of" in by_flag["--seed"])
     assert "(default: the digits demo)" in by_flag["--data"] and "default" not in by_flag["--no-progress"]
 
 
@@ -583,5 +605,6 @@ def test_merge_of_a_nonfinite_delta_is_refused_and_stops(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run("--data", write_npz(tmp_path / "d.npz"), *NPZ_RUN, "--epochs", "2", out=tmp_path / "out")
     message = str(e.value.code)
-    assert "[colora] the merge after step 5 was refused: merge_colora: layer 'features.2'" in message and "non-finite" in message
+    assert ("[colora] the merge after step 5 was refused: merge_colora: layer 'features.2'" in message
+            and "non-finite" in message)
     assert not (tmp_path / "out" / "colora" / "checkpoint.pt").exists()

@@ -64,7 +64,8 @@ def test_report_names_a_timeout_and_a_disagreeing_launch(tmp_path):
     check.append_row(str(tmp_path / "kernels.csv"), row, check.KERNEL_FIELDS)
     check.append_row(str(tmp_path / "kernels.csv"), dict(row, ok=True, error="", max_rel_err="0.001"),
                      check.KERNEL_FIELDS)
-    (tmp_path / "tests.log").write_text("tests/kernels/test_cuda.py::test_x PASSED\ntests/test_cuda.py::test_y FAILED\n")
+    (tmp_path / "tests.log").write_text("tests/kernels/test_cuda.py::test_x PASSED\n"
+                                        "tests/test_cuda.py::test_y FAILED\n")
     summary = check.phase_report(str(tmp_path))
     assert "| warmup | 120 | timeout | 900 |" in summary
     assert "1 of 2 launches agree" in summary and "BLOCK_M=128 w8 s3" in summary and "0.31" in summary

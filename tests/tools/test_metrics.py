@@ -16,7 +16,8 @@ CM = np.array([[5, 0, 0], [0, 3, 2], [0, 1, 4]])
 def test_confusion_matrix_by_hand():
     np.testing.assert_array_equal(metrics.confusion_matrix(Y_TRUE, Y_PRED, 3), CM)
     np.testing.assert_array_equal(metrics.confusion_matrix(torch.tensor(Y_TRUE), torch.tensor(Y_PRED), 3), CM)
-    np.testing.assert_array_equal(metrics.confusion_matrix([0, 2], [0, 2], 4), [[1, 0, 0, 0], [0] * 4, [0, 0, 1, 0], [0] * 4])
+    np.testing.assert_array_equal(metrics.confusion_matrix([0, 2], [0, 2], 4),
+                                  [[1, 0, 0, 0], [0] * 4, [0, 0, 1, 0], [0] * 4])
 
 
 def test_rates_by_hand():
