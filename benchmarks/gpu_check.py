@@ -228,18 +228,16 @@ def run_family(family: str, p: Problem):
                                         True, *p.conv)
         return [("x", dx, r["x"])]
     if family.startswith("adapters"):
-        from colora_fused.audit.core import ADAPTER_ROUTES, TWO_PASS
-        dkp, dkd, ddb = colora_conv_backward_adapters(
-            t["x"], p.grad_out, t["weight"], t["pointwise"], t["depthwise"], *p.conv, p.shape.bias,
-            route=ADAPTER_ROUTES[family], two_pass=family == TWO_PASS)
-        found = [("pointwise", dkp, r["pointwise"]), ("depthwise", dkd, r["depthwise"])]
-        return found + ([("bias_delta", ddb, r["bias_delta"])] if p.shape.bias else [])
+        from colora_fused.audit.core import adapter_route
+        dkp, dkd = colora_conv_backward_adapters(
+            t["x"], p.grad_out, t["weight"], t["pointwise"], t["depthwise"], *p.conv,
+            route=adapter_route(family, t["x"].shape, t["weight"].shape, p.grad_out.shape, p.order))
+        return [("pointwise", dkp, r["pointwise"]), ("depthwise", dkd, r["depthwise"])]
     groups, order = p.shape.groups, p.order
     if family == "merge":
-        merged = merge.merged_weight(t["weight"], t["pointwise"], t["depthwise"], groups, order)
         in_place = t["weight"].clone()
         merge.merge_(in_place, None, t["pointwise"], t["depthwise"], None, groups, order)
-        return [("merged", merged, r["merged"]), ("merged in place", in_place, r["merged"])]
+        return [("merged in place", in_place, r["merged"])]
     # merge_many: this layer and a second one (another shape, the same dtype) in one launch
     other = torch.randn(8, p.shape.weight[1], 3, 3, device=t["weight"].device).to(t["weight"].dtype)
     kp2, kd2 = adapter_shapes(other.shape, 1, order)

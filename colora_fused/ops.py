@@ -313,8 +313,8 @@ def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, grou
     """
     if use_triton and route == "cheap":
         from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
-        d_kp, d_kd, _ = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
-                                                      dilation, groups, order, route=route)
+        d_kp, d_kd = colora_conv_backward_adapters(x, grad, weight, pointwise, depthwise, stride, padding,
+                                                   dilation, groups, order, route=route)
         return d_kp, d_kd
     if pointwise.dim() == 3:
         grads = [adapter_grads(grad, x, kp, kd, stride, padding, dilation, groups, order, route, grad_weight)
@@ -390,7 +390,7 @@ def _triton_backward(grad, x, weight, pointwise, depthwise, stride, padding, dil
         grad_x = colora_conv_backward_input(grad, weight, pointwise, depthwise, tuple(x.shape), channels_last,
                                             stride, padding, dilation, groups, order)
     if need_adapters:
-        d_kp, d_kd, _ = colora_conv_backward_adapters(
+        d_kp, d_kd = colora_conv_backward_adapters(
             x, grad, weight, pointwise, depthwise, stride, padding, dilation, groups, order,
             route=adapter_grad_route(x.shape, weight.shape, grad.shape, order, adapter_rank(pointwise)))
     if need_weight:

@@ -61,13 +61,12 @@ def _terms_as(grads: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
                                   pointwise: torch.Tensor, depthwise: torch.Tensor, stride: Sequence[int],
                                   padding: Sequence[int], dilation: Sequence[int], groups: int, order: str, *,
-                                  route: str) -> Tuple[torch.Tensor, torch.Tensor, None]:
-    """(dKp, dKd, None) of `conv(X, K0 + Kp ⊛ Kd, ...)` given dL/dO = grad_out, by `route` ("cheap", "gradw" or
+                                  route: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dKp, dKd) of `conv(X, K0 + Kp ⊛ Kd, ...)` given dL/dO = grad_out, by `route` ("cheap", "gradw" or
     "two_pass": the module docstring).
 
     x: [N, C_in, *in], grad_out: [N, C_out, *out] (one dtype, any strides); dKp in pointwise's dtype, dKd in
-    depthwise's. The third item is None, where dΔb would be: the kernels do not compute it (it is grad_out summed
-    over its positions, which the caller does).
+    depthwise's. dΔb is not computed here: it is grad_out summed over its positions, which the caller does.
     Rank r (Kp [r, C_out, C_in/groups], Kd [r, C_kd, *k]): each term's gradients are those of a rank-1 adapter
     of that term (ΔK is linear in the terms), so the terms run one after another (r times the cost) on X and dY
     staged once, with the same algorithm.
@@ -95,4 +94,4 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         grads = [algorithm(xs, dy, kp, lift(kd, 1), stride3, pad3, dil3, groups, dw_first)
                  for kp, kd in zip(*adapter_terms(pointwise, depthwise))]
-    return _terms_as([g[0] for g in grads], pointwise), _terms_as([g[1] for g in grads], depthwise), None
+    return _terms_as([g[0] for g in grads], pointwise), _terms_as([g[1] for g in grads], depthwise)
