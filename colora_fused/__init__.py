@@ -3,6 +3,8 @@
 A CoLoRA layer keeps a conv's weight K0 frozen and trains a separable residual ΔK = Kp ⊛ Kd (a pointwise
 and a depthwise kernel) plus a bias delta, folded into K0 by `merge_colora` after every epoch.
 
+"design §n" in the code is section n of docs/design.md.
+
 `CoLoRATrainerCallback` (HF transformers) and `CoLoRALightningCallback` (PyTorch Lightning) are built on first
 access, so that neither framework is needed to import the package.
 """

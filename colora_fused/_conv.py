@@ -108,7 +108,7 @@ STENCIL_COST = 4
 
 def adapter_grad_route(x_shape: Sequence[int], weight_shape: Sequence[int], out_shape: Sequence[int],
                        order: str, rank: int = 1) -> str:
-    """The cheaper way to the adapter gradients of this conv (DESIGN §5), by counting multiply-adds.
+    """The cheaper way to the adapter gradients of this conv (design §5), by counting multiply-adds.
 
     "gradw": the full weight gradient (N·HWo·C_out·C_in/g·T), then small reductions. "cheap": two 1×1 GEMMs at
     Z1's resolution plus two depthwise stencils of T taps, the stencils weighted by STENCIL_COST.

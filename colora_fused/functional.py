@@ -199,7 +199,7 @@ def _metadata_like(t: Tensor, dtype: torch.dtype) -> Tensor:
 def check_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
                   bias_delta: Optional[Tensor], groups: int, order: str, autocast_dtype: Optional[torch.dtype]):
     """Refuse what would otherwise be silently promoted, moved or broadcast: every tensor strided, on x's device
-    and, after autocast's casts, of x's dtype; the adapters shaped as DESIGN §1 says (Kp [C_out, C_in/groups],
+    and, after autocast's casts, of x's dtype; the adapters shaped as design §1 says (Kp [C_out, C_in/groups],
     Kd [C_out or C_in, *k], Δb [C_out]; rank r > 1 puts r in front of Kp's and Kd's shapes). Raises TypeError
     (dtype, layout) or ValueError (device, shape)."""
     named = dict(x=x, weight=weight, bias=bias, pointwise=pointwise, depthwise=depthwise, bias_delta=bias_delta)

@@ -6,7 +6,7 @@ and Δb. Both take `backend` (one of `backends.OP_BACKENDS`) and dispatch inside
 opaque ops and no graph break, whichever backend runs them.
 
 The `torch` backend merges the weight once and runs one cuDNN/oneDNN convolution forward; its backward gets
-the input gradient through the merged weight and the adapter gradients by whichever route of DESIGN §5 costs
+the input gradient through the merged weight and the adapter gradients by whichever route of design §5 costs
 fewer multiply-adds for the layer (`_conv.adapter_grad_route`): for k×k kernels over many channels that is the
 cheap route, which never forms the full weight gradient. A caller may hand both ops `merged`, a K0 + ΔK it
 keeps between calls (`MergedWeightCache`, one per layer): the torch backend then convolves with it instead of
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 def _factor_views(pointwise: Tensor, depthwise: Tensor, groups: int, order: str):
-    """Views of Kp and Kd whose elementwise product broadcasts to ΔK (DESIGN §1 table), and its shape there.
+    """Views of Kp and Kd whose elementwise product broadcasts to ΔK (design §1 table), and its shape there.
 
     pointwise_first: ΔK[o, c, t] = Kp[o, c]·Kd[o, t] in K0's own shape. depthwise_first: ΔK[o, c, t] =
     Kp[o, c]·Kd[g(o)·C_in/groups + c, t], computed as [groups, C_out/groups, C_in/groups, *k].
@@ -301,7 +301,7 @@ def _adapter_grads_cheap(grad, x, pointwise, depthwise, stride, padding, dilatio
 def adapter_grads(grad, x, pointwise, depthwise, stride, padding, dilation, groups: int, order: str, route: str,
                   grad_weight: Optional[Tensor] = None, grad_weight_owned: bool = False,
                   weight: Optional[Tensor] = None, use_triton: bool = False):
-    """dKp, dKd of the merged-weight path by `route` (DESIGN §5): "gradw" reduces `grad_weight`, the full weight
+    """dKp, dKd of the merged-weight path by `route` (design §5): "gradw" reduces `grad_weight`, the full weight
     gradient the caller computed next to dx (and may be overwritten when `grad_weight_owned`); "cheap" runs the
     ≈ 2F/prod(k) route, by aten ops or, with `use_triton` (the `hybrid` backend), by the one-pass Triton kernel
     (`weight`, K0 or any tensor of its shape, gives it the conv's geometry).
@@ -579,7 +579,7 @@ def conv_eager(x, weight, bias, pointwise, depthwise, bias_delta, stride, paddin
 
 def _register_flop_formulas():
     """FLOPs for torch.utils.flop_counter: F = 2·N·prod(out spatial)·C_out·C_in/groups·prod(k) per merged conv;
-    the backward counts F for dx and dK0 each and its adapter route's cost (DESIGN §5)."""
+    the backward counts F for dx and dK0 each and its adapter route's cost (design §5)."""
     from torch.utils.flop_counter import register_flop_formula
 
     def conv_flops(x_shape, weight_shape, out_shape) -> int:

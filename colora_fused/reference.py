@@ -41,7 +41,7 @@ def colora_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 def delta_weight_reference(pointwise: torch.Tensor, depthwise: torch.Tensor, groups: int,
                            order: str = "pointwise_first") -> torch.Tensor:
-    """ΔK = Σ_i Kp[i] ⊛ Kd[i], shaped like the base weight [C_out, C_in/groups, *k] (DESIGN §1)."""
+    """ΔK = Σ_i Kp[i] ⊛ Kd[i], shaped like the base weight [C_out, C_in/groups, *k] (design §1)."""
     check_order(order)
     kps, kds = adapter_terms(pointwise, depthwise)
     c_out, c_in_g = kps.shape[1:]

@@ -36,7 +36,7 @@ from ..toolbox import HEARTBEAT_S
 
 # Defaults per device. The CPU ones keep the whole default run (both models, every method) to about a minute
 # on two quiet cores, and to about 5 minutes (max_seconds) on a busy machine unless its planned rounds alone take
-# longer; the CUDA ones are DESIGN §6's training setting. Both give each comparison the rounds a verdict needs
+# longer; the CUDA ones are design §6's training setting. Both give each comparison the rounds a verdict needs
 # (bench_stats.MIN_ROUNDS); a round is the unit the verdicts resample, so on CPU a round is one step. On CUDA no
 # extra rounds by default: the CPU's load average says little about a GPU's timings, and GPU windows are short.
 DEFAULTS = {

@@ -62,12 +62,12 @@ class ConvShape:
         return math.prod(self.kernel_size)
 
     def forward_flops(self, batch: int) -> float:
-        """F = 2·N·prod(out)·C_out·(C_in/groups)·prod(k) (DESIGN §5)."""
+        """F = 2·N·prod(out)·C_out·(C_in/groups)·prod(k) (design §5)."""
         return 2.0 * batch * math.prod(self.output_size) * self.out_channels * (
             self.in_channels // self.groups) * self.taps
 
     def ideal_flops(self, batch: int, method: str, mode: str) -> float:
-        """The work the task needs, the same for every method doing it (DESIGN §5's cost model).
+        """The work the task needs, the same for every method doing it (design §5's cost model).
 
         forward: F. A training step with the input gradient: 2F for the frozen conv (forward, grad input); 3F for
         full fine-tuning (plus gradW); 2F + min(F, 2F/prod(k)) for an adapter (CoLoRA's cheap route, or gradW).

@@ -59,7 +59,7 @@ def target_convs(model: nn.Module, head: str, kxk: bool) -> List[str]:
 
 
 def colora_adapter_count(conv: nn.modules.conv._ConvNd) -> int:
-    """Trainable parameters CoLoRA adds to `conv` (DESIGN §1): Kp, Kd and Δb when the conv has a bias."""
+    """Trainable parameters CoLoRA adds to `conv` (design §1): Kp, Kd and Δb when the conv has a bias."""
     c_out = conv.out_channels
     return c_out * (conv.in_channels // conv.groups) + c_out * math.prod(conv.kernel_size) + (
         c_out if conv.bias is not None else 0)

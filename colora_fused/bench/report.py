@@ -146,7 +146,7 @@ def layer_markdown(rows: List[dict], cfg: Config) -> str:
         + " · ratio. forward: no autograd, ratio = time / the plain conv's (the floor). step: forward + backward "
         "with the input gradient, ratio = speedup vs full (full's time / this time). A ratio is the median of the "
         "per-round ratios. FLOP/s count the work the "
-        "task needs (DESIGN §5): F forward; per step 2F frozen conv, 3F full, 2F + min(F, 2F/prod(k)) adapters. "
+        "task needs (design §5): F forward; per step 2F frozen conv, 3F full, 2F + min(F, 2F/prod(k)) adapters. "
         "`all convs` sums each shape's time × its count; its ratios come from the per-round sums, with their "
         f"{CONFIDENCE:.0%} interval in brackets. ≈ marks a ratio not outside the noise: its interval includes 1, or "
         f"fewer than {MIN_ROUNDS} rounds stand behind it. auto: the path a CoLoRA layer with backend=\"auto\" "

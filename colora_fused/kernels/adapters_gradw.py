@@ -1,4 +1,4 @@
-"""The gradW route's adapter gradients (DESIGN §5; `_conv.adapter_grad_route` takes it where the full weight
+"""The gradW route's adapter gradients (design §5; `_conv.adapter_grad_route` takes it where the full weight
 gradient costs fewer multiply-adds than the cheap route: small kernels): a weight-gradient GEMM per tap whose tile is
 folded into dKp and dKd in the epilogue (`_gradw_adapter_kernel`); gradW is never stored.
 """

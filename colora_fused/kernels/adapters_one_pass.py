@@ -1,4 +1,4 @@
-"""The cheap route's adapter gradients in one pass (DESIGN §5): `_adapter_grads_one_pass_kernel` reads each tile of
+"""The cheap route's adapter gradients in one pass (design §5): `_adapter_grads_one_pass_kernel` reads each tile of
 X and dY once, builds the depthwise stencil (G = Kd-transpose of dY, or Z1 = Kd ⊛ X) from per-tap shifted tiles,
 and accumulates dKp on tensor cores and dKd against the same taps from the tile's share of the 1×1 product
 (Z1 = Kp ⊛ X, or dZ1 = Kpᵀ ⊛ dY). Neither G nor Z1 is ever written to memory. It serves convs whose groups have
@@ -94,7 +94,7 @@ def _adapter_grads_one_pass_kernel(
         SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DD: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dKp and dKd of the cheap route in one pass over X and dY (DESIGN §5), per group.
+    """dKp and dKd of the cheap route in one pass over X and dY (design §5), per group.
 
     A program owns a tile of the stencil channels s (C_out with pointwise_first, C_in with depthwise_first), a
     tile of the plain channels p (the other side) and a share of the positions (input positions with

@@ -1,4 +1,4 @@
-"""The cheap route's adapter gradients in two passes (DESIGN §5), for what the one-pass kernel leaves (depthwise base
+"""The cheap route's adapter gradients in two passes (design §5), for what the one-pass kernel leaves (depthwise base
 convs, kernels of many taps: `adapters_one_pass.one_pass_unsupported`): a grouped 1×1 weight-gradient GEMM for dKp
 with the depthwise stencil in its operand prologue (`_pointwise_grad_kernel`), and a GEMM + stencil kernel for dKd
 (`_depthwise_grad_kernel`). Neither writes the stencil (G or Z1) to memory.

@@ -1,4 +1,4 @@
-"""Adapter gradients of the fused CoLoRA convolution (DESIGN §5): the launcher. It checks a call, stages X and dY
+"""Adapter gradients of the fused CoLoRA convolution (design §5): the launcher. It checks a call, stages X and dY
 channels-innermost once, and runs on each rank-1 term the algorithm of the route its caller chose
 (`_conv.adapter_grad_route`, the one route policy):
 

@@ -1,4 +1,4 @@
-"""torch.compile, torch.library.opcheck and autocast through the registered CoLoRA ops (CPU path, DESIGN §7)."""
+"""torch.compile, torch.library.opcheck and autocast through the registered CoLoRA ops (CPU path, design §7)."""
 import pytest
 import torch
 import torch._dynamo

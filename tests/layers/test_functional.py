@@ -1,6 +1,6 @@
 """`functional.colora_conv` and the oracle it is checked against.
 
-First the oracle itself: ΔK built by explicit loops from the DESIGN §1 table, merged into one plain convolution
+First the oracle itself: ΔK built by explicit loops from the design §1 table, merged into one plain convolution
 after explicit padding, must equal `reference.colora_conv_reference` (outputs and gradients). Then the `torch`
 and `reference` backends against the float64 oracle: outputs and every gradient over CASES × ORDERS.
 """
@@ -25,7 +25,7 @@ LOW_DTYPE_PARAMS = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.
 
 
 def loop_delta_weight(pointwise, depthwise, groups, order):
-    """ΔK[o, c, *ij] element by element, straight from the DESIGN §1 table."""
+    """ΔK[o, c, *ij] element by element, straight from the design §1 table."""
     c_out, c_in_g = pointwise.shape
     kernel = tuple(depthwise.shape[1:])
     per_group = c_out // groups

@@ -1,4 +1,4 @@
-"""The two routes to the adapter gradients (DESIGN §5): which one a layer takes, and that both are right."""
+"""The two routes to the adapter gradients (design §5): which one a layer takes, and that both are right."""
 import pytest
 import torch
 

@@ -41,7 +41,7 @@ def trained(order, dtype=torch.float64):
 
 
 def expected_delta(layer):
-    """ΔK[o, c, *k] from the paper's formulas (DESIGN §1), written out with an einsum in float64."""
+    """ΔK[o, c, *k] from the paper's formulas (design §1), written out with an einsum in float64."""
     kp, kd = layer.pointwise.double(), layer.depthwise.double()
     if layer.order == "pointwise_first":
         return torch.einsum("oc,o...->oc...", kp, kd)
