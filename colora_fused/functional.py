@@ -13,7 +13,6 @@ from torch import Tensor
 from . import backends, ops, settings
 from ._conv import (PADDING_MODES, TRITON_DTYPES, MergeSpec, adapter_rank, adapter_shapes, check_order, f_pad_arg,
                     ntuple, pad_amounts)
-from .backends import AUTO_CANDIDATES  # noqa: F401 (read here by tests and tools; `backends` is its home)
 from .reference import colora_conv_reference
 
 logger = logging.getLogger(__name__)
@@ -103,7 +102,8 @@ _FASTEST: Dict[tuple, str] = {}
 
 
 def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor, stride, padding, dilation,
-                    groups: int, order: str, training: bool, candidates: Sequence[str] = AUTO_CANDIDATES) -> str:
+                    groups: int, order: str, training: bool,
+                    candidates: Sequence[str] = backends.AUTO_CANDIDATES) -> str:
     """The candidate backend that runs this (zero-padded) conv fastest, measured once per shape and cached.
 
     With `training`, a forward plus the backward (input and adapter gradients) is timed, else the forward (where

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import colora_fused as cf
-from colora_fused import functional
+from colora_fused import backends, functional
 
 from cases import CASE_PARAMS, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_close, make_tensors, reference_output
 
@@ -61,7 +61,7 @@ def test_auto_on_cuda_takes_a_measured_backend():
     cf.clear_caches()
     layer = cf.CoLoRAConv2d(16, 32, 3, padding=1, device="cuda")
     layer(torch.randn(4, 16, 12, 12, device="cuda", requires_grad=True)).sum().backward()
-    assert set(functional._FASTEST.values()) <= set(functional.AUTO_CANDIDATES) and functional._FASTEST
+    assert set(functional._FASTEST.values()) <= set(backends.AUTO_CANDIDATES) and functional._FASTEST
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
