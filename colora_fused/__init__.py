@@ -18,6 +18,8 @@ from .functional import clear_caches, colora_conv
 from .model import (apply_colora, colora_layers, count_parameters, disable_colora, get_colora_model,
                     merge_and_unload, merge_colora, print_trainable_parameters, unapply_colora)
 from .layers import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
+from .mixed import colora_conv_mixed
+from .per_sample import adapters_per_sample
 from .serialization import load_merged, save_merged
 from .state_dict import colora_state_dict, load_colora_state_dict, save_colora
 
@@ -28,11 +30,11 @@ _LAZY_CALLBACKS = ("CoLoRALightningCallback", "CoLoRATrainerCallback")
 # The lazy callback names stay out of __all__: `from colora_fused import *` must work without their frameworks.
 __all__ = [
     "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "RankPlan", "active_adapters",
-    "adapters", "add_adapter", "allocate_rank", "apply_colora", "callbacks", "clear_caches", "colora_conv",
-    "colora_layers", "colora_state_dict", "count_parameters", "delete_adapter", "disable_colora", "functional",
-    "get_colora_model", "load_colora_state_dict", "load_merged", "merge_and_unload", "merge_colora",
-    "print_trainable_parameters", "save_colora", "save_merged", "set_active_adapters", "set_trainable_adapters",
-    "unapply_colora",
+    "adapters", "adapters_per_sample", "add_adapter", "allocate_rank", "apply_colora", "callbacks", "clear_caches",
+    "colora_conv", "colora_conv_mixed", "colora_layers", "colora_state_dict", "count_parameters", "delete_adapter",
+    "disable_colora", "functional", "get_colora_model", "load_colora_state_dict", "load_merged", "merge_and_unload",
+    "merge_colora", "print_trainable_parameters", "save_colora", "save_merged", "set_active_adapters",
+    "set_trainable_adapters", "unapply_colora",
 ]
 
 

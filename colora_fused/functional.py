@@ -1,5 +1,6 @@
 """`colora_conv`: the one entry point of a CoLoRA convolution, and the one place that picks its backend."""
 import contextlib
+import functools
 import importlib.util
 import logging
 import time
@@ -101,10 +102,28 @@ def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -
 _FASTEST: Dict[tuple, str] = {}
 
 
+def measured_choice(key: tuple, candidates: Dict[str, Callable[[], object]], device: torch.device,
+                    what: str) -> str:
+    """The candidate that runs fastest, each timed once per `key` (`_time_ms`) and the choice cached until
+    `clear_caches`: the one measure-and-remember policy of `auto` (backends here, mixed-batch routes in `mixed`).
+    A candidate whose call returns False is never chosen (a Triton path that fell back to torch); one always
+    stays. `what` names the decision in the log line."""
+    if key not in _FASTEST:
+        times, failed = {}, set()
+        for name, fn in candidates.items():
+            times[name] = _time_ms(lambda: failed.add(name) if fn() is False else None, device)
+        usable = {n: t for n, t in times.items() if n not in failed} or times
+        _FASTEST[key] = min(usable, key=usable.get)
+        logger.info("colora_fused: %s %s (%s)", what, _FASTEST[key],
+                    ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
+    return _FASTEST[key]
+
+
 def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor, stride, padding, dilation,
                     groups: int, order: str, training: bool,
                     candidates: Sequence[str] = backends.AUTO_CANDIDATES) -> str:
-    """The candidate backend that runs this (zero-padded) conv fastest, measured once per shape and cached.
+    """The candidate backend that runs this (zero-padded) conv fastest, measured once per shape and cached
+    (`measured_choice`).
 
     With `training`, a forward plus the backward (input and adapter gradients) is timed, else the forward (where
     "hybrid" is "torch", so it is not timed apart). "torch" and "hybrid" are timed on a prebuilt K0 + ΔK, as a
@@ -115,30 +134,26 @@ def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Ten
         candidates = tuple(c for c in candidates if c != "hybrid") or ("torch",)
     shape = ops.shape_key(x, weight, stride, padding, dilation, groups, order)
     key = (shape, training, tuple(candidates))
-    if key not in _FASTEST:
+    if key in _FASTEST:
+        return _FASTEST[key]
+    with torch.no_grad():
+        merged = ops.merged_weight(weight, pointwise, depthwise, groups, order)
+        grad = torch.randn_like(ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation,
+                                         groups, order, "torch", merged))
+
+    def step(name):
+        fallback = backends.TABLE[name].falls_back
+        buffer = merged if backends.TABLE[name].merged_weight else None
         with torch.no_grad():
-            merged = ops.merged_weight(weight, pointwise, depthwise, groups, order)
-            grad = torch.randn_like(ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation,
-                                             groups, order, "torch", merged))
+            ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order,
+                     name, buffer, fallback)
+            if training:
+                ops.conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups,
+                                  order, name, True, False, True, buffer, fallback)
+        return not ops.triton_failed(shape, name)
 
-        def step(name):
-            fallback = backends.TABLE[name].falls_back
-            buffer = merged if backends.TABLE[name].merged_weight else None
-            with torch.no_grad():
-                ops.conv(x, weight, None, pointwise, depthwise, None, stride, padding, dilation, groups, order,
-                         name, buffer, fallback)
-                if training:
-                    ops.conv_backward(grad, x, weight, pointwise, depthwise, stride, padding, dilation, groups,
-                                      order, name, True, False, True, buffer, fallback)
-
-        times = {name: _time_ms(lambda: step(name), x.device) for name in candidates}
-        for name in candidates:
-            if ops.triton_failed(shape, name):
-                times.pop(name)
-        _FASTEST[key] = min(times, key=times.get)
-        logger.info("colora_fused: backend %s for x %s, weight %s (%s)", _FASTEST[key], tuple(x.shape),
-                    tuple(weight.shape), ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
-    return _FASTEST[key]
+    return measured_choice(key, {name: functools.partial(step, name) for name in candidates}, x.device,
+                           f"backend for x {tuple(x.shape)}, weight {tuple(weight.shape)}:")
 
 
 def requested_backend(backend: str) -> str:
@@ -186,7 +201,7 @@ def _autocast_target(t: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     return dtype
 
 
-def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+def as_autocast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     """`t` cast as autocast casts a convolution argument (no copy when its dtype stays)."""
     return t if dtype is None or t is None else t.to(_autocast_target(t, dtype))
 
@@ -223,7 +238,7 @@ def check_tensors(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: 
                              f"weight {tuple(weight.shape)}, groups={groups}, order={order!r}")
 
 
-def _transforms_active() -> bool:
+def transforms_active() -> bool:
     """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) or a forward-AD dual level is active.
 
     The custom op has no rule for either (under forward AD it would give a zero tangent), so such calls take
@@ -232,7 +247,7 @@ def _transforms_active() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
-class _Plan(NamedTuple):
+class Plan(NamedTuple):
     """What `colora_conv` runs: x padded and cast, the conv arguments as lists for the op, the autocast dtype, the
     backend ("reference", "composite" (`ops.merged_conv`, for torch.func and forward AD) or one of
     `backends.OP_BACKENDS`), whether a Triton failure falls back to torch (what `auto` asks), and whether x was
@@ -247,8 +262,8 @@ class _Plan(NamedTuple):
     unbatched: bool
 
 
-def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode, order,
-          backend) -> _Plan:
+def prepare(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode, order,
+            backend) -> Plan:
     """What `colora_conv` runs, decided before it runs: checks, padding, autocast dtype and the backend."""
     check_order(order)
     if padding_mode not in PADDING_MODES:
@@ -263,7 +278,7 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
     dtype = _autocast_dtype(x.device.type)
     check_tensors(x, weight, bias, pointwise, depthwise, bias_delta, groups, order, dtype)
     if requested_backend(backend) == "reference":
-        return _Plan(x, stride, padding, dilation, dtype, "reference", False, unbatched)
+        return Plan(x, stride, padding, dilation, dtype, "reference", False, unbatched)
 
     stride, dilation = ntuple(stride, nd), ntuple(dilation, nd)
     if padding == "same" and any(s != 1 for s in stride):
@@ -276,13 +291,13 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
         padding = tuple(before for before, _ in amounts)
     # As autocast does for F.conv2d: floating tensors other than float64 run in the autocast dtype. After the
     # padding, which CPU autocast runs in float32.
-    x = _cast(x, dtype)
+    x = as_autocast(x, dtype)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
-    if not torch.compiler.is_compiling() and _transforms_active():
-        return _Plan(x, stride, padding, dilation, dtype, "composite", False, unbatched)
+    if not torch.compiler.is_compiling() and transforms_active():
+        return Plan(x, stride, padding, dilation, dtype, "composite", False, unbatched)
     backend = resolve_backend(backend, x, _metadata_like(weight, x.dtype), groups)
     if backend != "auto-cuda":
-        return _Plan(x, stride, padding, dilation, dtype, backend, False, unbatched)
+        return Plan(x, stride, padding, dilation, dtype, backend, False, unbatched)
     fused = (unsupported_reason("triton", x, _metadata_like(weight, x.dtype), groups) is None
              and not fused_prefers_library(weight, groups))
     candidates = tuple(c for c in backends.AUTO_CANDIDATES if fused or c != "triton")
@@ -292,9 +307,10 @@ def _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, di
     else:
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pointwise, depthwise))
         with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-            backend = fastest_backend(x, _cast(weight, dtype), _cast(pointwise, dtype), _cast(depthwise, dtype),
-                                      stride, padding, dilation, groups, order, training, candidates)
-    return _Plan(x, stride, padding, dilation, dtype, backend, backends.TABLE[backend].falls_back, unbatched)
+            backend = fastest_backend(x, as_autocast(weight, dtype), as_autocast(pointwise, dtype),
+                                      as_autocast(depthwise, dtype), stride, padding, dilation, groups, order,
+                                      training, candidates)
+    return Plan(x, stride, padding, dilation, dtype, backend, backends.TABLE[backend].falls_back, unbatched)
 
 
 def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Tensor, depthwise: Tensor,
@@ -307,7 +323,7 @@ def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise:
     Under `auto` on CUDA this measures the shape if it has not been measured yet, as the call itself would;
     a shape on which Triton failed reports "torch".
     """
-    plan = _plan(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode,
+    plan = prepare(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, padding_mode,
                  order, backend)
     key = ops.shape_key(plan.x, weight, plan.stride, plan.padding, plan.dilation, groups, order)
     if plan.fallback and ops.triton_failed(key, plan.backend):
@@ -332,7 +348,7 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
     torch.compile, nor when COLORA_MERGE_CACHE=0.
     """
     args = (x, weight, bias, pointwise, depthwise, bias_delta)
-    plan = _plan(*args, stride, padding, dilation, groups, padding_mode, order, backend)
+    plan = prepare(*args, stride, padding, dilation, groups, padding_mode, order, backend)
     x, dtype = plan.x, plan.dtype
     if plan.backend == "reference":
         out = colora_conv_reference(x, *args[1:], plan.stride, plan.padding, plan.dilation, groups, padding_mode,
@@ -340,8 +356,8 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
         return out.squeeze(0) if plan.unbatched else out
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if plan.backend == "composite":
-            out = ops.merged_conv(x, *(_cast(t, dtype) for t in args[1:]), plan.stride, plan.padding, plan.dilation,
-                                  groups, order)
+            out = ops.merged_conv(x, *(as_autocast(t, dtype) for t in args[1:]), plan.stride, plan.padding,
+                                  plan.dilation, groups, order)
         else:
             merged = None
             if (backends.TABLE[plan.backend].merged_weight and merge_cache is not None and settings.merge_cache()
@@ -349,8 +365,9 @@ def colora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], pointwise: Te
                 merged = merge_cache.get(weight, pointwise, depthwise, groups, order, x.dtype)
             # With a prebuilt K0 + ΔK the op reads K0 only for its gradient: no weight-sized cast when frozen.
             if merged is None or weight.requires_grad:
-                weight = _cast(weight, dtype)
-            bias, pointwise, depthwise, bias_delta = (_cast(t, dtype) for t in (bias, pointwise, depthwise, bias_delta))
+                weight = as_autocast(weight, dtype)
+            bias, pointwise, depthwise, bias_delta = (as_autocast(t, dtype)
+                                                      for t in (bias, pointwise, depthwise, bias_delta))
             # The registered op for torch.compile to trace; its eager twin (same body, less dispatch) otherwise.
             conv = ops.conv if torch.compiler.is_compiling() else ops.conv_eager
             out = conv(x, weight, bias, pointwise, depthwise, bias_delta, plan.stride, plan.padding, plan.dilation,

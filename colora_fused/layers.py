@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from . import conv_kinds
 from . import functional
+from . import mixed
 from . import ops
 from ._conv import MergeSpec, adapter_rank, adapter_shapes, adapter_terms, check_rank
 from .config import CoLoRAConfig, with_options
@@ -72,6 +73,7 @@ class _CoLoRAConvNd:
         self.order, self.rank, self.backend = config.order, config.rank, config.backend
         self.disable_adapters = False
         self.active_adapters = (DEFAULT,)
+        self._mixed_batch: Optional[mixed.MixedBatch] = None  # set inside `per_sample.adapters_per_sample`
         self.cache_merged_weight = True
         self._merge_cache = ops.MergedWeightCache()
         self.weight.requires_grad_(False)
@@ -263,19 +265,46 @@ class _CoLoRAConvNd:
         adapters = [self.adapter(n) for n in (self.adapter_names() if names is None else names)]
         return [p for a in adapters for p in (a.pointwise, a.depthwise, a.bias_delta) if p is not None]
 
-    def _colora_arguments(self, input: Tensor):
-        """The arguments of `colora_conv` that compute `base_class`'s forward on K0 + ΔK (`conv_kinds`), and
-        whether the merged-weight cache may serve it."""
-        kp, kd, db = self.factors()
+    def _colora_arguments(self, input: Tensor, names: Optional[Sequence[str]] = None):
+        """The arguments of `colora_conv` that compute `base_class`'s forward on K0 + ΔK of the adapters `names`
+        (default: the active ones; `conv_kinds`), and whether the merged-weight cache may serve it."""
+        kp, kd, db = self.factors(names)
         x, weight, kp, kd, padding, padding_mode, cacheable = self.conv_kind.conv_arguments(self, input, kp, kd)
         return (x, weight, self.bias, kp, kd, db, self.stride, padding, self.dilation, self.groups, padding_mode,
                 self.order, self.backend), cacheable
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.disable_adapters or not self.active_adapters:
+        if self.disable_adapters:
             return self.base_class.forward(self, input)
-        args, cacheable = self._colora_arguments(input)
-        return colora_conv(*args, merge_cache=self._merge_cache if self.cache_merged_weight and cacheable else None)
+        if getattr(self, "_mixed_batch", None) is not None:
+            return self._forward_mixed(input, self._mixed_batch)
+        return self._forward_set(input, self.active_adapters)
+
+    def _forward_set(self, input: Tensor, names: Sequence[str], cache: bool = True) -> Tensor:
+        """The forward with the adapters `names` summed (the base conv alone when there is none)."""
+        if not names:
+            return self.base_class.forward(self, input)
+        args, cacheable = self._colora_arguments(input, names)
+        cache = cache and self.cache_merged_weight and cacheable
+        return colora_conv(*args, merge_cache=self._merge_cache if cache else None)
+
+    def _forward_mixed(self, input: Tensor, batch: "mixed.MixedBatch") -> Tensor:
+        """A mixed batch (`per_sample.adapters_per_sample`): sample n with the adapters batch.sets[index[n]]."""
+        size = input.shape[0] if input.dim() == self.weight.dim() else 1
+        if size != batch.index.shape[0]:
+            raise ValueError(f"adapters_per_sample: layer {batch.name!r} ({type(self).__name__}) got a batch of "
+                             f"{size} samples, but {batch.index.shape[0]} adapter assignments were given")
+        if len(batch.sets) == 1:
+            return self._forward_set(input, batch.sets[0])
+        index = batch.index.to(input.device)
+        if self.conv_kind.standardise is not None:
+            # standardise(K0 + ΔK) is not K0 plus a separable residual: one merged, standardised weight per set.
+            return mixed.per_set(lambda s, part: self._forward_set(part, batch.sets[s], cache=False), input, index,
+                                 len(batch.sets))
+        x, weight, _, _, padding, padding_mode, _ = self.conv_kind.conv_arguments(self, input, None, None)
+        adapters = [self.factors(names) if names else None for names in batch.sets]
+        return mixed.colora_conv_mixed(x, weight, self.bias, adapters, index, self.stride, padding, self.dilation,
+                                       self.groups, padding_mode, self.order, self.backend)
 
     def clear_merged_cache(self) -> None:
         """Drop the cached K0 + ΔK (it is rebuilt at the next forward): needed only after writes through

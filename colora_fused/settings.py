@@ -48,3 +48,9 @@ def triton_interpret() -> bool:
     """TRITON_INTERPRET=1 (Triton's own variable, set before triton is imported): Triton runs the kernels on CPU
     tensors in its interpreter; the triton and hybrid backends then accept CPU tensors (for tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def mixed_route() -> Optional[str]:
+    """COLORA_MIXED_ROUTE: "segments" or "per_set" forces that route for batches whose samples use different
+    adapters (`mixed.route`), where it would choose; unset or empty: None (it chooses)."""
+    return os.environ.get("COLORA_MIXED_ROUTE", "") or None
