@@ -24,20 +24,16 @@ __all__ = ["adapters_per_sample", "assignment"]
 
 
 def assignment(names: Sequence[Entry]) -> Tuple[Tuple[Tuple[str, ...], ...], torch.Tensor]:
-    """(sets, index) for per-sample `names`: the distinct adapter sets in order of first use (a tuple of names
-    each, () for None) and the set of each sample as a long tensor. ValueError for an empty list, an entry that is
+    """(sets, index) for per-sample `names`: the distinct adapter sets, sorted (a tuple of names each, () for
+    None; sorted so that batches using the same sets share a compiled graph) and the set of each sample as a long
+    tensor. ValueError for an empty list, an entry that is
     not a name, a tuple of names or None, and a name given twice in one entry."""
     if isinstance(names, (str, torch.Tensor)) or not isinstance(names, Sequence) or not len(names):
         raise ValueError("adapters_per_sample: names must be a non-empty list with one entry per sample (an "
                          f"adapter name, a tuple of names or None), got {names!r}")
-    sets: List[Tuple[str, ...]] = []
-    index: List[int] = []
-    for i, entry in enumerate(names):
-        key = _entry(entry, i)
-        if key not in sets:
-            sets.append(key)
-        index.append(sets.index(key))
-    return tuple(sets), torch.tensor(index, dtype=torch.long)
+    keys = [_entry(entry, i) for i, entry in enumerate(names)]
+    sets = tuple(sorted(set(keys)))
+    return sets, torch.tensor([sets.index(k) for k in keys], dtype=torch.long)
 
 
 def _entry(entry: Entry, i: int) -> Tuple[str, ...]:
