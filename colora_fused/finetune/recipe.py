@@ -455,6 +455,9 @@ def build_parser():
                    help="the collaborative recipe instead of --strategy: N tasks of related classes (t, t+1), each "
                         "with its head, trained as shared+personal, personal-only and shared-only CoLoRA adapters side "
                         "by side; an epoch is then one step per task (the study uses --epochs 40)")
+    p.add_argument("--task-batches", choices=collab.TASK_BATCHES, default="mixed",
+                   help="with --tasks: 'mixed' batches hold every task's images, each sample with its task's adapters "
+                        "(cf.adapters_per_sample); 'separate': one task per batch (default: mixed)")
     p.add_argument("--task-samples", type=int, default=10, metavar="K",
                    help="with --tasks: training images per class and task, no image in two tasks (default: 10)")
     p.add_argument("--rank", type=int, default=1, metavar="R",

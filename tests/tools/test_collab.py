@@ -43,3 +43,23 @@ def test_three_strategies_side_by_side(tmp_path):
 def test_tasks_refuse_merges(tmp_path):
     with pytest.raises(SystemExit, match="merges"):
         finetune.main(["--tasks", "3", "--merge-when", "0.1", "--no-progress", "--out", str(tmp_path / "x")])
+
+
+def test_mixed_passes_mix_the_tasks_and_separate_ones_do_not():
+    tasks = [((0, 1), np.arange(6)), ((1, 2), np.arange(6, 12)), ((2, 0), np.arange(12, 18))]
+    rng = np.random.default_rng(0)
+    mixed = collab._batches(tasks, "mixed", rng)
+    separate = collab._batches(tasks, "separate", rng)
+    assert len(mixed) == len(separate) == 3
+    for batches in (mixed, separate):  # every (task, image) exactly once per pass
+        every = sorted(map(tuple, np.concatenate(batches).tolist()))
+        assert every == [(t, i) for t in range(3) for i in range(6)]
+    assert all(len(set(b[:, 0])) == 1 for b in separate)
+    assert any(len(set(b[:, 0])) > 1 for b in mixed)
+
+
+def test_separate_task_batches_run_too(tmp_path):
+    results = finetune.run(["--tasks", "2", "--task-samples", "3", "--epochs", "2", "--pretrain-epochs", "1",
+                            "--task-batches", "separate", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    assert [r["task_batches"] for r in results] == ["separate"] * 3
+    assert json.loads((tmp_path / "collab.json").read_text())["task_batches"] == "separate"
