@@ -21,7 +21,7 @@ from .layers import CoLoRAConv1d, CoLoRAConv2d, CoLoRAConv3d
 from .mixed import colora_conv_mixed
 from .per_sample import adapters_per_sample
 from .serialization import load_merged, save_merged
-from .state_dict import colora_state_dict, load_colora_state_dict, save_colora
+from .state_dict import colora_state_dict, load_adapter, load_colora_state_dict, save_colora
 
 __version__ = "0.1.0"
 
@@ -32,9 +32,9 @@ __all__ = [
     "CoLoRAConfig", "CoLoRAConv1d", "CoLoRAConv2d", "CoLoRAConv3d", "MergeSchedule", "RankPlan", "active_adapters",
     "adapters", "adapters_per_sample", "add_adapter", "allocate_rank", "apply_colora", "callbacks", "clear_caches",
     "colora_conv", "colora_conv_mixed", "colora_layers", "colora_state_dict", "count_parameters", "delete_adapter",
-    "disable_colora", "functional", "get_colora_model", "load_colora_state_dict", "load_merged", "merge_and_unload",
-    "merge_colora", "print_trainable_parameters", "save_colora", "save_merged", "set_active_adapters",
-    "set_trainable_adapters", "unapply_colora",
+    "disable_colora", "functional", "get_colora_model", "load_adapter", "load_colora_state_dict", "load_merged",
+    "merge_and_unload", "merge_colora", "print_trainable_parameters", "save_colora", "save_merged",
+    "set_active_adapters", "set_trainable_adapters", "unapply_colora",
 ]
 
 

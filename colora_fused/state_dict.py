@@ -25,12 +25,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .adapters import add_adapter, delete_adapter
 from .config import CoLoRAConfig
-from .model import ADAPTER_KEYS, _adapter_tensors, _require_layers, colora_layers
+from .model import ADAPTER_KEYS, _adapter_prefix, _adapter_tensors, _require_layers, colora_layers
 from .layers import DEFAULT
 from .serialization import _config_dict, _read_safetensors, _write_safetensors
 
-__all__ = ["colora_state_dict", "load_colora_state_dict", "save_colora"]
+__all__ = ["colora_state_dict", "load_adapter", "load_colora_state_dict", "save_colora"]
 
 SHOWN = 5  # names listed per kind of problem in an error; the rest are counted
 
@@ -245,3 +246,43 @@ def load_colora_state_dict(model: nn.Module, state_dict, adapter: str = DEFAULT,
         raise ValueError(_report(problems, *_hints(problems, own, model, state_dict, adapter, meta), caller))
     for key, t in own.items():
         t.copy_(state_dict[key])
+
+
+def load_adapter(model: nn.Module, source, name: str, *, saved_adapter: Optional[str] = None) -> None:
+    """Load one adapter saved by `save_colora` / `colora_state_dict` (a dict or a file path) into `model` as the
+    named adapter `name`, whatever name it was saved under (PEFT's `load_adapter(path, adapter_name=...)`): how a
+    server puts many users' adapters, each trained as "default" of its own copy, side by side in one model.
+
+    `name` is created (`add_adapter`; rank and Δb from the saved shapes) when the layers lack it, or overwritten.
+    Only adapter tensors are read: the rest of the file (a trained head, norm statistics) is not, since the
+    adapters it serves beside share those. `saved_adapter` picks one when the file holds several. All or nothing:
+    ValueError as for `load_colora_state_dict`, and a created adapter is removed again."""
+    caller = "load_adapter"
+    state_dict, meta = _read(source, caller)
+    layers = _require_layers(model, caller)
+    saved = sorted({a for a in map(_adapter_of, state_dict) if a is not None})
+    if saved_adapter is None and len(saved) != 1:
+        raise ValueError(f"{caller}: the state dict holds adapters {saved}; pick one with saved_adapter=<name>"
+                         if saved else f"{caller}: the state dict holds no adapter tensors. Nothing was loaded.")
+    saved_adapter = saved_adapter or saved[0]
+    if saved_adapter not in saved:
+        raise ValueError(f"{caller}: the state dict has no adapter {saved_adapter!r}; it holds {saved}")
+    src, dst = _adapter_prefix(saved_adapter), _adapter_prefix(name)
+    renamed = {}
+    for layer_name, _ in layers:
+        for key in ADAPTER_KEYS:
+            prefix = f"{layer_name}." if layer_name else ""
+            if f"{prefix}{src}{key}" in state_dict:
+                renamed[f"{prefix}{dst}{key}"] = state_dict[f"{prefix}{src}{key}"]
+    created = name not in layers[0][1].adapter_names()
+    if created:
+        first = layers[0][0] + "." if layers[0][0] else ""
+        kp = renamed.get(f"{first}{dst}pointwise")
+        rank = kp.shape[0] if kp is not None and kp.dim() == 3 else 1
+        add_adapter(model, name, rank=rank, train_bias=f"{first}{dst}bias_delta" in renamed)
+    try:
+        load_colora_state_dict(model, renamed, adapter=name, include_trainable=False, include_norm_stats=False)
+    except ValueError:
+        if created:
+            delete_adapter(model, name)
+        raise

@@ -283,3 +283,51 @@ def test_a_cpu_state_dict_loads_into_a_cuda_model(initial, trained):
     cf.load_colora_state_dict(fresh, cf.colora_state_dict(trained))
     for key, value in cf.colora_state_dict(fresh).items():
         assert value.is_cuda and torch.equal(value.cpu(), cf.colora_state_dict(trained)[key]), key
+
+
+def _small(rank=1, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    return cf.get_colora_model(model, cf.CoLoRAConfig(rank=rank))
+
+
+def _randomised(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    return model
+
+
+def test_load_adapter_puts_a_default_adapter_under_a_new_name(tmp_path):
+    user = _randomised(_small(rank=2))
+    path = str(tmp_path / "user.safetensors")
+    save_colora(user, path)
+    server = _small(rank=2)
+    cf.load_adapter(server, path, name="alice")
+    assert [layer.colora_adapters["alice"].pointwise.shape[0] for _, layer in cf.colora_layers(server)] == [2, 2]
+    for (_, mine), (_, theirs) in zip(cf.colora_layers(server), cf.colora_layers(user)):
+        for key in ("pointwise", "depthwise", "bias_delta"):
+            assert torch.equal(getattr(mine.adapter("alice"), key), getattr(theirs, key))
+    x = torch.randn(2, 3, 9, 9)
+    cf.set_active_adapters(server, ["alice"])
+    torch.testing.assert_close(server(x), user(x))
+    cf.load_adapter(server, cf.colora_state_dict(_small(rank=2, seed=5)), name="alice")  # overwrites in place
+    assert torch.equal(server[0].adapter("alice").depthwise, torch.zeros_like(server[0].depthwise))
+
+
+def test_load_adapter_refuses_all_or_nothing():
+    server = _small()
+    wrong = cf.colora_state_dict(_small(rank=2))  # rank 2 saved, but the layers' first Kp decides: mismatch
+    wrong["0.pointwise"] = wrong["0.pointwise"][0]  # the first layer looks rank 1, the second stays rank 2
+    with pytest.raises(ValueError, match="mis-shaped"):
+        cf.load_adapter(server, wrong, name="bob")
+    assert all(layer.adapter_names() == ["default"] for _, layer in cf.colora_layers(server))
+    two = _small()
+    cf.add_adapter(two, "x")
+    with pytest.raises(ValueError, match=r"holds adapters \['default', 'x'\]"):
+        cf.load_adapter(server, {**cf.colora_state_dict(two), **cf.colora_state_dict(two, "x")}, name="bob")
+    with pytest.raises(ValueError, match="has no adapter 'y'"):
+        cf.load_adapter(server, cf.colora_state_dict(two, "x"), name="bob", saved_adapter="y")
+    cf.load_adapter(server, cf.colora_state_dict(two, "x"), name="bob")
+    assert server[0].adapter_names() == ["default", "bob"]
