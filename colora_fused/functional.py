@@ -206,7 +206,7 @@ def as_autocast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[T
     return t if dtype is None or t is None else t.to(_autocast_target(t, dtype))
 
 
-def _metadata_like(t: Tensor, dtype: torch.dtype) -> Tensor:
+def metadata_like(t: Tensor, dtype: torch.dtype) -> Tensor:
     """A tensor with t's shape and device in `dtype`, without copying t: for checks that read only metadata."""
     return t if t.dtype == dtype else t.new_empty(1, dtype=dtype).expand(t.shape)
 
@@ -295,10 +295,10 @@ def prepare(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, 
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     if not torch.compiler.is_compiling() and transforms_active():
         return Plan(x, stride, padding, dilation, dtype, "composite", False, unbatched)
-    backend = resolve_backend(backend, x, _metadata_like(weight, x.dtype), groups)
+    backend = resolve_backend(backend, x, metadata_like(weight, x.dtype), groups)
     if backend != "auto-cuda":
         return Plan(x, stride, padding, dilation, dtype, backend, False, unbatched)
-    fused = (unsupported_reason("triton", x, _metadata_like(weight, x.dtype), groups) is None
+    fused = (unsupported_reason("triton", x, metadata_like(weight, x.dtype), groups) is None
              and not fused_prefers_library(weight, groups))
     candidates = tuple(c for c in backends.AUTO_CANDIDATES if fused or c != "triton")
     # Under torch.compile nothing is measured or looked up: the op itself still falls back at run time.

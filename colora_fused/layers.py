@@ -300,11 +300,11 @@ class _CoLoRAConvNd:
         if self.conv_kind.standardise is not None:
             # standardise(K0 + ΔK) is not K0 plus a separable residual: one merged, standardised weight per set.
             return mixed.per_set(lambda s, part: self._forward_set(part, batch.sets[s], cache=False), input, index,
-                                 len(batch.sets))
+                                 len(batch.sets), batch.counts)
         x, weight, _, _, padding, padding_mode, _ = self.conv_kind.conv_arguments(self, input, None, None)
         adapters = [self.factors(names) if names else None for names in batch.sets]
         return mixed.colora_conv_mixed(x, weight, self.bias, adapters, index, self.stride, padding, self.dilation,
-                                       self.groups, padding_mode, self.order, self.backend)
+                                       self.groups, padding_mode, self.order, self.backend, counts=batch.counts)
 
     def clear_merged_cache(self) -> None:
         """Drop the cached K0 + ΔK (it is rebuilt at the next forward): needed only after writes through

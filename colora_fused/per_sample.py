@@ -62,12 +62,13 @@ def adapters_per_sample(model: nn.Module, names: Sequence[Entry]) -> Iterator[Mi
         if missing:
             raise ValueError(f"adapters_per_sample: layer {layer_name!r} has no adapter {', '.join(map(repr, missing))}"
                              f"; it has {layer.adapter_names()}")
+    counts = tuple(int(c) for c in torch.bincount(index, minlength=len(sets)))
     index = index.to(layers[0][1].weight.device)
     previous: List[Tuple[nn.Module, Optional[MixedBatch]]] = [(layer, layer._mixed_batch) for _, layer in layers]
     try:
         for layer_name, layer in layers:
-            layer._mixed_batch = MixedBatch(sets, index, layer_name)
-        yield MixedBatch(sets, index, "")
+            layer._mixed_batch = MixedBatch(sets, index, counts, layer_name)
+        yield MixedBatch(sets, index, counts, "")
     finally:
         for layer, before in previous:
             layer._mixed_batch = before

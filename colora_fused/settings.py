@@ -51,6 +51,6 @@ def triton_interpret() -> bool:
 
 
 def mixed_route() -> Optional[str]:
-    """COLORA_MIXED_ROUTE: "segments" or "per_set" forces that route for batches whose samples use different
+    """COLORA_MIXED_ROUTE: "segments", "per_set" or "fused" forces that route for batches whose samples use different
     adapters (`mixed.route`), where it would choose; unset or empty: None (it chooses)."""
     return os.environ.get("COLORA_MIXED_ROUTE", "") or None

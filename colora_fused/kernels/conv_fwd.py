@@ -111,13 +111,13 @@ def _fit_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _colora_conv_fwd_kernel(
-    x_ptr, w_ptr, kp_ptr, kd_ptr, b_ptr, db_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, kp_ptr, kd_ptr, b_ptr, db_ptr, out_ptr, part_ptr, sample_ptr, seg_ptr,
     M, S_PART, D_IN, H_IN, W_IN, D_OUT, H_OUT, W_OUT,
     sx_n, sx_c, sx_d, sx_h, sx_w,
     sw_o, sw_c, sw_d, sw_h, sw_w,
     sp_r, sp_o, sp_c,
     sk_r, sk_c, sk_d, sk_h, sk_w,
-    s_b, s_db,
+    s_b, s_db, sp_s, sk_s, s_dbs,
     so_n, so_c, so_d, so_h, so_w,
     C_IN_G: tl.constexpr, C_OUT_G: tl.constexpr, RANK: tl.constexpr,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -126,7 +126,7 @@ def _colora_conv_fwd_kernel(
     DIL_D: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     PW_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_DELTA: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr = 1, MERGE: tl.constexpr = True,
+    SPLIT_K: tl.constexpr = 1, MERGE: tl.constexpr = True, SEGMENTED: tl.constexpr = False,
 ):
     """out[n, o, od, oh, ow] = Σ_{c,tap} x[n, g·C_IN_G + c, od·s-p+td·d, ...] · (K0 + ΔK)[o, c, tap] + b0 + Δb
     with g = o // C_OUT_G.
@@ -145,14 +145,31 @@ def _colora_conv_fwd_kernel(
     SPLIT_K > 1 (grids under one wave): program (tile, s) reduces the s-th of SPLIT_K contiguous shares of the
     K loop and stores its fp32 partial tile to part [SPLIT_K, C_out, M] (contiguous; split 0 adds the biases);
     the launcher sums the partials in a fixed order.
+
+    SEGMENTED (a mixed batch, `conv_fwd_segmented`): program axis 1 is an adapter set s, whose samples are
+    sample[seg[s]:seg[s + 1]] (the batch's samples sorted by set). The set's rows, M = its samples × output
+    pixels, are tiled on their own, so no tile straddles two sets; each set's tile of K0 + ΔK_s is built from its
+    own factors (kp, kd, db at set strides sp_s, sk_s, s_dbs), and each row reads and writes its own sample.
+    Programs past the set's tiles exit at once. No split-K: S_PART carries the number of groups instead.
     """
     NT: tl.constexpr = KD * KH * KW
     N_CB: tl.constexpr = (C_IN_G + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = C_IN_G % BLOCK_K == 0
     EVEN_N: tl.constexpr = C_OUT_G % BLOCK_N == 0
     pid = tl.program_id(0)
+    if SEGMENTED:
+        tl.static_assert(SPLIT_K == 1)
+        i_s = tl.program_id(1)
+        seg_first = tl.load(seg_ptr + i_s)
+        M = (tl.load(seg_ptr + i_s + 1) - seg_first) * (D_OUT * H_OUT * W_OUT)  # this set's rows
     n_pid_m = tl.cdiv(M, BLOCK_M)
     n_pid_n: tl.constexpr = (C_OUT_G + BLOCK_N - 1) // BLOCK_N
+    if SEGMENTED:
+        if pid >= S_PART * n_pid_m * n_pid_n:  # S_PART is the number of groups here (no partials)
+            return
+        kp_ptr += i_s * sp_s
+        kd_ptr += i_s * sk_s
+        db_ptr += i_s * s_dbs
     i_g = pid // (n_pid_m * n_pid_n)
     pid = pid % (n_pid_m * n_pid_n)
     # GROUP_M swizzle: consecutive programs share weight tiles and neighbouring pixel rows in L2.
@@ -176,6 +193,10 @@ def _colora_conv_fwd_kernel(
     o_h = (o_m // W_OUT) % H_OUT
     o_d = (o_m // (W_OUT * H_OUT)) % D_OUT
     o_b = o_m // (W_OUT * H_OUT * D_OUT)
+    if SEGMENTED:  # the set's n-th sample is sample[seg_first + n]
+        o_b = tl.load(sample_ptr + seg_first + o_b, mask=m_m, other=0)
+        if INT64:
+            o_b = o_b.to(tl.int64)
     i_d0 = o_d * STRIDE_D - PAD_D  # [BM]
     i_h0 = o_h * STRIDE_H - PAD_H
     i_w0 = o_w * STRIDE_W - PAD_W
@@ -243,7 +264,7 @@ def _colora_conv_fwd_kernel(
         else:
             acc += tl.sum(b_w.to(tl.float32)[:, :, None] * b_x.to(tl.float32)[None, :, :], axis=1)
 
-    first = tl.program_id(1) == 0  # the split that adds the biases
+    first = (tl.program_id(1) == 0) | SEGMENTED  # the split that adds the biases (every set has its own rows)
     if HAS_BIAS:
         acc += tl.load(b_ptr + i_o * s_b, mask=m_n & first, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS_DELTA:
@@ -259,7 +280,7 @@ def _colora_conv_fwd_kernel(
 _colora_conv_fwd_autotuned = autotune(
     configs=forward_configs(),
     key=["M", "D_OUT", "H_OUT", "W_OUT", "sx_c", "sw_c", "C_IN_G", "C_OUT_G", "RANK", "SPLIT_K", "KD", "KH",
-         "KW", "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W"],
+         "KW", "STRIDE_D", "STRIDE_H", "STRIDE_W", "DIL_D", "DIL_H", "DIL_W", "SEGMENTED"],
     prune_configs_by={"early_config_prune": _fit_configs},
 )(_colora_conv_fwd_kernel)
 
@@ -326,11 +347,11 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     part = split_partials(split, c_out, m, kernel_out)
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
-        weight if bias_delta is None else bias_delta, kernel_out, part,
+        weight if bias_delta is None else bias_delta, kernel_out, part, part, part,
         m, c_out * m, d_in, h_in, w_in, d_out, h_out, w_out,
         *strides5(x), *strides5(weight), *kps.stride(),
         *kds.stride()[:2], *pad3(kds.stride()[2:], 0),
-        0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0),
+        0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0), 0, 0, 0,
         *strides5(kernel_out),
     )
     # Compile-time constants: one specialisation per layer geometry and channel count, as autotuning keys anyway.

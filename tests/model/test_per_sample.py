@@ -18,6 +18,7 @@ def mixed_model(dim=2, order="pointwise_first", groups=1, rank=1, dtype=torch.fl
     """Two wrapped convs (the second strided and zero-padded differently), adapters "default" (rank `rank`),
     "a", "b" (rank 2) and "c", every adapter tensor random so that each set gives a different output."""
     conv = CONVS[dim]
+    torch.manual_seed(3)  # the base weights: the same model on every call
     model = nn.Sequential(conv(4, 6, 3, padding=1, groups=groups, bias=bias), nn.Tanh(),
                           conv(6, 4, 3, stride=2, padding=2, dilation=2, groups=groups, bias=bias))
     cf.get_colora_model(model, cf.CoLoRAConfig(target_modules="all", order=order, rank=rank, backend=backend,
@@ -100,7 +101,7 @@ def test_reference_backend_matches_each_sample_alone(order):
     check_against_alone(model, inputs(2))
 
 
-@pytest.mark.parametrize("route", ["per_set", "segments"])
+@pytest.mark.parametrize("route", ["per_set", "segments", "fused"])
 @pytest.mark.parametrize("backend", ["triton", "hybrid"])
 @pytest.mark.parametrize("order", ["pointwise_first", "depthwise_first"])
 def test_triton_backends_match_each_sample_alone(monkeypatch, route, backend, order):
@@ -110,7 +111,30 @@ def test_triton_backends_match_each_sample_alone(monkeypatch, route, backend, or
     check_against_alone(model, x, tolerance=fp32_tolerance(TRITON_DEVICE))
 
 
-def test_default_route_is_segments_on_torch_and_per_set_for_the_kernels():
+@pytest.mark.parametrize("dim,groups,rank", [(1, 1, 1), (3, 2, 2)])
+def test_fused_route_1d_3d_and_rank(monkeypatch, dim, groups, rank):
+    """The segmented fused kernel: Conv1d and Conv3d, groups, and sets of different ranks zero-padded to one."""
+    monkeypatch.setenv("COLORA_MIXED_ROUTE", "fused")
+    model = mixed_model(dim, groups=groups, rank=rank, dtype=torch.float32, device=TRITON_DEVICE, backend="triton")
+    x = inputs(dim, dtype=torch.float32, device=TRITON_DEVICE, size=5)
+    check_against_alone(model, x, tolerance=fp32_tolerance(TRITON_DEVICE))
+
+
+def test_fused_route_double_backward_matches_segments(monkeypatch):
+    """backward(create_graph=True) through the fused route goes through the differentiable "segments" formula."""
+    grads = {}
+    for route in ("fused", "segments"):
+        monkeypatch.setenv("COLORA_MIXED_ROUTE", route)
+        model = mixed_model(2, dtype=torch.float32, device=TRITON_DEVICE, backend="triton")
+        x = inputs(2, n=3, dtype=torch.float32, device=TRITON_DEVICE, size=5).requires_grad_(True)
+        with cf.adapters_per_sample(model, ["a", None, ("b", "c")]):
+            out = model(x)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        grads[route] = torch.autograd.grad(g.square().sum(), model[0].colora_adapters["a"].pointwise)[0]
+    close(grads["fused"], grads["segments"], fp32_tolerance(TRITON_DEVICE))
+
+
+def test_default_routes():
     model = mixed_model(2)
     layer = model[0]
     adapters = [layer.factors(["a"]), layer.factors(["b"])]
@@ -118,6 +142,12 @@ def test_default_route_is_segments_on_torch_and_per_set_for_the_kernels():
     args = (x, layer.weight, layer.bias, adapters, index, 1, 1, 1, 1, "zeros", "pointwise_first")
     assert cf.mixed.route(*args, "torch") == "segments"
     assert cf.mixed.route(*args, "reference") == "per_set"
+    layer = mixed_model(2, dtype=torch.float32, device=TRITON_DEVICE)[0]
+    adapters = [layer.factors(["a"]), layer.factors(["b"])]
+    args = (inputs(2, n=2, dtype=torch.float32, device=TRITON_DEVICE), layer.weight, layer.bias, adapters,
+            torch.tensor([0, 1]), 1, 1, 1, 1, "zeros", "pointwise_first")
+    assert cf.mixed.route(*args, "hybrid") == "per_set"
+    assert cf.mixed.route(*args, "triton") == "fused"
     assert cf.mixed.route(*args[:3], adapters[:1], index[:1] * 0, *args[5:], "torch") == "single"
 
 

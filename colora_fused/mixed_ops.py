@@ -1,0 +1,149 @@
+"""The computations of a mixed batch (design §10), below `mixed`'s dispatch: every set's factors stacked, the
+"segments" formula in aten ops, and the "fused" route's autograd (the segmented fused forward kernel, the
+gradients per set by the backend's own backward)."""
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._conv import CONV_FNS, adapter_rank, adapter_shapes, adapter_terms
+
+Factors = Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
+
+
+def stacked_factors(adapters: Sequence[Factors], weight: Tensor, groups: int, order: str):
+    """Every set's factors in one tensor each, sets along dim 0, padded with zero terms to the largest rank R:
+    Kp [S, R, C_out, C_in/groups], Kd [S, R, C_kd, *k], Δb [S, C_out] (None when no set has one); a set of None
+    is all zeros."""
+    rank = max(adapter_rank(a[0]) for a in adapters if a is not None)
+    kp_shape, kd_shape = adapter_shapes(weight.shape, groups, order)
+    new = dict(device=weight.device, dtype=weight.dtype)
+    kps, kds, dbs = [], [], []
+    for a in adapters:
+        kp, kd = adapter_terms(a[0], a[1]) if a is not None else (weight.new_zeros(0, *kp_shape),
+                                                                   weight.new_zeros(0, *kd_shape))
+        missing = rank - kp.shape[0]
+        kps.append(torch.cat([kp, torch.zeros(missing, *kp_shape, **new)]) if missing else kp)
+        kds.append(torch.cat([kd, torch.zeros(missing, *kd_shape, **new)]) if missing else kd)
+        dbs.append(a[2] if a is not None else None)
+    db = None
+    if any(d is not None for d in dbs):
+        db = torch.stack([d if d is not None else torch.zeros(weight.shape[0], **new) for d in dbs])
+    return torch.stack(kps), torch.stack(kds), db
+
+
+def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Factors], index: Tensor,
+             stride, padding, dilation, groups: int, order: str) -> Tensor:
+    """The "segments" route on a batched, zero-padded (symmetric `padding`), cast x: base conv + the residual
+    of every sample with its set's factors gathered by `index` (module docstring). One formula per order, the
+    reference's (design §1) with a per-sample Kp and Kd.
+
+    The per-sample depthwise stencil is one depthwise conv of a single "sample" with N·r·C channels, laid out
+    channels-innermost (memory [*spatial, N, r, C]): torch's CPU depthwise conv is ~10× faster on that layout
+    than on NCHW, and the 1×1 GEMM writes it at no extra cost."""
+    conv = CONV_FNS[weight.dim() - 2]
+    kp, kd, db = stacked_factors(adapters, weight, groups, order)
+    n, c_in, (c_out, c_in_g), rank, taps = x.shape[0], x.shape[1], weight.shape[:2], kp.shape[1], kd.shape[3:]
+    c_out_g = c_out // groups
+    kp_n = kp.index_select(0, index).reshape(n, rank, groups, c_out_g, c_in_g)  # [N, R, G, C_out/g, C_in/g]
+    kd_n = kd.index_select(0, index)
+    out = conv(x, weight, bias, stride, padding, dilation, groups)
+    spatial_in, spatial_out = x.shape[2:], out.shape[2:]
+    # x as [N, G, S, C_in/g] (a view for channels_last x): each sample's 1×1 mix is one matmul per group.
+    x_last = x.movedim(1, -1).reshape(n, -1, groups, c_in_g).transpose(1, 2)
+    if order == "pointwise_first":
+        channels = n * rank * c_out
+        z1 = torch.matmul(x_last, kp_n.permute(0, 2, 4, 1, 3).reshape(n, groups, c_in_g, rank * c_out_g))
+        z1 = z1.reshape(n, groups, -1, rank, c_out_g).permute(2, 0, 3, 1, 4)  # [S, N, R, G, C_out/g]
+        z2 = conv(_one_sample(z1, spatial_in, channels), kd_n.reshape(channels, 1, *taps), None, stride, padding,
+                  dilation, channels)
+        z2 = z2.movedim(1, -1).reshape(-1, n, rank, c_out)
+        residual = (z2.sum(2) if rank > 1 else z2[:, :, 0]).reshape(*spatial_out, n, c_out)
+        residual = residual.movedim(-2, 0).movedim(-1, 1)  # [N, C_out, *spatial_out], a view
+    else:
+        channels = n * rank * c_in
+        z1 = x.movedim(1, -1).movedim(0, -2).unsqueeze(-2).expand(*spatial_in, n, rank, c_in)
+        z1 = conv(_one_sample(z1, spatial_in, channels), kd_n.reshape(channels, 1, *taps), None, stride, padding,
+                  dilation, channels)
+        z1 = z1.movedim(1, -1).reshape(-1, n, rank, groups, c_in_g).permute(1, 3, 0, 2, 4)  # [N, G, S, R, C_in/g]
+        z2 = torch.matmul(z1.reshape(n, groups, -1, rank * c_in_g),
+                          kp_n.permute(0, 2, 1, 4, 3).reshape(n, groups, rank * c_in_g, c_out_g))
+        residual = z2.transpose(1, 2).reshape(n, *spatial_out, c_out).movedim(-1, 1)  # [N, C_out, *spatial_out]
+    if db is not None:
+        residual = residual + db.index_select(0, index).reshape(n, c_out, *(1 for _ in spatial_out))
+    return out.add_(residual)
+
+
+def _one_sample(t: Tensor, spatial: Sequence[int], channels: int) -> Tensor:
+    """t (any shape whose elements run [*spatial, channels] in order) as [1, channels, *spatial], laid out
+    channels-innermost (one copy when t is not already)."""
+    return t.contiguous().reshape(1, *spatial, channels).movedim(-1, 1)
+
+
+def fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Factors], index: Tensor,
+          counts: Sequence[int], stride, padding, dilation, groups: int, order: str, backend: str,
+          fallback: bool) -> Tensor:
+    """The "fused" route on a batched, zero-padded, cast x: the segmented fused forward kernel
+    (`kernels.conv_fwd_segmented`), one launch for the whole batch; backward per set by `backend`'s own backward
+    (`ops`), each set's gradients on its samples. `counts`: samples per set (host ints)."""
+    kp, kd, db = stacked_factors(adapters, weight, groups, order)
+    return _Fused.apply(x, weight, bias, kp, kd, db, index, tuple(counts), stride, padding, dilation, groups, order,
+                        backend, fallback)
+
+
+class _Fused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, kp, kd, db, index, counts, stride, padding, dilation, groups, order, backend,
+                fallback):
+        from .kernels.conv_fwd_segmented import colora_conv_forward_segmented, segments_of
+
+        sample, seg = segments_of(index, len(counts))
+        out = colora_conv_forward_segmented(x, weight, bias, kp, kd, db, sample, seg, max(counts), stride, padding,
+                                            dilation, groups, order)
+        ctx.save_for_backward(x, weight, bias, kp, kd, db, index)
+        ctx.args = (counts, stride, padding, dilation, groups, order, backend, fallback)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, kp, kd, db, index = ctx.saved_tensors
+        counts, stride, padding, dilation, groups, order, backend, fallback = ctx.args
+        need_x, need_w, need_b, need_kp, need_kd, need_db = ctx.needs_input_grad[:6]
+        sums = [0, *range(2, grad.dim())]
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the same gradients through the "segments" formula, differentiable again.
+            adapters = [(kp[s], kd[s], None if db is None else db[s]) for s in range(kp.shape[0])]
+            wanted = [t for t, need in ((x, need_x), (weight, need_w), (kp, need_kp), (kd, need_kd)) if need]
+            out = segments(x, weight, None, adapters, index, stride, padding, dilation, groups, order)
+            found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+            d_x, d_w, d_kp, d_kd = (next(found) if need else None for need in (need_x, need_w, need_kp, need_kd))
+        else:
+            d_x = torch.empty_like(x) if need_x else None
+            d_w = torch.zeros_like(weight) if need_w else None
+            d_kp = torch.zeros_like(kp) if (need_kp or need_kd) else None
+            d_kd = torch.zeros_like(kd) if (need_kp or need_kd) else None
+            order_samples, start = torch.argsort(index, stable=True), 0
+            rank = kp.shape[1]
+            for s, count in enumerate(counts):
+                if not count:
+                    continue
+                rows = order_samples[start:start + count]
+                start += count
+                one = (s,) if rank > 1 else (s, 0)
+                g_x, g_w, g_kp, g_kd = ops._conv_backward(
+                    grad.index_select(0, rows), x.index_select(0, rows), weight, kp[one], kd[one], stride, padding,
+                    dilation, groups, order, backend, need_x, need_w, need_kp or need_kd, None, fallback)
+                if need_x:
+                    d_x.index_copy_(0, rows, g_x)
+                if need_w:
+                    d_w += g_w
+                if d_kp is not None:
+                    d_kp[one].copy_(g_kp)
+                    d_kd[one].copy_(g_kd)
+        d_b = grad.sum(sums) if need_b else None
+        d_db = None
+        if need_db:
+            d_db = torch.zeros_like(db).index_add_(0, index, grad.sum(sums[1:]).to(db.dtype))
+        return (d_x, d_w, d_b, d_kp if need_kp else None, d_kd if need_kd else None, d_db, None, None, None, None,
+                None, None, None, None, None)
