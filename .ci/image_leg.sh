@@ -20,7 +20,8 @@ out=$(mktemp -d)
 # gradient, the family triton 3.6 failed on (the other families' fp32 and depthwise_first configs compiled when this
 # leg was written, and a config that stops compiling is pruned at launch, not fatal).
 "$venv/bin/python" -m colora_fused.audit --strict --arch sm90 --layout channels_last --dtype bf16 \
-    --family forward --family input_grad --family adapters_cheap --family adapters_gradw --family merge \
+    --family forward --family forward_segmented --family input_grad --family adapters_cheap \
+    --family adapters_gradw --family merge \
     --out "$out/bf16" > "$out/audit.log"
 "$venv/bin/python" -m colora_fused.audit --strict --arch sm90 --layout channels_last --dtype fp32 \
     --family input_grad --out "$out/fp32" >> "$out/audit.log"
@@ -36,5 +37,6 @@ grep "finding(s)" "$out/audit.log"
 main_leg_only="2d-rect-k or 2d-same-even-k or 2d-valid or 2d-reflect or 2d-replicate or 2d-circular or 1d-same-reflect"
 main_leg_only="$main_leg_only or 3d-1x3x3-channels-last"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_forward.py \
-    tests/kernels/test_triton_backward.py tests/kernels/test_merge_many.py tests/kernels/test_autotune.py \
+    tests/kernels/test_triton_backward.py tests/kernels/test_triton_segmented.py tests/kernels/test_merge_many.py \
+    tests/kernels/test_autotune.py \
     tests/kernels/test_versions.py tests/kernels/test_audit.py -k "not fp16 and not ($main_leg_only)"
