@@ -111,7 +111,11 @@ def measured_choice(key: tuple, candidates: Dict[str, Callable[[], object]], dev
     if key not in _FASTEST:
         times, failed = {}, set()
         for name, fn in candidates.items():
-            times[name] = _time_ms(lambda: failed.add(name) if fn() is False else None, device)
+            if fn() is False:  # a first call that failed: not timed
+                failed.add(name)
+                times[name] = float("inf")
+                continue
+            times[name] = _time_ms(fn, device)
         usable = {n: t for n, t in times.items() if n not in failed} or times
         _FASTEST[key] = min(usable, key=usable.get)
         logger.info("colora_fused: %s %s (%s)", what, _FASTEST[key],

@@ -17,7 +17,7 @@ Four routes (`route`):
 - "per_set": the samples sorted by set and `colora_conv` run once per set on its samples, with the layer's
   backend (its merged weight, or the fused kernels), the outputs put back in order. dLoRA's "merge" mode, for
   batches of few, large sets;
-- "fused": the segmented fused forward kernel (`kernels.conv_fwd_segmented`): one launch for the whole batch,
+- "fused": the segmented fused forward kernel (`kernels.segmented`): one launch for the whole batch,
   tiles that never straddle two sets, each set's K0 + ΔK tile built in registers; the backward per set, by the
   backend's own kernels on that set's samples (`mixed_ops.fused`).
 
@@ -25,6 +25,7 @@ Four routes (`route`):
 COLORA_MIXED_ROUTE forces one (`settings.mixed_route`). design §10.
 """
 import contextlib
+import logging
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +33,8 @@ from torch import Tensor
 
 from . import functional, mixed_ops, ops, settings
 from ._conv import adapter_shapes
+
+logger = logging.getLogger(__name__)
 
 Factors = Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
 ROUTES = ("single", "segments", "per_set", "fused")
@@ -185,10 +188,17 @@ def _measured_route(candidates, x, weight, bias, adapters, index, stride, paddin
 
     def run(name):
         with torch.enable_grad() if training else torch.no_grad():
-            out = _run(name, x, weight, bias, adapters, index, counts, stride, padding, dilation, groups,
-                       padding_mode, order, backend)
-            if training:
-                torch.autograd.grad(out, tensors, torch.ones_like(out), allow_unused=True)
+            try:
+                out = _run(name, x, weight, bias, adapters, index, counts, stride, padding, dilation, groups,
+                           padding_mode, order, backend)
+                if training:
+                    torch.autograd.grad(out, tensors, torch.ones_like(out), allow_unused=True)
+            except Exception as exc:  # a Triton failure on this shape: the route is never chosen
+                if name == "segments":
+                    raise
+                logger.warning("colora_fused: mixed-batch route %s failed on x %s (%s: %s); not using it", name,
+                               tuple(x.shape), type(exc).__name__, exc)
+                return False
 
     return functional.measured_choice(key, {name: (lambda name=name: run(name)) for name in candidates}, x.device,
                                       f"mixed-batch route for x {tuple(x.shape)}, {len(adapters)} sets:")

@@ -85,7 +85,7 @@ def fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[
           counts: Sequence[int], stride, padding, dilation, groups: int, order: str, backend: str,
           fallback: bool) -> Tensor:
     """The "fused" route on a batched, zero-padded, cast x: the segmented fused forward kernel
-    (`kernels.conv_fwd_segmented`), one launch for the whole batch; backward per set by `backend`'s own backward
+    (`kernels.segmented`), one launch for the whole batch; backward per set by `backend`'s own backward
     (`ops`), each set's gradients on its samples. `counts`: samples per set (host ints)."""
     kp, kd, db = stacked_factors(adapters, weight, groups, order)
     return _Fused.apply(x, weight, bias, kp, kd, db, index, tuple(counts), stride, padding, dilation, groups, order,
@@ -96,18 +96,19 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, kp, kd, db, index, counts, stride, padding, dilation, groups, order, backend,
                 fallback):
-        from .kernels.conv_fwd_segmented import colora_conv_forward_segmented, segments_of
+        from .kernels.conv_fwd import colora_conv_forward
+        from .kernels.segmented import segments_of
 
-        sample, seg = segments_of(index, len(counts))
-        out = colora_conv_forward_segmented(x, weight, bias, kp, kd, db, sample, seg, max(counts), stride, padding,
-                                            dilation, groups, order)
-        ctx.save_for_backward(x, weight, bias, kp, kd, db, index)
+        segments = segments_of(index, counts)
+        out = colora_conv_forward(x, weight, bias, kp, kd, db, stride, padding, dilation, groups, order,
+                                  segments=segments)
+        ctx.save_for_backward(x, weight, bias, kp, kd, db, index, segments.sample, segments.seg)
         ctx.args = (counts, stride, padding, dilation, groups, order, backend, fallback)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, kp, kd, db, index = ctx.saved_tensors
+        x, weight, bias, kp, kd, db, index, _, _ = ctx.saved_tensors
         counts, stride, padding, dilation, groups, order, backend, fallback = ctx.args
         need_x, need_w, need_b, need_kp, need_kd, need_db = ctx.needs_input_grad[:6]
         sums = [0, *range(2, grad.dim())]
@@ -119,7 +120,9 @@ class _Fused(torch.autograd.Function):
             found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
             d_x, d_w, d_kp, d_kd = (next(found) if need else None for need in (need_x, need_w, need_kp, need_kd))
         else:
-            d_x = torch.empty_like(x) if need_x else None
+            d_x = _segmented_input_grad(ctx, grad, x, weight, kp, kd) if need_x and backend == "triton" else None
+            per_set_x = need_x and d_x is None
+            d_x = torch.empty_like(x) if per_set_x else d_x
             d_w = torch.zeros_like(weight) if need_w else None
             d_kp = torch.zeros_like(kp) if (need_kp or need_kd) else None
             d_kd = torch.zeros_like(kd) if (need_kp or need_kd) else None
@@ -131,10 +134,12 @@ class _Fused(torch.autograd.Function):
                 rows = order_samples[start:start + count]
                 start += count
                 one = (s,) if rank > 1 else (s, 0)
+                if not (per_set_x or need_w or need_kp or need_kd):
+                    continue
                 g_x, g_w, g_kp, g_kd = ops._conv_backward(
                     grad.index_select(0, rows), x.index_select(0, rows), weight, kp[one], kd[one], stride, padding,
-                    dilation, groups, order, backend, need_x, need_w, need_kp or need_kd, None, fallback)
-                if need_x:
+                    dilation, groups, order, backend, per_set_x, need_w, need_kp or need_kd, None, fallback)
+                if per_set_x:
                     d_x.index_copy_(0, rows, g_x)
                 if need_w:
                     d_w += g_w
@@ -147,3 +152,21 @@ class _Fused(torch.autograd.Function):
             d_db = torch.zeros_like(db).index_add_(0, index, grad.sum(sums[1:]).to(db.dtype))
         return (d_x, d_w, d_b, d_kp if need_kp else None, d_kd if need_kd else None, d_db, None, None, None, None,
                 None, None, None, None, None)
+
+
+def _segmented_input_grad(ctx, grad, x, weight, kp, kd) -> Optional[Tensor]:
+    """dX of the whole mixed batch in one launch of the input-gradient kernel with `segments` (design §10); None
+    where Triton fails on it and the call may fall back (then the per-set backward computes dX)."""
+    from .kernels.conv_bwd_input import colora_conv_backward_input
+    from .kernels._common import Segments
+
+    counts, stride, padding, dilation, groups, order, _, fallback = ctx.args
+    *_, sample, seg = ctx.saved_tensors
+    channels_last = x.dim() in (4, 5) and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+    try:
+        return colora_conv_backward_input(grad, weight, kp, kd, x.shape, channels_last, stride, padding, dilation,
+                                          groups, order, segments=Segments(sample, seg, max(counts)))
+    except Exception:
+        if not fallback:
+            raise
+        return None

@@ -52,7 +52,6 @@ from ..kernels import _common
 from ..kernels.conv_bwd_adapters import colora_conv_backward_adapters
 from ..kernels.conv_bwd_input import colora_conv_backward_input
 from ..kernels.conv_fwd import colora_conv_forward
-from ..kernels.conv_fwd_segmented import colora_conv_forward_segmented
 from ..kernels.merge import merge_
 from ..toolbox import Progress, environment as toolbox_environment
 
@@ -106,10 +105,10 @@ QUICK_SHAPES = (
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
-FAMILIES = ("forward", "forward_plain", "forward_segmented", "input_grad", "adapters_cheap", "adapters_gradw",
-            "merge")
-# forward_segmented: the fused forward of a mixed batch (design §10), the batch split evenly over this many adapter
-# sets of rank 1, each with a Δb.
+FAMILIES = ("forward", "forward_plain", "forward_segmented", "input_grad", "input_grad_segmented",
+            "adapters_cheap", "adapters_gradw", "merge")
+# forward_segmented, input_grad_segmented: the fused forward and input gradient of a mixed batch (design §10), the
+# batch split evenly over this many adapter sets of rank 1 (the forward's each with a Δb).
 MIXED_SETS = 8
 # Besides FAMILIES, `record` takes the adapter gradients on the route production's policy picks ("adapters", None
 # here: `_conv.adapter_grad_route`) and on the cheap route's two-pass form (TWO_PASS), which the GPU check's warm-up
@@ -171,12 +170,16 @@ def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config
             if unit.family == BASELINE:
                 for launch in launches:
                     launch.kwargs["MERGE"] = False
-        elif unit.family == "forward_segmented":
+        elif unit.family.endswith("_segmented"):
             stacked = lambda shape: _tensor((MIXED_SETS, 1, *shape), dtype)  # noqa: E731
-            sample, seg = _tensor(s.x[:1], torch.int32), _tensor((MIXED_SETS + 1,), torch.int32)
-            colora_conv_forward_segmented(x, w, bias, stacked(kp_shape), stacked(kd_shape),
-                                          _tensor((MIXED_SETS, s.weight[0]), dtype), sample, seg,
-                                          -(-s.x[0] // MIXED_SETS), *conv)
+            segments = _common.Segments(_tensor(s.x[:1], torch.int32), _tensor((MIXED_SETS + 1,), torch.int32),
+                                        -(-s.x[0] // MIXED_SETS))
+            if unit.family == "forward_segmented":
+                colora_conv_forward(x, w, bias, stacked(kp_shape), stacked(kd_shape),
+                                    _tensor((MIXED_SETS, s.weight[0]), dtype), *conv, segments=segments)
+            else:
+                colora_conv_backward_input(_tensor(out_shape, dtype, cl), w, stacked(kp_shape), stacked(kd_shape),
+                                           s.x, cl, *conv, segments=segments)
         elif unit.family == "input_grad":
             colora_conv_backward_input(_tensor(out_shape, dtype, cl), w, kp, kd, s.x, cl, *conv)
         elif unit.family.startswith("adapters"):

@@ -8,7 +8,7 @@ so it compiles exactly the specialisations a real launch would, for a GPU this m
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -393,6 +393,26 @@ def widen(x):
         return x.to(tl.float32)
     return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
                                      dtype=tl.float32, is_pure=True, pack=2)
+
+
+class Segments(NamedTuple):
+    """A mixed batch for the segmented launches (design §10): `sample`, the batch's samples sorted by adapter set
+    (int32), `seg`, the int32 offsets [sets + 1] of each set's run in it (`kernels.segmented.segments_of`), and
+    `largest`, the most samples a set has (it sizes the grid; an upper bound is fine)."""
+    sample: torch.Tensor
+    seg: torch.Tensor
+    largest: int
+
+    @property
+    def sets(self) -> int:
+        return self.seg.shape[0] - 1
+
+
+def one_set(pointwise: torch.Tensor, depthwise: torch.Tensor):
+    """One set's factors of a per-set stack ([S, R, ...]), shaped as the unsegmented launchers take them (no
+    leading R at rank 1): what their checks see."""
+    index = (0,) if pointwise.shape[1] > 1 else (0, 0)
+    return pointwise[index], depthwise[index]
 
 
 @triton.jit

@@ -19,8 +19,8 @@ from .._conv import adapter_terms, conv_output_shape
 from ._autotune import autotune
 from ._common import (FIXED_CONFIG, channels_innermost, channels_innermost_output, check_backward_conv,
                       check_backward_tensors, decode_position, fail, finish_output_, fit_configs, k_split, launch, lift,
-                      new_tensor, prune_by_registers, prune_by_shared_memory, split_partials, strides, sum_partials_,
-                      WGMMA_ROWS)
+                      new_tensor, one_set, prune_by_registers, prune_by_shared_memory, split_partials, strides,
+                      sum_partials_, Segments, WGMMA_ROWS)
 
 
 def _bwd_input_configs():
@@ -78,23 +78,23 @@ def _first_tap(r, P, DIL, S, K: tl.constexpr):
 
 @autotune(configs=_bwd_input_configs(),
                  key=["M_MAX", "s_dy_c", "s_w_o", "C_IN_G", "C_OUT_G", "RANK", "SPLIT_K", "KD", "KH", "KW", "SD",
-                      "SH", "SW", "DD", "DH", "DW", "DEPTHWISE_FIRST"],
+                      "SH", "SW", "DD", "DH", "DW", "DEPTHWISE_FIRST", "SEGMENTED"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _conv_bwd_input_kernel(
-        dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr, part_ptr,
+        dy_ptr, w_ptr, kp_ptr, kd_ptr, dx_ptr, part_ptr, sample_ptr, seg_ptr,
         N, D, H, W, OD, OH, OW, M_MAX, S_PART,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_dx_n, s_dx_c, s_dx_d, s_dx_h, s_dx_w,
         s_w_o, s_w_c, s_w_d, s_w_h, s_w_w,
-        s_kp_r, s_kp_o, s_kp_c, s_kd_r, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
+        s_kp_r, s_kp_o, s_kp_c, s_kd_r, s_kd_c, s_kd_d, s_kd_h, s_kd_w, s_kp_s, s_kd_s,
         C_IN_G: tl.constexpr, C_OUT_G: tl.constexpr, RANK: tl.constexpr, KD: tl.constexpr, KH: tl.constexpr,
         KW: tl.constexpr,
         SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr,
         PW: tl.constexpr, DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, STEP_D: tl.constexpr,
         STEP_H: tl.constexpr, STEP_W: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_K: tl.constexpr = 1):
+        SPLIT_K: tl.constexpr = 1, SEGMENTED: tl.constexpr = False):
     """dX = conv_transpose(dY, K0 + ΔK), the merged kernel built tile by tile, never stored.
 
         dX[n, g·C_IN_G + c, d, h, w] = Σ_{o < C_OUT_G, t} dY[n, g·C_OUT_G + o, od, oh, ow] · K[g·C_OUT_G + o, c, t]
@@ -114,12 +114,24 @@ def _conv_bwd_input_kernel(
     Grid: (M tiles × N tiles of the largest phase, SD·SH·SW, groups · SPLIT_K). dY: [N, C_out, OD, OH, OW],
     dX: [N, C_in, D, H, W], K0: [C_out, C_IN_G, KD, KH, KW], Kp: [RANK, C_out, C_IN_G],
     Kd: [RANK, C_out or C_in, KD, KH, KW], any strides.
+    SEGMENTED (a mixed batch, `kernels.segmented`): grid axis 2 is g · S_PART + s over the adapter sets s (S_PART
+    carries the number of sets; no split-K); set s's samples are sample[seg[s]:seg[s + 1]], its phase positions
+    are tiled on their own (M_MAX: the largest set's), its merged tile is built from its own Kp, Kd (set strides
+    s_kp_s, s_kd_s), and each position reads dY and writes dX at its own sample.
     """
     N_KC: tl.constexpr = (C_OUT_G + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = C_OUT_G % BLOCK_K == 0
     EVEN_N: tl.constexpr = C_IN_G % BLOCK_N == 0
     i_mn, i_ph = tl.program_id(0), tl.program_id(1)
     i_g, i_s = tl.program_id(2) // SPLIT_K, tl.program_id(2) % SPLIT_K
+    if SEGMENTED:
+        tl.static_assert(SPLIT_K == 1)
+        i_set = tl.program_id(2) % S_PART
+        i_g = tl.program_id(2) // S_PART
+        seg_first = tl.load(seg_ptr + i_set)
+        N = tl.load(seg_ptr + i_set + 1) - seg_first  # this set's samples
+        kp_ptr += i_set * s_kp_s
+        kd_ptr += i_set * s_kd_s
     rw = i_ph % SW
     rh = (i_ph // SW) % SH
     rd = i_ph // (SW * SH)
@@ -141,6 +153,8 @@ def _conv_bwd_input_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < m_phase
     i_b, jd, jh, jw = decode_position(tl.where(m_m, o_m, 0), PHD, PHH, PHW)
+    if SEGMENTED:  # the set's n-th sample is sample[seg_first + n]
+        i_b = tl.load(sample_ptr + seg_first + i_b, mask=m_m, other=0)
     p_row = i_b.to(tl.int64) * s_dy_n + jd.to(tl.int64) * s_dy_d + jh.to(tl.int64) * s_dy_h + jw * s_dy_w  # [BM]
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = (o_n < C_IN_G) | EVEN_N
@@ -228,16 +242,27 @@ def _conv_bwd_input_kernel(
 def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor,
                                depthwise: torch.Tensor, x_shape: Sequence[int], x_channels_last: bool,
                                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                               order: str, split_k: Optional[int] = None) -> torch.Tensor:
+                               order: str, split_k: Optional[int] = None,
+                               segments: Optional[Segments] = None) -> torch.Tensor:
     """dL/dX of `conv(X, K0 + Kp ⊛ Kd, stride, padding, dilation, groups)` given dL/dO = grad_out.
 
     grad_out: [N, C_out, *out], any strides; stride/padding/dilation: one int per spatial dim (symmetric zero
     padding). Returns `x_shape` in grad_out's dtype, channels innermost when `x_channels_last`, else contiguous.
     `split_k`: K shares for a stride-1 conv (None: `k_split` on a GPU), fp32 partials summed in a fixed order.
+    `segments` (a mixed batch, `kernels.segmented`): sample n uses its adapter set's factors, pointwise
+    [S, R, C_out, C_in/groups] and depthwise [S, R, C_kd, *k] holding every set's (no split).
     """
-    device = check_backward_tensors(grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
-    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups,
-                                                  order)
+    if segments is not None and (pointwise.dim() != 4 or pointwise.shape[0] != segments.sets
+                                 or depthwise.shape[:2] != pointwise.shape[:2]
+                                 or tuple(segments.sample.shape) != (grad_out.shape[0],)):
+        fail(ValueError, f"segmented factors must be stacked per set ({segments.sets} sets, a batch of "
+                         f"{grad_out.shape[0]}): pointwise {tuple(pointwise.shape)}, "
+                         f"depthwise {tuple(depthwise.shape)}")
+    one_pointwise, one_depthwise = (pointwise, depthwise) if segments is None else one_set(pointwise, depthwise)
+    device = check_backward_tensors(grad_out=grad_out, weight=weight, pointwise=one_pointwise,
+                                    depthwise=one_depthwise)
+    stride3, pad3, dil3, k3 = check_backward_conv(weight, one_pointwise, one_depthwise, stride, padding, dilation,
+                                                  groups, order)
     nd = weight.dim() - 2
     x_shape = tuple(int(s) for s in x_shape)
     c_out, c_in_g = weight.shape[:2]
@@ -250,38 +275,47 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
     grad_x = new_tensor(x_shape, grad_out.dtype, device, channels_last=bool(x_channels_last))
     if grad_x.numel() == 0:
         return grad_x
-    kps, kds = adapter_terms(pointwise, depthwise)
+    if segments is None:
+        kps, kds = adapter_terms(pointwise, depthwise)
+        set_strides = (0, 0)
+    else:  # the set dim leads; the kernel steps over it per set (design §10)
+        kps, kds = pointwise[0], depthwise[0]
+        set_strides = (pointwise.stride(0), depthwise.stride(0))
     # The main loop reads dY and K0 channels-innermost (NCHW ones are staged); dX keeps x's layout.
     dy = lift(channels_innermost(grad_out), 2)
     w, kd = lift(channels_innermost(weight), 2), lift(kds, 2)
     n, _, d, h, wd = lift(grad_x, 2).shape
     od, oh, ow = dy.shape[2:]
-    m_max = n * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
+    tiled = n if segments is None else max(1, segments.largest)  # the samples the grid's axis 0 covers
+    m_max = tiled * math.prod(triton.cdiv(i, s) for i, s in zip((d, h, wd), stride3))
     steps = tuple(s // math.gcd(s, dl) for s, dl in zip(stride3, dil3))
 
     one_phase = math.prod(stride3) == 1
     tiles128 = groups * triton.cdiv(m_max, 128) * triton.cdiv(c_in_g, 128)
     split = split_k or (k_split(tiles128, triton.cdiv(c_out // groups, 64) * math.prod(k3), device)
-                        if one_phase else 1)
+                        if one_phase and segments is None else 1)
     if split > 1 and not one_phase:
         fail(ValueError, f"split_k={split} needs a stride-1 conv (one stride phase), got stride {tuple(stride)}")
     # The kernel writes dX channels-innermost (a split writes fp32 partials that sum_partials_ lays out itself).
     written = channels_innermost_output(grad_x) if split == 1 else grad_x
     dx = lift(written, 2)
     part = split_partials(split, c_in_g * groups, m_max, dx)
+    axis2 = groups * (split if segments is None else segments.sets)
+    sample, seg = (part, part) if segments is None else (segments.sample, segments.seg)
+    flags = {} if segments is None else dict(SEGMENTED=True)
 
     def grid(meta):
         tiles = triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(c_in_g, meta["BLOCK_N"])
-        return tiles, math.prod(stride3), groups * split
+        return tiles, math.prod(stride3), axis2
 
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         launch(
             _conv_bwd_input_kernel, grid,
-            dy, w, pointwise, kd, dx, part,
-            n, d, h, wd, od, oh, ow, m_max, c_in_g * groups * m_max,
-            *strides(dy), *strides(dx), *strides(w), *strides(kps), *strides(kd),
+            dy, w, pointwise, kd, dx, part, sample, seg,
+            n, d, h, wd, od, oh, ow, m_max, c_in_g * groups * m_max if segments is None else segments.sets,
+            *strides(dy), *strides(dx), *strides(w), *strides(kps), *strides(kd), *set_strides,
             C_IN_G=c_in_g, C_OUT_G=c_out // groups, RANK=kps.shape[0], KD=k3[0], KH=k3[1], KW=k3[2],
             **dict(zip(("SD", "SH", "SW", "PD", "PH", "PW", "DD", "DH", "DW", "STEP_D", "STEP_H", "STEP_W"),
                        (*stride3, *pad3, *dil3, *steps))),
-            DEPTHWISE_FIRST=order == "depthwise_first", SPLIT_K=split)
+            DEPTHWISE_FIRST=order == "depthwise_first", SPLIT_K=split, **flags)
     return finish_output_(sum_partials_(grad_x, part, split), written)

@@ -20,7 +20,8 @@ from ._autotune import autotune
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, channels_innermost,
                       channels_innermost_output, check_conv_tensors, device_problem, dtype_problem, empty_like_layout,
                       extent, finish_output_, fit_configs, k_split, launch, pad3, prune_by_registers,
-                      prune_by_shared_memory, split_partials, strides5, sum_partials_, WGMMA_ROWS)
+                      prune_by_shared_memory, one_set, split_partials, strides5, sum_partials_, Segments,
+                      WGMMA_ROWS)
 
 
 def _forward_problem(x: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[Tuple[type, str]]:
@@ -146,7 +147,7 @@ def _colora_conv_fwd_kernel(
     K loop and stores its fp32 partial tile to part [SPLIT_K, C_out, M] (contiguous; split 0 adds the biases);
     the launcher sums the partials in a fixed order.
 
-    SEGMENTED (a mixed batch, `conv_fwd_segmented`): program axis 1 is an adapter set s, whose samples are
+    SEGMENTED (a mixed batch, `kernels.segmented`): program axis 1 is an adapter set s, whose samples are
     sample[seg[s]:seg[s + 1]] (the batch's samples sorted by set). The set's rows, M = its samples × output
     pixels, are tiled on their own, so no tile straddles two sets; each set's tile of K0 + ΔK_s is built from its
     own factors (kp, kd, db at set strides sp_s, sk_s, s_dbs), and each row reads and writes its own sample.
@@ -315,15 +316,29 @@ def forward_split(m: int, c_out_g: int, groups: int, c_in_g: int, taps: int, dev
 def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         pointwise: torch.Tensor, depthwise: torch.Tensor, bias_delta: Optional[torch.Tensor],
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                        order: str, out: Optional[torch.Tensor] = None, split_k: Optional[int] = None
-                        ) -> torch.Tensor:
+                        order: str, out: Optional[torch.Tensor] = None, split_k: Optional[int] = None,
+                        segments: Optional[Segments] = None) -> torch.Tensor:
     """conv(x, weight + ΔK, stride, padding, dilation, groups) + bias + bias_delta in one fused kernel.
 
     `padding` is symmetric zero padding, one int per spatial dim. The output takes x's memory format, or is
     written into `out` (any strides, x's dtype and the output's shape), which is returned. `split_k`: K shares
     (None: `forward_split`), whose fp32 partials are summed in a fixed order (deterministic).
+
+    `segments` (a mixed batch, `kernels.segmented`): sample n uses its adapter set's factors; pointwise
+    [S, R, C_out, C_in/groups], depthwise [S, R, C_kd, *k] and bias_delta [S, C_out] hold every set's (no split).
     """
-    _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order)
+    if segments is not None:
+        sets = segments.sets
+        if (pointwise.dim() != 4 or pointwise.shape[0] != sets or depthwise.shape[:2] != pointwise.shape[:2]
+                or (bias_delta is not None and tuple(bias_delta.shape) != (sets, weight.shape[0]))
+                or tuple(segments.sample.shape) != (x.shape[0],)):
+            raise backend_error(f"segmented factors must be stacked per set ({sets} sets, a batch of {x.shape[0]}): "
+                                f"pointwise {tuple(pointwise.shape)}, depthwise {tuple(depthwise.shape)}, "
+                                f"bias_delta {None if bias_delta is None else tuple(bias_delta.shape)}")
+        _check_forward(x, weight, bias, *one_set(pointwise, depthwise),
+                       None if bias_delta is None else bias_delta[0], stride, padding, dilation, groups, order)
+    else:
+        _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order)
     shape = output_shape(x, weight, stride, padding, dilation)
     if out is None:
         out = empty_like_layout(x, shape)
@@ -339,19 +354,31 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     d_in, h_in, w_in = pad3(x.shape[2:], 1)
     d_out, h_out, w_out = pad3(shape[2:], 1)
     kd, kh, kw = pad3(weight.shape[2:], 1)
-    split = split_k or forward_split(m, c_out_g, groups, c_in_g, kd * kh * kw, x.device)
+    if segments is None:
+        split = split_k or forward_split(m, c_out_g, groups, c_in_g, kd * kh * kw, x.device)
+        kps, kds = adapter_terms(pointwise, depthwise)
+        kp_strides, kd_strides, db_stride = kps.stride(), kds.stride(), (0,) if bias_delta is None else (
+            bias_delta.stride(0),)
+        set_strides, rows, axis1 = (0, 0, 0), m, split
+    else:
+        # The largest set's rows size the grid's axis 0; axis 1 is the set (design §10).
+        split, kps, kds = 1, pointwise[0], depthwise[0]
+        kp_strides, kd_strides = pointwise.stride()[1:], depthwise.stride()[1:]
+        db_stride = (0,) if bias_delta is None else (bias_delta.stride(1),)
+        set_strides = (pointwise.stride(0), depthwise.stride(0), 0 if bias_delta is None else bias_delta.stride(0))
+        rows, axis1 = max(1, segments.largest) * d_out * h_out * w_out, segments.sets
     # The kernel writes channels-innermost (a split writes fp32 partials that sum_partials_ lays out itself).
     kernel_out = channels_innermost_output(out) if split == 1 else out
     int64 = max(extent(x), extent(kernel_out), extent(weight)) >= 2 ** 31
-    kps, kds = adapter_terms(pointwise, depthwise)
     part = split_partials(split, c_out, m, kernel_out)
+    sample, seg = (part, part) if segments is None else (segments.sample, segments.seg)
     args = (
         x, weight, pointwise, depthwise, weight if bias is None else bias,
-        weight if bias_delta is None else bias_delta, kernel_out, part, part, part,
-        m, c_out * m, d_in, h_in, w_in, d_out, h_out, w_out,
-        *strides5(x), *strides5(weight), *kps.stride(),
-        *kds.stride()[:2], *pad3(kds.stride()[2:], 0),
-        0 if bias is None else bias.stride(0), 0 if bias_delta is None else bias_delta.stride(0), 0, 0, 0,
+        weight if bias_delta is None else bias_delta, kernel_out, part, sample, seg,
+        rows, c_out * m if segments is None else groups, d_in, h_in, w_in, d_out, h_out, w_out,
+        *strides5(x), *strides5(weight), *kp_strides,
+        *kd_strides[:2], *pad3(kd_strides[2:], 0),
+        0 if bias is None else bias.stride(0), *db_stride, *set_strides,
         *strides5(kernel_out),
     )
     # Compile-time constants: one specialisation per layer geometry and channel count, as autotuning keys anyway.
@@ -361,9 +388,11 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                  **dict(zip(("DIL_D", "DIL_H", "DIL_W"), pad3(dilation, 1))),
                  PW_FIRST=order == "pointwise_first", HAS_BIAS=bias is not None,
                  HAS_BIAS_DELTA=bias_delta is not None, INT64=int64, SPLIT_K=split)
+    if segments is not None:
+        flags["SEGMENTED"] = True
 
     def grid(meta):
-        return groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), split
+        return groups * triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(c_out_g, meta["BLOCK_N"]), axis1
 
     with torch.cuda.device_of(x):
         if FIXED_CONFIG:

@@ -1,13 +1,15 @@
-"""The segmented fused forward (a mixed batch, design §10) against the float64 reference run sample by sample:
-every sample convolved with K0 + ΔK of its own adapter set, including a set of no adapter and a set without
-samples; CPU tests in the interpreter, CUDA tests where a GPU is present."""
+"""The segmented fused forward and input gradient (a mixed batch, design §10) against the float64 reference run
+sample by sample: every sample convolved with K0 + ΔK of its own adapter set (one of no adapter among them), and
+its input gradient through that same kernel; CPU tests in the interpreter, CUDA tests where a GPU is present."""
 import pytest
 import torch
 
 from cases import CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_close, make_tensors
 from colora_fused import mixed_ops
 from colora_fused._conv import adapter_shapes, ntuple
-from colora_fused.kernels.conv_fwd_segmented import colora_conv_forward_segmented, segments_of
+from colora_fused.kernels.conv_bwd_input import colora_conv_backward_input
+from colora_fused.kernels.conv_fwd import colora_conv_forward
+from colora_fused.kernels.segmented import segments_of
 from colora_fused.reference import colora_conv_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ZERO_PADDED = [c for c in CASES if c.id in ("2d-k3-stride2", "2d-k3-dilation2", "2d-groups3", "2d-depthwise",
                                             "2d-1x1-nobias", "2d-channels-last-groups", "1d-k3-stride2",
                                             "3d-k3-groups2")]
-INDEX = [2, 0, 1, 2, 0]  # sets 0 and 2 with adapters, set 1 none (the base conv), set 3 unused
+INDEX = [2, 0, 1, 2, 0]  # sets 0 and 2 with adapters, set 1 none (the base conv)
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -30,27 +32,33 @@ def test_each_sample_matches_the_reference_with_its_set(case, order):
     adapters[1] = None
     kp, kd, db = mixed_ops.stacked_factors(adapters, base["weight"], case.groups, order)
     index = torch.tensor(INDEX, device=DEVICE)
-    sample, seg = segments_of(index, len(adapters))
+    segments = segments_of(index, [INDEX.count(s) for s in range(len(adapters))])
     conv = dict(stride=ntuple(case.stride, nd), padding=ntuple(case.padding, nd), dilation=ntuple(case.dilation, nd))
-    out = colora_conv_forward_segmented(x, base["weight"], base["bias"], kp, kd, db, sample, seg, 2,
-                                        conv["stride"], conv["padding"], conv["dilation"], case.groups, order)
+    out = colora_conv_forward(x, base["weight"], base["bias"], kp, kd, db, conv["stride"], conv["padding"],
+                              conv["dilation"], case.groups, order, segments=segments)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    grad_x = colora_conv_backward_input(grad_out, base["weight"], kp, kd, x.shape, case.channels_last,
+                                        conv["stride"], conv["padding"], conv["dilation"], case.groups, order,
+                                        segments=segments)
     kp_shape, kd_shape = adapter_shapes(base["weight"].shape, case.groups, order)
+    tolerance = TOLERANCE_TF32 if DEVICE == "cuda" else TOLERANCE[torch.float32]
     for n, s in enumerate(INDEX):
         factors = adapters[s] or (torch.zeros(kp_shape), torch.zeros(kd_shape), None)
         f64 = [None if t is None else t.detach().to("cpu", torch.float64) for t in
                (x[n:n + 1], base["weight"], base["bias"], *factors)]
+        f64[0].requires_grad_(True)
         expected = colora_conv_reference(*f64, **conv, groups=case.groups, order=order)
-        assert_close(out[n:n + 1], expected, torch.float32, f"sample {n} (set {s})",
-                     TOLERANCE_TF32 if DEVICE == "cuda" else TOLERANCE[torch.float32])
+        assert_close(out[n:n + 1], expected, torch.float32, f"sample {n} (set {s})", tolerance)
+        (expected_dx,) = torch.autograd.grad(expected, f64[0], grad_out[n:n + 1].to("cpu", torch.float64))
+        assert_close(grad_x[n:n + 1], expected_dx, torch.float32, f"dx of sample {n} (set {s})", tolerance)
     if case.channels_last:
-        assert out.stride(1) == 1
+        assert out.stride(1) == 1 and grad_x.stride(1) == 1
 
 
 def test_stacked_factors_refused_when_not_per_set():
     case = CASES[0]
     t = make_tensors(case, "pointwise_first", torch.float32, DEVICE)
-    index = torch.tensor([0, 0], device=DEVICE)
-    sample, seg = segments_of(index, 1)
+    segments = segments_of(torch.tensor([0, 0], device=DEVICE), [2])
     with pytest.raises(Exception, match="stacked per set"):
-        colora_conv_forward_segmented(t["x"], t["weight"], None, t["pointwise"], t["depthwise"], None, sample, seg,
-                                      2, (1, 1), (1, 1), (1, 1), 1, "pointwise_first")
+        colora_conv_forward(t["x"], t["weight"], None, t["pointwise"], t["depthwise"], None, (1, 1), (1, 1),
+                            (1, 1), 1, "pointwise_first", segments=segments)
