@@ -17,9 +17,9 @@ Four routes (`route`):
 - "per_set": the samples sorted by set and `colora_conv` run once per set on its samples, with the layer's
   backend (its merged weight, or the fused kernels), the outputs put back in order. dLoRA's "merge" mode, for
   batches of few, large sets;
-- "fused": the segmented fused forward kernel (`kernels.segmented`): one launch for the whole batch,
-  tiles that never straddle two sets, each set's K0 + ΔK tile built in registers; the backward per set, by the
-  backend's own kernels on that set's samples (`mixed_ops.fused`).
+- "fused": the fused forward kernel with segments (`kernels.segmented`): one launch for the whole batch,
+  tiles that never straddle two sets, each set's K0 + ΔK tile built in registers; the backward's dX likewise in
+  one launch, the adapter gradients per set on that set's samples (`mixed_ops.fused`).
 
 `auto` on CUDA measures the candidates once per shape and number of sets (`functional.measured_choice`);
 COLORA_MIXED_ROUTE forces one (`settings.mixed_route`). design §10.

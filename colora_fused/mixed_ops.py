@@ -1,6 +1,6 @@
 """The computations of a mixed batch (design §10), below `mixed`'s dispatch: every set's factors stacked, the
-"segments" formula in aten ops, and the "fused" route's autograd (the segmented fused forward kernel, the
-gradients per set by the backend's own backward)."""
+"segments" formula in aten ops, and the "fused" route's autograd (the fused forward and input-gradient kernels
+with segments, the adapter gradients per set by the backend's own backward)."""
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -84,9 +84,10 @@ def _one_sample(t: Tensor, spatial: Sequence[int], channels: int) -> Tensor:
 def fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Factors], index: Tensor,
           counts: Sequence[int], stride, padding, dilation, groups: int, order: str, backend: str,
           fallback: bool) -> Tensor:
-    """The "fused" route on a batched, zero-padded, cast x: the segmented fused forward kernel
-    (`kernels.segmented`), one launch for the whole batch; backward per set by `backend`'s own backward
-    (`ops`), each set's gradients on its samples. `counts`: samples per set (host ints)."""
+    """The "fused" route on a batched, zero-padded, cast x: the fused forward kernel with segments
+    (`kernels.segmented`), one launch for the whole batch; backward: dX by the input-gradient kernel with
+    segments (`backend` "triton"), the adapter gradients per set by `backend`'s own backward (`ops`) on the set's
+    samples. `counts`: samples per set (host ints)."""
     kp, kd, db = stacked_factors(adapters, weight, groups, order)
     return _Fused.apply(x, weight, bias, kp, kd, db, index, tuple(counts), stride, padding, dilation, groups, order,
                         backend, fallback)
