@@ -99,16 +99,19 @@ def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -
     return sorted(timed_ms(fn, device) for _ in range(repeats))[repeats // 2]
 
 
-_FASTEST: Dict[tuple, str] = {}
+_FASTEST: Dict[tuple, str] = {}  # auto's backend per conv (`fastest_backend`)
+ROUTE_CHOICES: Dict[tuple, str] = {}  # auto's route per mixed batch (`mixed.route`)
 
 
 def measured_choice(key: tuple, candidates: Dict[str, Callable[[], object]], device: torch.device,
-                    what: str) -> str:
-    """The candidate that runs fastest, each timed once per `key` (`_time_ms`) and the choice cached until
-    `clear_caches`: the one measure-and-remember policy of `auto` (backends here, mixed-batch routes in `mixed`).
-    A candidate whose call returns False is never chosen (a Triton path that fell back to torch); one always
-    stays. `what` names the decision in the log line."""
-    if key not in _FASTEST:
+                    what: str, table: Optional[Dict[tuple, str]] = None) -> str:
+    """The candidate that runs fastest, each timed once per `key` (`_time_ms`) and the choice kept in `table`
+    (default `_FASTEST`) until `clear_caches`: the one measure-and-remember policy of `auto` (backends here,
+    mixed-batch routes in `mixed`, which keeps its choices in `ROUTE_CHOICES`). A candidate whose first call
+    returns False is never chosen (a Triton path that failed); one always stays. `what` names the decision in
+    the log line."""
+    choices = _FASTEST if table is None else table
+    if key not in choices:
         times, failed = {}, set()
         for name, fn in candidates.items():
             if fn() is False:  # a first call that failed: not timed
@@ -117,10 +120,10 @@ def measured_choice(key: tuple, candidates: Dict[str, Callable[[], object]], dev
                 continue
             times[name] = _time_ms(fn, device)
         usable = {n: t for n, t in times.items() if n not in failed} or times
-        _FASTEST[key] = min(usable, key=usable.get)
-        logger.info("colora_fused: %s %s (%s)", what, _FASTEST[key],
+        choices[key] = min(usable, key=usable.get)
+        logger.info("colora_fused: %s %s (%s)", what, choices[key],
                     ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
-    return _FASTEST[key]
+    return choices[key]
 
 
 def fastest_backend(x: Tensor, weight: Tensor, pointwise: Tensor, depthwise: Tensor, stride, padding, dilation,
@@ -384,4 +387,5 @@ def clear_caches() -> None:
     Triton failed under `auto` (`ops.clear_caches`), the CPU workspaces and every layer's merged K0 + ΔK. Each is
     rebuilt when next needed; useful between benchmarks, after changing the environment, and in tests."""
     _FASTEST.clear()
+    ROUTE_CHOICES.clear()
     ops.clear_caches()

@@ -201,4 +201,5 @@ def _measured_route(candidates, x, weight, bias, adapters, index, stride, paddin
                 return False
 
     return functional.measured_choice(key, {name: (lambda name=name: run(name)) for name in candidates}, x.device,
-                                      f"mixed-batch route for x {tuple(x.shape)}, {len(adapters)} sets:")
+                                      f"mixed-batch route for x {tuple(x.shape)}, {len(adapters)} sets:",
+                                      functional.ROUTE_CHOICES)
