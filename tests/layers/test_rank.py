@@ -14,6 +14,8 @@ from cases import (CASE_PARAMS, CASES, ORDERS, TOLERANCE, TRITON_DEVICE, assert_
 
 TOL = TOLERANCE[torch.float32]
 RANK = 3
+# The cases whose Triton paths run at rank r in the interpreter (CI's time): stride, groups, channels_last, 3-D.
+INTERPRETER_RANK_CASES = ("2d-k3-stride2", "2d-groups3", "2d-channels-last-groups", "3d-k3-groups2")
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -51,6 +53,9 @@ def _backends():
 def test_rank_r_training_matches_reference(case, order, backend):
     """Output and every gradient at rank 3 (Triton paths in the interpreter on CPU, on CUDA on a GPU)."""
     device = backend_device(backend)
+    if device == "cpu" and backend in ("triton", "hybrid") and case.id not in INTERPRETER_RANK_CASES:
+        pytest.skip("the kernels' rank loop is the same in every case: the interpreter runs it on "
+                    f"{', '.join(INTERPRETER_RANK_CASES)} (every case on a GPU)")
     assert_training_matches_reference(case, order, backend, rank=RANK, device=device, tol=fp32_tolerance(device))
 
 
