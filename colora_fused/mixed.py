@@ -6,14 +6,17 @@ named adapters summed, as `layer.factors(names)` gives it), or None for the base
 tensor of one set number per sample, so the assignment is data, not Python: a compiled model serves any batch
 with the same number of sets without recompiling.
 
-Four routes (`route`):
+Five routes (`route`):
 
 - "single": one set for the whole batch, which is `colora_conv` itself (the layer's cached merge included);
-- "segments": the base conv once over the whole batch; then the residual of every sample at once, its factors
-  gathered per sample by `index` (adapter-sized, [N, r, C_out, C_in/groups]: never a weight per sample). The
-  1×1 channel mix is one batched matmul, the depthwise stencil one depthwise conv over N·r·C channels, Δb one
-  gathered add. Static shapes, aten ops only: autograd sums each adapter's gradient over its samples, and it
-  runs under torch.compile without a graph break, autocast, torch.func and every conv hyper-parameter;
+- "segments": the base conv once over the whole batch; then, per segment of samples sharing a set (the samples
+  sorted by set, host counts), the residual by the reference's formula (a 1×1 conv and a depthwise conv, the
+  library's ordinary batched convs), added back at the samples' places. A loop over the sets, never over the
+  samples; autograd sums each adapter's gradient over its samples;
+- "gathered": the same residual for every sample at once, its factors gathered per sample by `index`
+  (adapter-sized, [N, r, C_out, C_in/groups]: never a weight per sample): one batched matmul and one depthwise
+  conv over N·r·C channels. Static shapes, aten ops only: the route under torch.compile (no graph break) and
+  torch.func;
 - "per_set": the samples sorted by set and `colora_conv` run once per set on its samples, with the layer's
   backend (its merged weight, or the fused kernels), the outputs put back in order. dLoRA's "merge" mode, for
   batches of few, large sets;
@@ -37,7 +40,7 @@ from ._conv import adapter_shapes
 logger = logging.getLogger(__name__)
 
 Factors = Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
-ROUTES = ("single", "segments", "per_set", "fused")
+ROUTES = ("single", "segments", "gathered", "per_set", "fused")
 
 
 class MixedBatch(NamedTuple):
@@ -80,32 +83,37 @@ def _run(chosen, x, weight, bias, adapters, index, counts, stride, padding, dila
 
 def route(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Factors], index: Tensor, stride,
           padding, dilation, groups: int, padding_mode: str, order: str, backend: str) -> str:
-    """Which route computes this mixed batch: "single" for one set; else COLORA_MIXED_ROUTE when set;
-    "segments" under torch.compile and torch.func, for the torch and composite backends, and when no set has an
-    adapter; "per_set" for "reference" and "hybrid" (which then run their own kernels per set); "fused" for
-    "triton" (the segmented fused kernel; "per_set" where it does not serve the conv); under `auto` on CUDA the
-    fastest of "segments", "per_set" and (where it serves the conv) "fused", measured once per shape, number of
-    sets and backend."""
+    """Which route computes this mixed batch (module docstring): "single" for one set; else COLORA_MIXED_ROUTE
+    when set (under torch.compile and torch.func a forced "segments" or "per_set" becomes "gathered", which has
+    no data-dependent size); "gathered" under torch.compile and torch.func and when no set has an adapter;
+    "segments" for the torch and composite backends; "per_set" for "reference" and "hybrid" (which then run their
+    own kernels per set); "fused" for "triton" ("per_set" where the fused kernel does not serve the conv). Under
+    `auto` on CUDA the fastest candidate, measured once per shape, number of sets and backend: "segments",
+    "gathered", "per_set" and, where the fused kernel serves the conv, "fused"."""
     if len(adapters) == 1:
         return "single"
+    traced = torch.compiler.is_compiling() or functional.transforms_active()
     forced = settings.mixed_route()
     if forced is not None:
         if forced not in ROUTES[1:]:
             raise ValueError(f"COLORA_MIXED_ROUTE={forced!r}; choose one of {ROUTES[1:]}")
-        return forced
+        return "gathered" if traced and forced in ("segments", "per_set") else forced
     first = _first(adapters)
-    if first is None or torch.compiler.is_compiling() or functional.transforms_active():
-        return "segments"
+    if first is None or traced:
+        return "gathered"
     plan = functional.prepare(x, weight, bias, *first, stride, padding, dilation, groups, padding_mode, order,
                               backend)
-    if plan.backend in ("torch", "composite"):
-        return "segments"
-    fused = functional.unsupported_reason("triton", plan.x, functional.metadata_like(weight, plan.x.dtype),
-                                          groups) is None
-    if functional.requested_backend(backend) != "auto" or not settings.autotune():
-        return "fused" if plan.backend == "triton" and fused else "per_set"
-    candidates = ("segments", "per_set") + (("fused",) if fused and not functional.fused_prefers_library(
-        weight, groups) else ())
+    fused = plan.backend not in ("torch", "composite", "reference") and functional.unsupported_reason(
+        "triton", plan.x, functional.metadata_like(weight, plan.x.dtype), groups) is None
+    if (functional.requested_backend(backend) != "auto" or not settings.autotune() or not x.is_cuda
+            or plan.backend == "composite"):
+        # Not measured on CPU: one timing per shape there is noisier than the routes differ ("segments" measured
+        # fastest on ResNet-50, design §10).
+        return {"torch": "segments", "composite": "segments", "triton": "fused" if fused else "per_set"}.get(
+            plan.backend, "per_set")
+    candidates = ("segments", "gathered", "per_set")
+    if fused and not functional.fused_prefers_library(weight, groups):
+        candidates += ("fused",)
     return _measured_route(candidates, x, weight, bias, adapters, index, stride, padding, dilation, groups,
                            padding_mode, order, backend, plan)
 
@@ -153,13 +161,13 @@ def _one_set(x, weight, bias, factors: Factors, stride, padding, dilation, group
 
 def _prepared(chosen, x, weight, bias, adapters, index, counts, stride, padding, dilation, groups, padding_mode,
               order, backend) -> Tensor:
-    """The "segments" and "fused" routes: checks, padding and autocast as `colora_conv` does them, then
-    `mixed_ops.segments` (aten ops) or `mixed_ops.fused` (the segmented fused kernel)."""
+    """The "segments", "gathered" and "fused" routes: checks, padding and autocast as `colora_conv` does them,
+    then `mixed_ops.segments` (aten ops) or `mixed_ops.fused` (the segmented fused kernel)."""
     first = _first(adapters)
     if first is None:
         return _one_set(x, weight, bias, None, stride, padding, dilation, groups, padding_mode, order, backend, None)
     plan = functional.prepare(x, weight, bias, *first, stride, padding, dilation, groups, padding_mode, order,
-                              "torch" if chosen == "segments" else backend)
+                              "torch" if chosen in ("segments", "gathered") else backend)
     for factors in adapters:
         if factors is not None:
             functional.check_tensors(plan.x, weight, bias, *factors, groups, order, plan.dtype)
@@ -167,8 +175,10 @@ def _prepared(chosen, x, weight, bias, adapters, index, counts, stride, padding,
     with torch.autocast(plan.x.device.type, enabled=False) if plan.dtype is not None else contextlib.nullcontext():
         adapters = [None if a is None else tuple(cast(t) for t in a) for a in adapters]
         conv = (plan.stride, plan.padding, plan.dilation, groups, order)
-        if chosen == "segments":
-            out = mixed_ops.segments(plan.x, cast(weight), cast(bias), adapters, index, *conv)
+        if chosen in ("segments", "gathered"):
+            # "segments": one residual per segment of samples (host counts); "gathered": static shapes.
+            out = mixed_ops.segments(plan.x, cast(weight), cast(bias), adapters, index, *conv,
+                                     _counts(index, len(adapters), counts) if chosen == "segments" else None)
         else:
             kernel_backend = plan.backend if plan.backend in ("triton", "hybrid") else "triton"
             out = mixed_ops.fused(plan.x, cast(weight), cast(bias), adapters, index,

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import ops
 from ._conv import CONV_FNS, adapter_rank, adapter_shapes, adapter_terms
+from .reference import residual_reference
 
 Factors = Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
 
@@ -34,10 +35,38 @@ def stacked_factors(adapters: Sequence[Factors], weight: Tensor, groups: int, or
 
 
 def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Factors], index: Tensor,
-             stride, padding, dilation, groups: int, order: str) -> Tensor:
-    """The "segments" route on a batched, zero-padded (symmetric `padding`), cast x: base conv + the residual
-    of every sample with its set's factors gathered by `index` (module docstring). One formula per order, the
-    reference's (design §1) with a per-sample Kp and Kd.
+             stride, padding, dilation, groups: int, order: str,
+             counts: Optional[Sequence[int]] = None) -> Tensor:
+    """The "segments" route on a batched, zero-padded (symmetric `padding`), cast x: the base conv once over the
+    whole batch, plus each sample's residual with its set's factors.
+
+    With `counts` (samples per set, host ints; eager mode), the residual runs per segment: the samples sorted by
+    set, each set's residual on its samples by the reference's formula (`reference.residual_reference`: a 1×1
+    conv and a depthwise conv, each the library's ordinary batched conv), added back at the samples' places.
+    Without (torch.compile, torch.func: no data-dependent sizes), `gathered_residual`: the same residual with
+    the factors gathered per sample, in static shapes."""
+    conv = CONV_FNS[weight.dim() - 2]
+    out = conv(x, weight, bias, stride, padding, dilation, groups)
+    if counts is None:
+        return out.add_(gathered_residual(x, weight, adapters, index, out.shape, stride, padding, dilation, groups,
+                                          order))
+    sorted_samples = torch.argsort(index, stable=True)
+    rows, residuals = [], []
+    for s, part in enumerate(sorted_samples.split(list(counts))):
+        if len(part) and adapters[s] is not None:
+            rows.append(part)
+            residuals.append(residual_reference(x.index_select(0, part), *adapters[s], stride, padding, dilation,
+                                                groups, order))
+    if not residuals:
+        return out
+    return out.index_add_(0, torch.cat(rows), torch.cat(residuals).to(out.dtype))
+
+
+def gathered_residual(x: Tensor, weight: Tensor, adapters: Sequence[Factors], index: Tensor, out_shape,
+                      stride, padding, dilation, groups: int, order: str) -> Tensor:
+    """Every sample's residual at once, its set's factors gathered by `index` into [N, r, ...] tensors
+    (adapter-sized: never a weight per sample). One formula per order, the reference's (design §1) with a
+    per-sample Kp and Kd.
 
     The per-sample depthwise stencil is one depthwise conv of a single "sample" with N·r·C channels, laid out
     channels-innermost (memory [*spatial, N, r, C]): torch's CPU depthwise conv is ~10× faster on that layout
@@ -48,8 +77,7 @@ def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequen
     c_out_g = c_out // groups
     kp_n = kp.index_select(0, index).reshape(n, rank, groups, c_out_g, c_in_g)  # [N, R, G, C_out/g, C_in/g]
     kd_n = kd.index_select(0, index)
-    out = conv(x, weight, bias, stride, padding, dilation, groups)
-    spatial_in, spatial_out = x.shape[2:], out.shape[2:]
+    spatial_in, spatial_out = x.shape[2:], out_shape[2:]
     # x as [N, G, S, C_in/g] (a view for channels_last x): each sample's 1×1 mix is one matmul per group.
     x_last = x.movedim(1, -1).reshape(n, -1, groups, c_in_g).transpose(1, 2)
     if order == "pointwise_first":
@@ -72,7 +100,7 @@ def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequen
         residual = z2.transpose(1, 2).reshape(n, *spatial_out, c_out).movedim(-1, 1)  # [N, C_out, *spatial_out]
     if db is not None:
         residual = residual + db.index_select(0, index).reshape(n, c_out, *(1 for _ in spatial_out))
-    return out.add_(residual)
+    return residual
 
 
 def _one_sample(t: Tensor, spatial: Sequence[int], channels: int) -> Tensor:

@@ -25,9 +25,20 @@ def colora_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         amounts = pad_amounts(padding, weight.shape[2:], ntuple(dilation, nd))
         x = F.pad(x, f_pad_arg(amounts), mode=padding_mode)
         padding = 0
-    c_out, c_in = weight.shape[0], x.shape[1]
+    return conv(x, weight, bias, stride, padding, dilation, groups) + residual_reference(
+        x, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order)
+
+
+def residual_reference(x: torch.Tensor, pointwise: torch.Tensor, depthwise: torch.Tensor,
+                       bias_delta: Optional[torch.Tensor], stride=1, padding=0, dilation=1, groups: int = 1,
+                       order: str = "pointwise_first") -> torch.Tensor:
+    """Z2 + Δb of eq. 16–19 (summed over the rank-r terms) on an x already padded by any non-zero padding mode:
+    the CoLoRA residual without the base conv."""
+    nd = x.dim() - 2
+    conv = CONV_FNS[nd]
+    c_out, c_in = pointwise.shape[-2], x.shape[1]
     one = (1,) * nd
-    out = conv(x, weight, bias, stride, padding, dilation, groups)
+    out = 0
     for i, (kp, kd) in enumerate(zip(*adapter_terms(pointwise, depthwise))):  # rank r: ΔK = Σ_i Kp[i] ⊛ Kd[i]
         db = bias_delta if i == 0 else None
         if order == "pointwise_first":

@@ -51,6 +51,7 @@ def triton_interpret() -> bool:
 
 
 def mixed_route() -> Optional[str]:
-    """COLORA_MIXED_ROUTE: "segments", "per_set" or "fused" forces that route for batches whose samples use different
-    adapters (`mixed.route`), where it would choose; unset or empty: None (it chooses)."""
+    """COLORA_MIXED_ROUTE: "segments", "gathered", "per_set" or "fused" forces that route for batches whose
+    samples use different adapters (`mixed.route`; under torch.compile "segments" and "per_set" become
+    "gathered"), where it would choose; unset or empty: None (it chooses)."""
     return os.environ.get("COLORA_MIXED_ROUTE", "") or None

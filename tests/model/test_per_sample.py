@@ -94,7 +94,7 @@ def check_against_alone(model, x, names=NAMES, tolerance=TOLERANCE[torch.float64
     return out
 
 
-@pytest.mark.parametrize("route", ["segments", "per_set"])
+@pytest.mark.parametrize("route", ["segments", "gathered", "per_set"])
 @pytest.mark.parametrize("order", ["pointwise_first", "depthwise_first"])
 @pytest.mark.parametrize("dim,groups", [(1, 1), (2, 1), (2, 2), (3, 2)])
 def test_torch_backend_matches_each_sample_alone(monkeypatch, route, order, dim, groups):
@@ -143,6 +143,13 @@ def test_fused_route_double_backward_matches_segments(monkeypatch):
         (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
         grads[route] = torch.autograd.grad(g.square().sum(), model[0].colora_adapters["a"].pointwise)[0]
     close(grads["fused"], grads["segments"], fp32_tolerance(TRITON_DEVICE))
+
+
+def test_auto_takes_segments_on_cpu_without_measuring():
+    model = mixed_model(2, dtype=torch.float32, backend="auto")
+    cf.clear_caches()
+    check_against_alone(model, inputs(2, dtype=torch.float32), tolerance=TOLERANCE[torch.float32])
+    assert not cf.functional.ROUTE_CHOICES  # measured on CUDA only
 
 
 def test_default_routes():
