@@ -3,6 +3,7 @@
     colora-bench                      # ResNet-50 and VGG-16, every method this machine can run
     colora-bench --model resnet18 --methods full,colora-torch --batch 16 --image-size 128
     colora-bench --layers             # each distinct conv shape: forward and training step, TFLOP/s
+    colora-bench --mixed 8            # one batch, 8 adapter sets: adapters_per_sample against the alternatives
     colora-bench --audit -- ARGS      # the static kernel audit instead (colora-audit ARGS)
     python -m colora_fused.bench ...  # the same
 
@@ -12,9 +13,9 @@ speed-up over full fine-tuning comes with a 95% interval from those paired round
 slower or within the noise (stats.py); a busy machine gets extra rounds, up to --max-seconds. Peak memory is
 measured separately, one method at a time, from a fresh copy of the model. Writes results.csv, results.md,
 results.png, env.json and progress.log under --out (default bench-results/<device>/, or
-bench-results/<device>/layers/).
+bench-results/<device>/layers/ or .../mixed/).
 
-This module is the command line; the modes live in model_mode.py and layer_mode.py, what they share in
+This module is the command line; the modes live in model_mode.py, layer_mode.py and mixed_mode.py, what they share in
 common.py (with the progress report, colora_fused.toolbox's), the verdicts in stats.py, the outputs in report.py.
 """
 import argparse
@@ -26,9 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .common import (AMP_DTYPES, COMPILE_SUFFIX, DEFAULT_MODELS, KXK_SUFFIX, LAYER_METHODS, MEMORY_STEPS,
-                     MODEL_METHODS, RANK_SUFFIX, SAMPLE_MS, Config, Progress, device_slug, load_average,
-                     missing_dependency, split_method)
+                     MIXED_METHODS, MIXED_MODELS, MODEL_METHODS, RANK_SUFFIX, SAMPLE_MS, Config, Progress, device_slug,
+                     load_average, missing_dependency, split_method)
 from .layer_mode import bench_layers
+from .mixed_mode import bench_mixed, planned_steps
 from .model_mode import bench_model, classification_models
 from .report import write_outputs
 from .stats import MIN_ROUNDS
@@ -49,6 +51,13 @@ LAYER_DEFAULTS = {
     "cuda": dict(warmup=5, rounds=10, steps_per_round=5),
     "cpu": dict(warmup=1, rounds=6, steps_per_round=1),
 }
+# --mixed: issue #26's settings, batch 32 on CPU (64² keeps the default run to a few minutes on two cores) and 64
+# at 224² bf16 on CUDA; more rounds on CPU, where the ratios to single are close to 1.
+MIXED_DEFAULTS = {
+    "cuda": dict(batch=64, image_size=224),
+    "cpu": dict(batch=32, image_size=64, rounds=8),
+}
+MODE_WORDS = {"model": "model", "layers": "layer", "mixed": "mixed"}
 
 
 class UsageError(ValueError):
@@ -59,6 +68,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 adapter sets, got {text}")
     return value
 
 
@@ -75,6 +91,9 @@ def _default(name: str) -> str:
     text = f"(default: {DEFAULTS['cuda'][name]} on CUDA, {DEFAULTS['cpu'][name]} on CPU"
     if name in LAYER_DEFAULTS["cuda"]:
         text += f"; with --layers {LAYER_DEFAULTS['cuda'][name]} and {LAYER_DEFAULTS['cpu'][name]}"
+    mixed = {device: {**DEFAULTS[device], **MIXED_DEFAULTS[device]}[name] for device in ("cuda", "cpu")}
+    if any(mixed[device] != DEFAULTS[device][name] for device in mixed):
+        text += f"; with --mixed {mixed['cuda']} and {mixed['cpu']}"
     return text + ")"
 
 
@@ -84,13 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="colora-bench",
         usage="colora-bench [options] | colora-bench --audit [-- AUDIT_ARGS]",
         description="Training throughput and peak memory of CoLoRA against full fine-tuning, head-only training, "
-                    "eager CoLoRA and PEFT LoRA on this machine (or, with --layers, per conv shape).",
+                    "eager CoLoRA and PEFT LoRA on this machine (or, with --layers, per conv shape; with --mixed, "
+                    "batches mixing adapter sets).",
         epilog=f"Progress: a bar on a terminal; elsewhere (a log, CI) a line per phase and at least one every "
                f"{HEARTBEAT_S:g} s, with the elapsed time and what remains. Every line also goes to progress.log "
                "in --out.")
     parser.add_argument("--model", "--models", dest="models", action="append", metavar="NAME",
                         help="resnet50, vgg16 or any torchvision classification model; repeat or comma-separate "
-                             f"(default: {','.join(DEFAULT_MODELS)})")
+                             f"(default: {','.join(DEFAULT_MODELS)}; with --mixed {','.join(MIXED_MODELS)})")
     parser.add_argument("--methods", action="append", metavar="M",
                         help=f"comma-separated; model mode: {', '.join(MODEL_METHODS)}; layer mode: "
                              f"{', '.join(LAYER_METHODS)}; a name ending in {COMPILE_SUFFIX} runs it under "
@@ -98,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: every method that can run here)")
     parser.add_argument("--layers", action="store_true",
                         help="layer mode: each distinct conv shape of the model, forward and training step")
+    parser.add_argument("--mixed", type=_at_least_two, metavar="A",
+                        help="mixed mode: one batch whose samples use A >= 2 adapter sets (round-robin), "
+                             f"adapters_per_sample against one adapter for the batch, a loop over the sets and PEFT's "
+                             f"adapter_names; forward and training step; methods {', '.join(MIXED_METHODS)}; "
+                             f"models: {','.join(MIXED_MODELS)} unless --model is given")
     parser.add_argument("--compile", action="store_true", help=f"add a {COMPILE_SUFFIX} variant of every method")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
@@ -116,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps-per-round", type=_positive_int, metavar="N",
                         help=f"timed steps per method per round {_default('steps_per_round')}")
     parser.add_argument("--max-seconds", type=float, metavar="S",
-                        help="model mode: on a busy machine (load average above the core count) add timing rounds "
-                             "for the verdicts still within the noise, as many as fit before the run has taken "
-                             "about S seconds; the planned rounds always run; 0: never add rounds "
+                        help="model and mixed mode: on a busy machine (load average above the core count) add "
+                             "timing rounds for the verdicts still within the noise, as many as fit before the run "
+                             "has taken about S seconds; the planned rounds always run; 0: never add rounds "
                              + _default("max_seconds"))
     parser.add_argument("--sample-ms", type=float, metavar="MS",
                         help="layer mode: repeat each call so that one timed sample lasts at least this long "
@@ -127,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier outputs (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic batch (default: 0)")
     parser.add_argument("--out", metavar="DIR",
-                        help="output folder (default: bench-results/<device>/, + layers/ in layer mode)")
+                        help="output folder (default: bench-results/<device>/, + layers/ or mixed/ in those modes)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar or progress lines on stderr; progress.log is still written")
     parser.add_argument("--audit", action="store_true",
@@ -163,7 +188,7 @@ def resolve_device(text: str) -> torch.device:
 def resolve_methods(requested: Optional[List[str]], mode: str, device: torch.device,
                     compiled: bool) -> Tuple[List[str], Dict[str, str]]:
     """The methods to run and, when none were named, those skipped here with the reason."""
-    valid = LAYER_METHODS if mode == "layers" else MODEL_METHODS
+    valid = {"layers": LAYER_METHODS, "mixed": MIXED_METHODS}.get(mode, MODEL_METHODS)
     skipped: Dict[str, str] = {}
     if requested is None:
         methods = []
@@ -177,9 +202,12 @@ def resolve_methods(requested: Optional[List[str]], mode: str, device: torch.dev
     else:
         for method in requested:
             base, kxk, _ = split_method(method)
-            if (base + KXK_SUFFIX if kxk else base) not in valid or (RANK_SUFFIX.search(method.replace(
+            if mode == "mixed":
+                if method not in valid:
+                    raise UsageError(f"unknown method {method!r} in mixed mode; choose from: {', '.join(valid)}")
+            elif (base + KXK_SUFFIX if kxk else base) not in valid or (RANK_SUFFIX.search(method.replace(
                     COMPILE_SUFFIX, "")) and not base.startswith("colora-")):
-                raise UsageError(f"unknown method {method!r} in {'layer' if mode == 'layers' else 'model'} mode; "
+                raise UsageError(f"unknown method {method!r} in {MODE_WORDS[mode]} mode; "
                                  f"choose from: {', '.join(valid)} (append {COMPILE_SUFFIX} for torch.compile; "
                                  f"@rN after a colora method for rank N)")
             reason = missing_dependency(method, device)
@@ -188,6 +216,8 @@ def resolve_methods(requested: Optional[List[str]], mode: str, device: torch.dev
                 raise UsageError(f"method {method} cannot run here: it {reason}; methods that can: "
                                  f"{', '.join(runnable)}")
         methods = list(requested)
+    if mode == "mixed" and "single" not in methods:
+        methods.insert(0, "single")  # the reference of every ratio
     if compiled:
         methods += [m + COMPILE_SUFFIX for m in methods if not m.endswith(COMPILE_SUFFIX)]
     return list(dict.fromkeys(methods)), skipped
@@ -196,9 +226,13 @@ def resolve_methods(requested: Optional[List[str]], mode: str, device: torch.dev
 def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Config:
     """The run's Config from parsed options: device, models and methods checked, defaults filled in."""
     device = resolve_device(args.device)
-    mode = "layers" if args.layers else "model"
+    mode = "mixed" if args.mixed else "layers" if args.layers else "model"
+    if args.mixed and args.layers:
+        raise UsageError("--mixed and --layers are separate modes; give one")
+    if args.mixed and args.compile:
+        raise UsageError("--compile is not available with --mixed")
 
-    models = _split(args.models) or list(DEFAULT_MODELS)
+    models = _split(args.models) or list(MIXED_MODELS if mode == "mixed" else DEFAULT_MODELS)
     known = classification_models()
     for name in models:
         if name not in known:
@@ -206,17 +240,19 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Config:
 
     methods, skipped = resolve_methods(_split(args.methods), mode, device, args.compile)
     defaults = dict(DEFAULTS[device.type])
-    if mode == "layers":
-        defaults.update(LAYER_DEFAULTS[device.type])
+    defaults.update({"layers": LAYER_DEFAULTS, "mixed": MIXED_DEFAULTS}.get(mode, {}).get(device.type, {}))
     pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
-    out = args.out or os.path.join("bench-results", device_slug(device), *(["layers"] if mode == "layers" else []))
+    if args.mixed and args.mixed > pick("batch"):
+        raise UsageError(f"--mixed {args.mixed} needs a batch of at least {args.mixed} images (--batch "
+                         f"{pick('batch')}): every adapter set gets a sample")
+    out = args.out or os.path.join("bench-results", device_slug(device), *([mode] if mode != "model" else []))
     return Config(mode=mode, models=models, methods=methods, skipped=skipped, device=device, dtype=pick("dtype"),
                   batch=pick("batch"), image_size=pick("image_size"), channels_last=pick("channels_last"),
                   warmup=pick("warmup"), rounds=pick("rounds"), steps_per_round=pick("steps_per_round"),
                   num_classes=args.num_classes, seed=args.seed, out=out, show_progress=not args.no_progress,
                   command=shlex.join(["colora-bench", *argv]), load_at_start=load_average(),
                   sample_ms=SAMPLE_MS[device.type] if args.sample_ms is None else args.sample_ms,
-                  max_seconds=pick("max_seconds"))
+                  max_seconds=pick("max_seconds"), sets=args.mixed or 0)
 
 
 def parse_config(argv: Optional[Sequence[str]]) -> Config:
@@ -256,13 +292,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.backends.cudnn.benchmark = True
     os.makedirs(cfg.out, exist_ok=True)
     # In layer mode the total grows as each model's conv shapes become known.
-    total = 0 if cfg.mode == "layers" else (
+    total = 0 if cfg.mode == "layers" else planned_steps(cfg) if cfg.mode == "mixed" else (
         len(cfg.models) * len(cfg.methods) * (MEMORY_STEPS + cfg.warmup + cfg.rounds * cfg.steps_per_round))
     rows: List[dict] = []
     with Progress(total, log_path=os.path.join(cfg.out, "progress.log"), show=cfg.show_progress) as progress:
         progress.phase(f"{cfg.mode} mode on {cfg.device}: {', '.join(cfg.models)}; {', '.join(cfg.methods)}")
         for model_name in cfg.models:
-            rows += (bench_layers if cfg.mode == "layers" else bench_model)(model_name, cfg, progress)
+            bench = {"layers": bench_layers, "mixed": bench_mixed}.get(cfg.mode, bench_model)
+            rows += bench(model_name, cfg, progress)
         progress.phase("writing results")
         markdown = write_outputs(rows, cfg)
     print(markdown)

@@ -18,6 +18,11 @@ DEFAULT_MODELS = ("resnet50", "vgg16")
 MODEL_METHODS = ("full", "head", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora",
                  "colora-eager-kxk", "colora-torch-kxk", "colora-triton-kxk", "colora-hybrid-kxk")
 LAYER_METHODS = ("conv", "full", "colora-eager", "colora-torch", "colora-triton", "colora-hybrid", "peft-lora")
+# Mixed mode (--mixed A): one batch whose samples use A adapter sets; "single" (one adapter for the whole batch) is
+# the reference (mixed_mode.py says what each one runs).
+MIXED_METHODS = ("single", "mixed", "mixed-segments", "mixed-gathered", "mixed-per-set", "set-loop", "peft-mixed")
+MIXED_MODELS = ("resnet50",)
+PEFT_MIXED_VERSION = (0, 10)  # the first peft whose forward takes adapter_names=
 # The method of each backend (`backends.NAMES`): colora-<name>, the reference backend as colora-eager (the paper's
 # equations run as written). colora-auto is no timed method: layer mode builds it to report the path `auto` takes.
 COLORA_BACKENDS = {("colora-eager" if name == "reference" else f"colora-{name}"): name for name in backends.NAMES}
@@ -47,7 +52,7 @@ class Config:
     batch: int
     image_size: int
     channels_last: bool
-    mode: str = "model"  # or "layers"
+    mode: str = "model"  # or "layers", "mixed"
     models: List[str] = dataclasses.field(default_factory=list)
     methods: List[str] = dataclasses.field(default_factory=list)
     skipped: Dict[str, str] = dataclasses.field(default_factory=dict)  # method → why it cannot run here
@@ -62,6 +67,7 @@ class Config:
     load_at_start: Optional[float] = None  # the 1-minute load average before the run (Unix)
     sample_ms: float = 20.0  # layer mode: a timed sample repeats the call until it lasts about this long
     max_seconds: float = 0.0  # model mode: a busy machine's extra rounds end the run by about then (0: none)
+    sets: int = 0  # mixed mode: the distinct adapter sets in one batch (--mixed A)
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -94,12 +100,26 @@ def missing_dependency(method: str, device: torch.device) -> Optional[str]:
         return f"needs a {' or '.join(d.upper() for d in backend.devices)} device (this run is on {device.type})"
     if backend is not None and backend.triton and not triton_available():
         return "needs triton (pip install triton)"
-    if base == "peft-lora":
+    if base in ("peft-lora", "peft-mixed"):
         try:
-            import peft  # noqa: F401
+            import peft
         except ImportError:
             return "needs peft (pip install peft, or pip install colora_fused[bench])"
+        if base == "peft-mixed" and _version(peft.__version__) < PEFT_MIXED_VERSION:
+            return (f"needs peft >= {'.'.join(map(str, PEFT_MIXED_VERSION))} for adapter_names= (this is "
+                    f"{peft.__version__})")
     return None
+
+
+def _version(text: str) -> Tuple[int, ...]:
+    """The leading numbers of a version string: "0.21.2.dev0" → (0, 21, 2)."""
+    numbers = []
+    for part in text.split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits.group()))
+    return tuple(numbers)
 
 
 def device_name(device: torch.device) -> str:
@@ -145,7 +165,8 @@ def environment(cfg: Config) -> dict:
         "num_classes": cfg.num_classes,
         "seed": cfg.seed,
         "sample_ms": cfg.sample_ms if cfg.mode == "layers" else None,
-        "max_seconds": cfg.max_seconds if cfg.mode == "model" else None,
+        "max_seconds": cfg.max_seconds if cfg.mode in ("model", "mixed") else None,
+        "sets": cfg.sets if cfg.mode == "mixed" else None,
         "verdicts": dict(confidence=bench_stats.CONFIDENCE, bootstrap_resamples=bench_stats.RESAMPLES,
                          bootstrap_seed=bench_stats.SEED, min_rounds=bench_stats.MIN_ROUNDS),
         "memory_metric": memory_metric(cfg.device),

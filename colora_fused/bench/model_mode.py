@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,19 +90,26 @@ def matched_lora_ranks(convs: Dict[str, nn.modules.conv._ConvNd]) -> Dict[str, i
     return ranks(min((max(r - 1, 1), r), key=error))
 
 
-def inject_lora(model: nn.Module, ranks: Dict[str, int]) -> None:
-    """PEFT's LoRA on the named convs of `model` with these ranks, in place; only the LoRA factors are
-    trainable afterwards. The scale alpha/r is 1 everywhere."""
-    from peft import LoraConfig, inject_adapter_in_model
+def lora_config(ranks: Dict[str, int]):
+    """PEFT's LoraConfig for LoRA on the named convs with these ranks (a rank per conv), the scale alpha/r 1
+    everywhere."""
+    from peft import LoraConfig
 
     rank = Counter(ranks.values()).most_common(1)[0][0]
     others = {re.escape(n): r for n, r in ranks.items() if r != rank}
     pattern = "|".join(re.escape(n) for n in ranks)  # a string target is fullmatch-ed against qualified names
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=f"(?:{pattern})",
-                        rank_pattern=others, alpha_pattern=others)
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=f"(?:{pattern})",
+                      rank_pattern=others, alpha_pattern=others)
+
+
+def inject_lora(model: nn.Module, ranks: Dict[str, int]) -> None:
+    """PEFT's LoRA on the named convs of `model` with these ranks, in place; only the LoRA factors are
+    trainable afterwards. The scale alpha/r is 1 everywhere."""
+    from peft import inject_adapter_in_model
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LoRA adapter added to ConvNd layer with groups")  # merging
-        inject_adapter_in_model(config, model)
+        inject_adapter_in_model(lora_config(ranks), model)
 
 
 def build_method_model(base: nn.Module, head: str, method: str, cfg: Config,
@@ -152,15 +159,18 @@ def logits_of(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
-def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> Callable[[], None]:
-    """One AdamW training step on (x, y): zero grads, forward under autocast, loss, backward, update."""
+def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config,
+                    forward: Optional[Callable[[], object]] = None) -> Callable[[], None]:
+    """One AdamW training step on (x, y): zero grads, forward under autocast, loss, backward, update.
+    `forward()`, when given, computes the output in place of `model(x)` (mixed mode's adapter assignments)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler(cfg.device.type) if cfg.dtype == "fp16" else None
+    forward = forward or (lambda: model(x))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with cfg.autocast():
-            loss = F.cross_entropy(logits_of(model(x)), y)
+            loss = F.cross_entropy(logits_of(forward()), y)
         if scaler is None:
             loss.backward()
             optimizer.step()

@@ -1,4 +1,5 @@
-"""colora-bench's outputs: results.csv, results.md (what the README quotes), results.png and env.json."""
+"""colora-bench's outputs: results.csv, results.md (what the README quotes), results.png and env.json, for each
+mode (model, layers, mixed)."""
 import csv
 import json
 import os
@@ -22,6 +23,15 @@ LAYER_COLUMNS = ("model", "layer", "count", "method", "mode", "auto_path", "stat
                  "ratio_vs_conv_high", "speedup_vs_full", "speedup_vs_full_low", "speedup_vs_full_high", "verdict",
                  "rounds_to_settle", "batch", "in_channels", "out_channels", "kernel", "stride", "groups",
                  "input_size")
+# Mixed mode: per model, phase (forward / train) and method; time_vs_single: the method's time over single's
+# (below 1: faster), with its CONFIDENCE interval and verdict; mixed_speedup: the method's time over mixed's (above
+# 1: mixed is faster), likewise; routes: the routes mixed.route took in the untimed call (layers × calls);
+# max_rel_diff_vs_set_loop: forward output's largest difference from set-loop's, over set-loop's largest value.
+MIXED_COLUMNS = ("model", "phase", "method", "status", "ms", "ms_p20", "ms_p80", "rounds", "steps", "images_per_s",
+                 "time_vs_single", "time_vs_single_low", "time_vs_single_high", "verdict", "rounds_to_settle",
+                 "mixed_speedup", "mixed_speedup_low", "mixed_speedup_high", "mixed_verdict", "load_average",
+                 "peak_mem_mib", "mem_vs_single", "routes", "max_rel_diff_vs_set_loop", "sets", "batch", "image_size",
+                 "note")
 VERDICT_COLORS = {FASTER: "#2a7ab0", SLOWER: "#c0392b", NOISE: "#aaaaaa", TOO_FEW: "#aaaaaa", REFERENCE: "#555555"}
 STATS = (f"Speed-up vs full: the median over the rounds of full fine-tuning's time / the method's in the same round "
          f"(a round times every method once, back to back); interval: {CONFIDENCE:.0%} percentile bootstrap of that "
@@ -61,7 +71,14 @@ def _table(header: Sequence[str], body: List[Sequence[str]]) -> List[str]:
 
 def _heading(cfg: Config) -> List[str]:
     layout = "channels_last" if cfg.channels_last else "contiguous"
-    if cfg.mode == "model":
+    title = f"{cfg.mode} mode"
+    if cfg.mode == "mixed":
+        title = f"mixed mode, {cfg.sets} adapter sets per batch"
+        timing = (f"per phase and method 1 untimed call, {cfg.warmup} warm-up calls, then {cfg.rounds} interleaved "
+                  f"rounds of {cfg.steps_per_round} timed call(s)")
+        if cfg.max_seconds > 0:
+            timing += f" (more on a busy machine, until about {cfg.max_seconds:g} s into the run)"
+    elif cfg.mode == "model":
         timing = (f"AdamW; per method {cfg.warmup} warm-up steps, then {cfg.rounds} interleaved rounds of "
                   f"{cfg.steps_per_round} timed step(s)")
         if cfg.max_seconds > 0:
@@ -70,7 +87,7 @@ def _heading(cfg: Config) -> List[str]:
         timing = (f"per method and mode {cfg.warmup} warm-up samples, then {cfg.rounds} interleaved rounds of "
                   f"{cfg.steps_per_round} timed sample(s), a sample repeating the call for ≥ "
                   f"{cfg.sample_ms:g} ms")
-    lines = [f"# colora-bench ({cfg.mode} mode) on {device_name(cfg.device)}", "",
+    lines = [f"# colora-bench ({title}) on {device_name(cfg.device)}", "",
              f"batch {cfg.batch}, {cfg.image_size}×{cfg.image_size}, {cfg.dtype}"
              f"{' autocast' if cfg.amp_dtype else ''}, {layout}; {timing}. torch {torch.__version__}. "
              f"Command: `{cfg.command}`", ""]
@@ -183,6 +200,101 @@ def layer_markdown(rows: List[dict], cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def mixed_markdown(rows: List[dict], cfg: Config) -> str:
+    from .mixed_mode import PHASE_TITLES, PHASES, targets
+
+    mem_header = "peak mem MiB (CUDA alloc)" if cfg.device.type == "cuda" else "peak RSS growth MiB"
+    lines = _heading(cfg) + [
+        f"One synthetic batch of {cfg.batch} images of {cfg.image_size}×{cfg.image_size}, its samples assigned "
+        f"round-robin to {cfg.sets} adapters u0…u{cfg.sets - 1} (sample i uses u{{i mod {cfg.sets}}}). "
+        "single: u0 active for the whole batch (the reference); mixed: `adapters_per_sample`, the route left to the "
+        "library; mixed-segments / mixed-gathered / mixed-per-set: the same with COLORA_MIXED_ROUTE forced; "
+        "set-loop: per set, `set_active_adapters` and a forward of its samples, the outputs put back in order; "
+        "peft-mixed: PEFT LoRA on the same convs (rank matched to CoLoRA's parameter count per adapter) through "
+        "`adapter_names=` (inference only). CoLoRA wraps its default targets (the k×k convs); only the adapters "
+        "train.", "",
+        f"Time: median and p20–p80 over the timed calls. *time vs single*: the median over the rounds of the method's "
+        f"time / single's in the same round (a round times every method once, back to back; below 1 is faster), "
+        f"its {CONFIDENCE:.0%} percentile bootstrap interval over the rounds ({RESAMPLES} resamples, seed {SEED}) "
+        f"and the verdict: faster or slower when the interval lies below or above 1, {NOISE} when it includes 1, "
+        f"{TOO_FEW} under {MIN_ROUNDS}. *mixed's speed-up*: that method's time / mixed's, per round, likewise "
+        f"(above 1: mixed is faster). Memory: {memory_metric(cfg.device)}, one method at a time on its own copy of "
+        "the model. routes: the route each CoLoRA layer took in the untimed call (× layers). max rel diff: the "
+        "forward output's largest difference from set-loop's, relative to set-loop's largest value.", ""]
+    header = ("method", "ms", "p20–p80 ms", "images/s", "time vs single", f"{CONFIDENCE:.0%} interval", "verdict",
+              "mixed's speed-up", f"{CONFIDENCE:.0%} interval", mem_header, "mem vs single", "notes")
+    for model_name in dict.fromkeys(r["model"] for r in rows):
+        lines += [f"## {model_name}", ""]
+        for phase in PHASES:
+            phase_rows = [r for r in rows if r["model"] == model_name and r.get("phase") == phase]
+            body = []
+            for r in phase_rows:
+                notes = [n for n in (r.get("note"), r.get("routes") and f"routes: {r['routes']}") if n]
+                if r.get("max_rel_diff_vs_set_loop") is not None:
+                    notes.append(f"max rel diff vs set-loop {r['max_rel_diff_vs_set_loop']:.1e}")
+                if "ms" not in r:
+                    body.append((r["method"], "", "", "", "", "", "", "", "", _fmt(r.get("peak_mem_mib"), ",.0f"),
+                                 _fmt(r.get("mem_vs_single"), ".2f", "×"), "; ".join([r["status"]] + notes)))
+                    continue
+                body.append((r["method"], f"{r['ms']:.1f}", f"{r['ms_p20']:.1f}–{r['ms_p80']:.1f}",
+                             f"{r['images_per_s']:.1f}", _fmt(r.get("time_vs_single"), ".2f", "×"),
+                             _interval(r, "time_vs_single"), r.get("verdict") or "",
+                             _fmt(r.get("mixed_speedup"), ".2f", "×"), _interval(r, "mixed_speedup"),
+                             _fmt(r.get("peak_mem_mib"), ",.0f"), _fmt(r.get("mem_vs_single"), ".2f", "×"),
+                             "; ".join(notes)))
+            lines += [f"### {PHASE_TITLES[phase]}", ""] + _table(header, body) + [""]
+            lines += _verdict_lines(phase_rows, "Time against single") + _rounds_line(phase_rows, cfg)
+    lines += ["## Targets", "",
+              "Issue #26's goals, each met, not met, or n/a (not measurable by this run); a ratio is judged by its "
+              "median, its interval quoted.", ""]
+    lines += [f"- {goal}: **{status}** — {evidence}" for goal, status, evidence in targets(rows, cfg)]
+    return "\n".join(lines)
+
+
+def mixed_plot(path: str, rows: List[dict], cfg: Config) -> None:
+    import matplotlib.pyplot as plt
+
+    from .mixed_mode import PHASES
+
+    panels = [(m, phase) for m in dict.fromkeys(r["model"] for r in rows) for phase in PHASES]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.9 + 0.42 * len(cfg.methods) * len(panels) + 0.6),
+                             squeeze=False)
+    for ax, (model_name, phase) in zip(axes[:, 0], panels):
+        done = [r for r in rows if r["model"] == model_name and r.get("phase") == phase
+                and r.get("time_vs_single") is not None]
+        names = [r["method"] for r in done]
+        ratios = [r["time_vs_single"] for r in done]
+        errors = [_error_bar(r, "time_vs_single") for r in done]
+        # Bars grow from 1 (level with single): right for a slow-down, left for a speed-up.
+        bars = ax.barh(names, [v - 1 for v in ratios], left=1.0,
+                       color=[VERDICT_COLORS.get(r.get("verdict"), "#aaaaaa") for r in done])
+        ax.errorbar(ratios, range(len(done)), xerr=list(zip(*errors)) if errors else None, fmt="none",
+                    ecolor="black", capsize=3, linewidth=1)
+        for bar, r in zip(bars, done):
+            text = f"{r['time_vs_single']:.2f}×"
+            if r.get("verdict") != REFERENCE:
+                text += f" [{_interval(r, 'time_vs_single')}] {r.get('verdict') or ''}"
+            if r.get("mem_vs_single") is not None:
+                text += f"  mem {r['mem_vs_single']:.2f}×"
+            ax.text(max(1.0, r["time_vs_single"], r.get("time_vs_single_high") or 0),
+                    bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        highest = max([r.get("time_vs_single_high") or r["time_vs_single"] for r in done], default=1.0)
+        lowest = min([r.get("time_vs_single_low") or r["time_vs_single"] for r in done], default=1.0)
+        ax.set_xlim(min(lowest, 1.0) / 1.3, max(highest, 1.0) * 6)  # room for the labels right of the bars
+        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+        ax.minorticks_off()
+        ax.invert_yaxis()
+        ax.set_xlabel(f"time / single's (median over rounds, {CONFIDENCE:.0%} interval; log scale; below 1 is faster)")
+        ax.set_title(f"{model_name} {phase}, {cfg.sets} adapter sets: batch {cfg.batch}, {cfg.image_size}², "
+                     f"{cfg.dtype} — {device_name(cfg.device)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _error_bar(row: dict, key: str, invert: bool = False) -> Tuple[float, float]:
     """The distances from the plotted ratio (1 / it with `invert`) down and up to the ends of its interval."""
     value, low, high = row.get(key), row.get(f"{key}_low"), row.get(f"{key}_high")
@@ -273,9 +385,11 @@ def layer_plot(path: str, rows: List[dict], cfg: Config) -> None:
 def write_outputs(rows: List[dict], cfg: Config) -> str:
     """Write results.csv, results.md, results.png and env.json under cfg.out; return the Markdown."""
     os.makedirs(cfg.out, exist_ok=True)
-    layers = cfg.mode == "layers"
-    write_csv(os.path.join(cfg.out, "results.csv"), rows, LAYER_COLUMNS if layers else MODEL_COLUMNS)
-    markdown = (layer_markdown if layers else model_markdown)(rows, cfg)
+    columns, to_markdown, plot = {"layers": (LAYER_COLUMNS, layer_markdown, layer_plot),
+                                  "mixed": (MIXED_COLUMNS, mixed_markdown, mixed_plot)}.get(
+        cfg.mode, (MODEL_COLUMNS, model_markdown, model_plot))
+    write_csv(os.path.join(cfg.out, "results.csv"), rows, columns)
+    markdown = to_markdown(rows, cfg)
     with open(os.path.join(cfg.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(markdown.rstrip("\n") + "\n")
     with open(os.path.join(cfg.out, "env.json"), "w", encoding="utf-8") as f:
@@ -288,6 +402,6 @@ def write_outputs(rows: List[dict], cfg: Config) -> str:
               file=sys.stderr)
     else:
         matplotlib.use("Agg")
-        (layer_plot if layers else model_plot)(os.path.join(cfg.out, "results.png"), rows, cfg)
+        plot(os.path.join(cfg.out, "results.png"), rows, cfg)
     return markdown
 
