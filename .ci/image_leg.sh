@@ -37,6 +37,5 @@ grep "finding(s)" "$out/audit.log"
 main_leg_only="2d-rect-k or 2d-same-even-k or 2d-valid or 2d-reflect or 2d-replicate or 2d-circular or 1d-same-reflect"
 main_leg_only="$main_leg_only or 3d-1x3x3-channels-last"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_forward.py \
-    tests/kernels/test_triton_backward.py tests/kernels/test_triton_segmented.py tests/kernels/test_merge_many.py \
-    tests/kernels/test_autotune.py \
+    tests/kernels/test_triton_backward.py tests/kernels/test_merge_many.py tests/kernels/test_autotune.py \
     tests/kernels/test_versions.py tests/kernels/test_audit.py -k "not fp16 and not ($main_leg_only)"

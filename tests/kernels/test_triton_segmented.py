@@ -14,9 +14,9 @@ from colora_fused.reference import colora_conv_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The launcher takes symmetric zero padding (the layers apply other padding before it); these cases cover stride,
-# dilation, groups, depthwise, 1×1 without bias, channels_last, 1d and 3d (the stride-2 ones: its stride phases).
-ZERO_PADDED = [c for c in CASES if c.id in ("2d-k3-dilation2", "2d-depthwise", "2d-1x1-nobias",
-                                            "2d-channels-last-groups", "1d-k3-stride2", "3d-k3-groups2")]
+# dilation, groups, depthwise, channels_last, 1d and 3d (the stride-2 ones: dX's stride phases).
+ZERO_PADDED = [c for c in CASES if c.id in ("2d-k3-dilation2", "2d-depthwise", "2d-channels-last-groups",
+                                            "1d-k3-stride2", "3d-k3-groups2")]
 INDEX = [2, 0, 1, 2, 0]  # sets 0 and 2 with adapters, set 1 none (the base conv)
 
 

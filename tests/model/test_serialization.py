@@ -178,7 +178,7 @@ def test_collab_json_is_written_atomically(tmp_path, monkeypatch):
                                                                       "mean_acc": 1.0, "trained_params": 7})
     splits = types.SimpleNamespace(train=types.SimpleNamespace(labels=np.repeat(np.arange(3), 4)), num_classes=3,
                                    class_names=["a", "b", "c"])
-    args = types.SimpleNamespace(tasks=2, task_samples=2, seed=0, out=str(tmp_path))
+    args = types.SimpleNamespace(tasks=2, task_samples=2, seed=0, task_batches="mixed", out=str(tmp_path))
     collab.run(args, splits, None, "cpu", None, types.SimpleNamespace(message=lambda line: None))
     assert written == [str(tmp_path / "collab.json")] and os.listdir(tmp_path) == ["collab.json"]
     saved = json.loads((tmp_path / "collab.json").read_text())
