@@ -50,16 +50,20 @@ def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequen
     if counts is None:
         return out.add_(gathered_residual(x, weight, adapters, index, out.shape, stride, padding, dilation, groups,
                                           order))
-    sorted_samples = torch.argsort(index, stable=True)
-    rows, residuals = [], []
-    for s, part in enumerate(sorted_samples.split(list(counts))):
-        if len(part) and adapters[s] is not None:
-            rows.append(part)
-            residuals.append(residual_reference(x.index_select(0, part), *adapters[s], stride, padding, dilation,
-                                                groups, order))
-    if not residuals:
+    # The samples sorted by set once, kept in x's layout (index_select returns NCHW, on which CPU convs of a few
+    # samples take torch's slow path); each set's residual on its slice; put back in sample order by one copy of
+    # whole samples (index_copy_, not index_add_'s element-wise scatter), then one add.
+    if not any(count and adapters[s] is not None for s, count in enumerate(counts)):
         return out
-    return out.index_add_(0, torch.cat(rows), torch.cat(residuals).to(out.dtype))
+    sorted_samples = torch.argsort(index, stable=True)
+    x_sorted = x.index_select(0, sorted_samples).contiguous(memory_format=ops._memory_format(x))
+    pieces = []
+    for s, part in enumerate(x_sorted.split(list(counts))):
+        if len(part):
+            pieces.append(out.new_zeros((len(part), *out.shape[1:])) if adapters[s] is None else
+                          residual_reference(part, *adapters[s], stride, padding, dilation, groups, order))
+    residual = torch.empty_like(out).index_copy_(0, sorted_samples, torch.cat(pieces).to(out.dtype))
+    return out.add_(residual)
 
 
 def gathered_residual(x: Tensor, weight: Tensor, adapters: Sequence[Factors], index: Tensor, out_shape,
