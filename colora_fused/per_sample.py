@@ -26,8 +26,8 @@ __all__ = ["adapters_per_sample", "assignment"]
 def assignment(names: Sequence[Entry]) -> Tuple[Tuple[Tuple[str, ...], ...], torch.Tensor]:
     """(sets, index) for per-sample `names`: the distinct adapter sets, sorted (a tuple of names each, () for
     None; sorted so that batches using the same sets share a compiled graph) and the set of each sample as a long
-    tensor. ValueError for an empty list, an entry that is
-    not a name, a tuple of names or None, and a name given twice in one entry."""
+    tensor. ValueError for an empty list, an entry that is not a name, a tuple of names or None, and a name given
+    twice in one entry."""
     if isinstance(names, (str, torch.Tensor)) or not isinstance(names, Sequence) or not len(names):
         raise ValueError("adapters_per_sample: names must be a non-empty list with one entry per sample (an "
                          f"adapter name, a tuple of names or None), got {names!r}")
@@ -64,7 +64,9 @@ def adapters_per_sample(model: nn.Module, names: Sequence[Entry]) -> Iterator[Mi
                              f"; it has {layer.adapter_names()}")
     counts = tuple(int(c) for c in torch.bincount(index, minlength=len(sets)))
     index = index.to(layers[0][1].weight.device)
-    previous: List[Tuple[nn.Module, Optional[MixedBatch]]] = [(layer, layer._mixed_batch) for _, layer in layers]
+    # getattr: a layer unpickled from before mixed batches has no _mixed_batch yet.
+    previous: List[Tuple[nn.Module, Optional[MixedBatch]]] = [(layer, getattr(layer, "_mixed_batch", None))
+                                                              for _, layer in layers]
     try:
         for layer_name, layer in layers:
             layer._mixed_batch = MixedBatch(sets, index, counts, layer_name)
