@@ -4,7 +4,7 @@ import csv
 import json
 import os
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -262,34 +262,12 @@ def mixed_plot(path: str, rows: List[dict], cfg: Config) -> None:
     for ax, (model_name, phase) in zip(axes[:, 0], panels):
         done = [r for r in rows if r["model"] == model_name and r.get("phase") == phase
                 and r.get("time_vs_single") is not None]
-        names = [r["method"] for r in done]
-        ratios = [r["time_vs_single"] for r in done]
-        errors = [_error_bar(r, "time_vs_single") for r in done]
+        memory = lambda r: f"  mem {r['mem_vs_single']:.2f}×" if r.get("mem_vs_single") is not None else ""  # noqa: E731
         # Bars grow from 1 (level with single): right for a slow-down, left for a speed-up.
-        bars = ax.barh(names, [v - 1 for v in ratios], left=1.0,
-                       color=[VERDICT_COLORS.get(r.get("verdict"), "#aaaaaa") for r in done])
-        ax.errorbar(ratios, range(len(done)), xerr=list(zip(*errors)) if errors else None, fmt="none",
-                    ecolor="black", capsize=3, linewidth=1)
-        for bar, r in zip(bars, done):
-            text = f"{r['time_vs_single']:.2f}×"
-            if r.get("verdict") != REFERENCE:
-                text += f" [{_interval(r, 'time_vs_single')}] {r.get('verdict') or ''}"
-            if r.get("mem_vs_single") is not None:
-                text += f"  mem {r['mem_vs_single']:.2f}×"
-            ax.text(max(1.0, r["time_vs_single"], r.get("time_vs_single_high") or 0),
-                    bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=7)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        highest = max([r.get("time_vs_single_high") or r["time_vs_single"] for r in done], default=1.0)
-        lowest = min([r.get("time_vs_single_low") or r["time_vs_single"] for r in done], default=1.0)
-        ax.set_xlim(min(lowest, 1.0) / 1.3, max(highest, 1.0) * 6)  # room for the labels right of the bars
-        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-        ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
-        ax.minorticks_off()
-        ax.invert_yaxis()
-        ax.set_xlabel(f"time / single's (median over rounds, {CONFIDENCE:.0%} interval; log scale; below 1 is faster)")
-        ax.set_title(f"{model_name} {phase}, {cfg.sets} adapter sets: batch {cfg.batch}, {cfg.image_size}², "
-                     f"{cfg.dtype} — {device_name(cfg.device)}", fontsize=9)
+        _ratio_panel(ax, done, "time_vs_single", memory,
+                     f"time / single's (median over rounds, {CONFIDENCE:.0%} interval; log scale; below 1 is faster)",
+                     f"{model_name} {phase}, {cfg.sets} adapter sets: batch {cfg.batch}, {cfg.image_size}², "
+                     f"{cfg.dtype} — {device_name(cfg.device)}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -305,6 +283,34 @@ def _error_bar(row: dict, key: str, invert: bool = False) -> Tuple[float, float]
     return max(value - low, 0.0), max(high - value, 0.0)
 
 
+def _ratio_panel(ax, done: List[dict], key: str, memory: Callable[[dict], str], xlabel: str, title: str) -> None:
+    """One panel of horizontal bars growing from 1 to each row's ratio `key` (log scale), its interval as an error
+    bar and a label: the ratio, its interval and verdict, and `memory(row)`. Model mode's and mixed mode's plots."""
+    values = [r[key] for r in done]
+    errors = [_error_bar(r, key) for r in done]
+    bars = ax.barh([r["method"] for r in done], [v - 1 for v in values], left=1.0,
+                   color=[VERDICT_COLORS.get(r.get("verdict"), "#aaaaaa") for r in done])
+    ax.errorbar(values, range(len(done)), xerr=list(zip(*errors)) if errors else None, fmt="none",
+                ecolor="black", capsize=3, linewidth=1)
+    for bar, r in zip(bars, done):
+        text = f"{r[key]:.2f}×"
+        if r.get("verdict") != REFERENCE:
+            text += f" [{_interval(r, key)}] {r.get('verdict') or ''}"
+        ax.text(max(1.0, r[key], r.get(f"{key}_high") or 0), bar.get_y() + bar.get_height() / 2,
+                " " + text + memory(r), va="center", fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    highest = max([r.get(f"{key}_high") or r[key] for r in done], default=1.0)
+    lowest = min([r.get(f"{key}_low") or r[key] for r in done], default=1.0)
+    ax.set_xlim(min(lowest, 1.0) / 1.3, max(highest, 1.0) * 6)  # room for the labels right of the bars
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+    ax.minorticks_off()
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+
+
 def model_plot(path: str, rows: List[dict], cfg: Config) -> None:
     import matplotlib.pyplot as plt
 
@@ -313,34 +319,11 @@ def model_plot(path: str, rows: List[dict], cfg: Config) -> None:
                              squeeze=False)
     for ax, model_name in zip(axes[:, 0], models):
         done = [r for r in rows if r["model"] == model_name and r.get("speedup_vs_full") is not None]
-        names = [r["method"] for r in done]
-        speedups = [r["speedup_vs_full"] for r in done]
-        errors = [_error_bar(r, "speedup_vs_full") for r in done]
+        memory = lambda r: f"  {r['peak_mem_mib']:,.0f} MiB" if r.get("peak_mem_mib") is not None else ""  # noqa: E731
         # Bars grow from 1 (level with full fine-tuning): right for a speed-up, left for a slow-down.
-        bars = ax.barh(names, [s - 1 for s in speedups], left=1.0, capsize=3,
-                       color=[VERDICT_COLORS.get(r.get("verdict"), "#aaaaaa") for r in done])
-        ax.errorbar(speedups, range(len(done)), xerr=list(zip(*errors)) if errors else None, fmt="none",
-                    ecolor="black", capsize=3, linewidth=1)
-        for bar, r in zip(bars, done):
-            text = f"{r['speedup_vs_full']:.2f}×"
-            if r.get("verdict") != REFERENCE:
-                text += f" [{_interval(r, 'speedup_vs_full')}] {r.get('verdict') or ''}"
-            if r.get("peak_mem_mib") is not None:
-                text += f"  {r['peak_mem_mib']:,.0f} MiB"
-            ax.text(max(1.0, r["speedup_vs_full"], r.get("speedup_vs_full_high") or 0),
-                    bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=7)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        highest = max([r.get("speedup_vs_full_high") or r["speedup_vs_full"] for r in done], default=1.0)
-        lowest = min([r.get("speedup_vs_full_low") or r["speedup_vs_full"] for r in done], default=1.0)
-        ax.set_xlim(min(lowest, 1.0) / 1.3, max(highest, 1.0) * 6)  # room for the labels right of the bars
-        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-        ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
-        ax.minorticks_off()
-        ax.invert_yaxis()
-        ax.set_xlabel(f"speed-up over full fine-tuning (median over rounds, {CONFIDENCE:.0%} interval; log scale)")
-        ax.set_title(f"{model_name}: batch {cfg.batch}, {cfg.image_size}², {cfg.dtype} — {device_name(cfg.device)}",
-                     fontsize=9)
+        _ratio_panel(ax, done, "speedup_vs_full", memory,
+                     f"speed-up over full fine-tuning (median over rounds, {CONFIDENCE:.0%} interval; log scale)",
+                     f"{model_name}: batch {cfg.batch}, {cfg.image_size}², {cfg.dtype} — {device_name(cfg.device)}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
