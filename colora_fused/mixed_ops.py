@@ -141,7 +141,7 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, kp, kd, db, index, _, _ = ctx.saved_tensors
+        x, weight, bias, kp, kd, db, index, sample, _ = ctx.saved_tensors
         counts, stride, padding, dilation, groups, order, backend, fallback = ctx.args
         need_x, need_w, need_b, need_kp, need_kd, need_db = ctx.needs_input_grad[:6]
         sums = [0, *range(2, grad.dim())]
@@ -159,7 +159,7 @@ class _Fused(torch.autograd.Function):
             d_w = torch.zeros_like(weight) if need_w else None
             d_kp = torch.zeros_like(kp) if (need_kp or need_kd) else None
             d_kd = torch.zeros_like(kd) if (need_kp or need_kd) else None
-            order_samples, start = torch.argsort(index, stable=True), 0
+            order_samples, start = sample.long(), 0  # the forward's sort by set
             rank = kp.shape[1]
             for s, count in enumerate(counts):
                 if not count:
