@@ -1,6 +1,6 @@
 """The computations of a mixed batch (design §10), below `mixed`'s dispatch: every set's factors stacked, the
-"segments" formula in aten ops, and the "fused" route's autograd (the fused forward and input-gradient kernels
-with segments, the adapter gradients per set by the backend's own backward)."""
+"segments" formula in aten ops, and the "fused" route's autograd (the fused forward, input-gradient and
+adapter-gradient kernels with segments)."""
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -117,9 +117,9 @@ def fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[
           counts: Sequence[int], stride, padding, dilation, groups: int, order: str, backend: str,
           fallback: bool) -> Tensor:
     """The "fused" route on a batched, zero-padded, cast x: the fused forward kernel with segments
-    (`kernels.segmented`), one launch for the whole batch; backward: dX by the input-gradient kernel with
-    segments (`backend` "triton"), the adapter gradients per set by `backend`'s own backward (`ops`) on the set's
-    samples. `counts`: samples per set (host ints)."""
+    (`kernels.segmented`), one launch for the whole batch; backward (`_backward`): with `backend` "triton", dX
+    and the adapter gradients by the input-gradient and adapter-gradient kernels with segments, else per set by
+    `backend`'s own backward (`ops`) on the set's samples. `counts`: samples per set (host ints)."""
     kp, kd, db = stacked_factors(adapters, weight, groups, order)
     return _Fused.apply(x, weight, bias, kp, kd, db, index, tuple(counts), stride, padding, dilation, groups, order,
                         backend, fallback)
@@ -153,32 +153,7 @@ class _Fused(torch.autograd.Function):
             found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
             d_x, d_w, d_kp, d_kd = (next(found) if need else None for need in (need_x, need_w, need_kp, need_kd))
         else:
-            d_x = _segmented_input_grad(ctx, grad, x, weight, kp, kd) if need_x and backend == "triton" else None
-            per_set_x = need_x and d_x is None
-            d_x = torch.empty_like(x) if per_set_x else d_x
-            d_w = torch.zeros_like(weight) if need_w else None
-            d_kp = torch.zeros_like(kp) if (need_kp or need_kd) else None
-            d_kd = torch.zeros_like(kd) if (need_kp or need_kd) else None
-            order_samples, start = sample.long(), 0  # the forward's sort by set
-            rank = kp.shape[1]
-            for s, count in enumerate(counts):
-                if not count:
-                    continue
-                rows = order_samples[start:start + count]
-                start += count
-                one = (s,) if rank > 1 else (s, 0)
-                if not (per_set_x or need_w or need_kp or need_kd):
-                    continue
-                g_x, g_w, g_kp, g_kd = ops._conv_backward(
-                    grad.index_select(0, rows), x.index_select(0, rows), weight, kp[one], kd[one], stride, padding,
-                    dilation, groups, order, backend, per_set_x, need_w, need_kp or need_kd, None, fallback)
-                if per_set_x:
-                    d_x.index_copy_(0, rows, g_x)
-                if need_w:
-                    d_w += g_w
-                if d_kp is not None:
-                    d_kp[one].copy_(g_kp)
-                    d_kd[one].copy_(g_kd)
+            d_x, d_w, d_kp, d_kd = _backward(ctx, grad, x, weight, kp, kd, sample, need_x, need_w, need_kp or need_kd)
         d_b = grad.sum(sums) if need_b else None
         d_db = None
         if need_db:
@@ -187,18 +162,64 @@ class _Fused(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _segmented_input_grad(ctx, grad, x, weight, kp, kd) -> Optional[Tensor]:
-    """dX of the whole mixed batch in one launch of the input-gradient kernel with `segments` (design §10); None
-    where Triton fails on it and the call may fall back (then the per-set backward computes dX)."""
-    from .kernels.conv_bwd_input import colora_conv_backward_input
+def _backward(ctx, grad, x, weight, kp, kd, sample, need_x: bool, need_w: bool, need_adapters: bool):
+    """(dx, dK0, dKp, dKd) of the fused route, each None where not needed. With the "triton" backend, dx and the
+    adapter gradients each in one segmented launch (`_segmented`); dK0, a gradient of the base conv alone, once
+    over the whole batch. What Triton failed on, where the call may fall back, and every other backend: per set
+    by the backend's own backward on the set's samples."""
+    from ._conv import adapter_grad_route
     from .kernels._common import Segments
+    from .kernels.conv_bwd_adapters import colora_conv_backward_adapters
+    from .kernels.conv_bwd_input import colora_conv_backward_input
 
-    counts, stride, padding, dilation, groups, order, _, fallback = ctx.args
-    *_, sample, seg = ctx.saved_tensors
-    channels_last = x.dim() in (4, 5) and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+    counts, stride, padding, dilation, groups, order, backend, fallback = ctx.args
+    *_, seg = ctx.saved_tensors
+    conv = (stride, padding, dilation, groups, order)
+    segments = Segments(sample, seg, max(counts))
+    d_x = d_kp = d_kd = None
+    if backend == "triton":
+        channels_last = x.dim() in (4, 5) and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+        if need_x:
+            d_x = _segmented(fallback, colora_conv_backward_input, grad, weight, kp, kd, x.shape, channels_last,
+                             *conv, segments=segments)
+        if need_adapters:
+            route = adapter_grad_route(x.shape, weight.shape, grad.shape, order, kp.shape[1])
+            d_kp, d_kd = _segmented(fallback, colora_conv_backward_adapters, x, grad, weight, kp, kd, *conv,
+                                    route=route, segments=segments) or (None, None)
+    d_w = None
+    if need_w:
+        d_w = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                  [0] * (x.dim() - 2), groups, [False, True, False])[1]
+        d_w = d_w.contiguous(memory_format=ops._memory_format(weight))
+    per_set_x, per_set_adapters = need_x and d_x is None, need_adapters and d_kp is None
+    if not (per_set_x or per_set_adapters):
+        return d_x, d_w, d_kp, d_kd
+    d_x = torch.empty_like(x) if per_set_x else d_x
+    if per_set_adapters:
+        d_kp, d_kd = torch.zeros_like(kp), torch.zeros_like(kd)
+    order_samples, start, rank = sample.long(), 0, kp.shape[1]  # the forward's sort by set
+    for s, count in enumerate(counts):
+        if not count:
+            continue
+        rows = order_samples[start:start + count]
+        start += count
+        one = (s,) if rank > 1 else (s, 0)
+        g_x, _, g_kp, g_kd = ops._conv_backward(
+            grad.index_select(0, rows), x.index_select(0, rows), weight, kp[one], kd[one], *conv, backend,
+            per_set_x, False, per_set_adapters, None, fallback)
+        if per_set_x:
+            d_x.index_copy_(0, rows, g_x)
+        if per_set_adapters:
+            d_kp[one].copy_(g_kp)
+            d_kd[one].copy_(g_kd)
+    return d_x, d_w, d_kp, d_kd
+
+
+def _segmented(fallback: bool, launcher, *args, **kwargs):
+    """A segmented Triton launcher's result, or None where Triton fails on it and the call may fall back (the
+    caller then runs that part per set)."""
     try:
-        return colora_conv_backward_input(grad, weight, kp, kd, x.shape, channels_last, stride, padding, dilation,
-                                          groups, order, segments=Segments(sample, seg, max(counts)))
+        return launcher(*args, **kwargs)
     except Exception:
         if not fallback:
             raise

@@ -106,15 +106,17 @@ QUICK_SHAPES = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
 FAMILIES = ("forward", "forward_plain", "forward_segmented", "input_grad", "input_grad_segmented",
-            "adapters_cheap", "adapters_gradw", "merge")
-# forward_segmented, input_grad_segmented: the fused forward and input gradient of a mixed batch (design §10), the
-# batch split evenly over this many adapter sets of rank 1 (the forward's each with a Δb).
+            "adapters_cheap", "adapters_gradw", "adapters_segmented", "merge")
+# forward_segmented, input_grad_segmented, adapters_segmented: the fused forward, input gradient and adapter
+# gradients (on the route production's policy picks) of a mixed batch (design §10), the batch split evenly over
+# this many adapter sets of rank 1 (the forward's each with a Δb).
 MIXED_SETS = 8
 # Besides FAMILIES, `record` takes the adapter gradients on the route production's policy picks ("adapters", None
 # here: `_conv.adapter_grad_route`) and on the cheap route's two-pass form (TWO_PASS), which the GPU check's warm-up
 # compiles. "merge" is the in-place merge of one layer (what `merge_many_` launches for one).
 TWO_PASS = "adapters_two_pass"
-ADAPTER_ROUTES = {"adapters": None, "adapters_cheap": "cheap", "adapters_gradw": "gradw", TWO_PASS: "two_pass"}
+ADAPTER_ROUTES = {"adapters": None, "adapters_cheap": "cheap", "adapters_gradw": "gradw", TWO_PASS: "two_pass",
+                  "adapters_segmented": None}
 # forward_plain: the fused forward compiled with MERGE=False (a convolution by K0 alone), the yardstick for what
 # building K0 + ΔK in registers costs; bf16 on sm_90 only.
 BASELINE = "forward_plain"
@@ -177,6 +179,10 @@ def record(unit: Unit) -> List[Tuple[_common.Launch, List[Optional[triton.Config
             if unit.family == "forward_segmented":
                 colora_conv_forward(x, w, bias, stacked(kp_shape), stacked(kd_shape),
                                     _tensor((MIXED_SETS, s.weight[0]), dtype), *conv, segments=segments)
+            elif unit.family == "adapters_segmented":
+                colora_conv_backward_adapters(x, _tensor(out_shape, dtype, cl), w, stacked(kp_shape),
+                                              stacked(kd_shape), *conv, segments=segments,
+                                              route=adapter_route(unit.family, s.x, s.weight, out_shape, unit.order))
             else:
                 colora_conv_backward_input(_tensor(out_shape, dtype, cl), w, stacked(kp_shape), stacked(kd_shape),
                                            s.x, cl, *conv, segments=segments)

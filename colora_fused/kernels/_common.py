@@ -408,6 +408,44 @@ class Segments(NamedTuple):
         return self.seg.shape[0] - 1
 
 
+class Reduction(NamedTuple):
+    """How an adapter-gradient launch reduces over positions (`reduction_over`): `kp` and `kd`, one set's (their
+    shapes and strides are what the kernel reads), `set_strides` (of the set dim; (0, 0) unsegmented), `positions`
+    (what `position_split` sizes the split on: the largest set's), `p` (the kernel's P: every position, or one
+    sample's when segmented), `sets` (1 unsegmented) and `tables` (Segments' sample and seg; never read
+    unsegmented)."""
+    kp: torch.Tensor
+    kd: torch.Tensor
+    set_strides: Tuple[int, int]
+    positions: int
+    p: int
+    sets: int
+    tables: Tuple[torch.Tensor, torch.Tensor]
+    segmented: bool
+
+    @property
+    def flags(self) -> dict:
+        """The launch's SEGMENTED flag, only where set (unsegmented launches stay as they were)."""
+        return {"SEGMENTED": True} if self.segmented else {}
+
+    def sum_splits(self, partials: torch.Tensor) -> torch.Tensor:
+        """fp32 partials [sets·SPLIT, ...] summed over the splits in a fixed order: [...] unsegmented, [sets, ...]
+        segmented."""
+        if not self.segmented:
+            return partials.sum(0)
+        return partials.view(self.sets, -1, *partials.shape[1:]).sum(1)
+
+
+def reduction_over(kp: torch.Tensor, kd: torch.Tensor, samples: int, per_sample: int,
+                   segments: Optional[Segments]) -> Reduction:
+    """The `Reduction` of an adapter-gradient launch over `samples` samples of `per_sample` positions each; with
+    `segments`, kp and kd are stacks [sets, ...] and each set reduces its own samples (design §10)."""
+    if segments is None:
+        return Reduction(kp, kd, (0, 0), samples * per_sample, samples * per_sample, 1, (kp, kp), False)
+    return Reduction(kp[0], kd[0], (kp.stride(0), kd.stride(0)), segments.largest * per_sample, per_sample,
+                     segments.sets, (segments.sample, segments.seg), True)
+
+
 def one_set(pointwise: torch.Tensor, depthwise: torch.Tensor):
     """One set's factors of a per-set stack ([S, R, ...]), shaped as the unsegmented launchers take them (no
     leading R at rank 1): what their checks see."""
@@ -437,8 +475,36 @@ def flat_offset(p, mask, stride, I64: tl.constexpr):
 def locate_position(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3):
     """Flat indices p over [N, S1, S2, S3] (masked-off ones read as 0) → (n, i1, i2, i3, element offset by the
     strides s_n, s_1, s_2, s_3, in int64)."""
+    return locate_in_set(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3, p, 0, False)
+
+
+@triton.jit
+def locate_in_set(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3, sample_ptr, seg_first, SEGMENTED: tl.constexpr):
+    """`locate_position` over one adapter set's samples in a segmented launch (`Segments`): flat index p's
+    sample is the set's (p // (S1·S2·S3))-th, batch sample sample_ptr[seg_first + that]. Without SEGMENTED,
+    `locate_position` itself."""
     n, i1, i2, i3 = decode_position(tl.where(mask, p, 0), S1, S2, S3)
+    if SEGMENTED:
+        n = tl.load(sample_ptr + seg_first + n, mask=mask, other=0)
     return n, i1, i2, i3, n.to(tl.int64) * s_n + i1.to(tl.int64) * s_1 + i2.to(tl.int64) * s_2 + i3 * s_3
+
+
+@triton.jit
+def set_of_split(SPLIT, seg_ptr, kp_ptr, kd_ptr, s_kp_set, s_kd_set, P, SEGMENTED: tl.constexpr):
+    """An adapter-gradient program's share of a reduction over positions (grid axis 2): (split index, first
+    sample of its set in the sorted order, positions to reduce, Kp and Kd pointers). Segmented (a mixed batch,
+    design §10), axis 2 runs over sets × SPLIT, P is the positions of one sample, and Kp and Kd are the set's
+    (the set's slice of a [sets, ...] stack); otherwise axis 2 is the split and P every position."""
+    i_split = tl.program_id(2)
+    seg_first = 0
+    if SEGMENTED:
+        i_set = i_split // SPLIT
+        i_split = i_split % SPLIT
+        seg_first = tl.load(seg_ptr + i_set)
+        P = (tl.load(seg_ptr + i_set + 1) - seg_first) * P
+        kp_ptr += i_set.to(tl.int64) * s_kp_set
+        kd_ptr += i_set.to(tl.int64) * s_kd_set
+    return i_split, seg_first, P, kp_ptr, kd_ptr
 
 
 def channel_gemm_configs():

@@ -3,15 +3,16 @@ gradient costs fewer multiply-adds than the cheap route: small kernels): a weigh
 folded into dKp and dKd in the epilogue (`_gradw_adapter_kernel`); gradW is never stored.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._autotune import autotune
-from ._common import (channel_block, channel_gemm_configs, launch, locate_position, new_tensor, position_split,
-                      prune_by_registers, prune_by_shared_memory, split_stride, strides)
+from ._common import (channel_block, channel_gemm_configs, launch, locate_in_set, new_tensor, position_split,
+                      prune_by_registers, prune_by_shared_memory, reduction_over, set_of_split, split_stride,
+                      strides, Segments)
 
 
 def _prune_gradw(configs, named_args, **kwargs):
@@ -33,18 +34,18 @@ def _prune_gradw(configs, named_args, **kwargs):
 
 
 @autotune(configs=channel_gemm_configs(),
-          key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
+          key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c", "SEGMENTED"],
           prune_configs_by={"early_config_prune": _prune_gradw})
 @triton.jit
 def _gradw_adapter_kernel(
-        x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr,
-        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile,
+        x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr, sample_ptr, seg_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile, s_kp_set, s_kd_set,
         SD, SH, SW, PD, PH, PW, DD, DH, DW,
         s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEGMENTED: tl.constexpr = False):
     """Adapter gradients through the weight gradient, folded in the epilogue (the gradW route).
 
         gradW[o, c, t] = Σ_{n, pos} dY[n, g·C_OUT_G + o, pos] · X[n, g·C_IN_G + c, pos·S − P + t·DIL]
@@ -55,9 +56,13 @@ def _gradw_adapter_kernel(
     stored. Both are linear in gradW, so each split folds its own partial: fp32 dkp[s, o, c]
     ([SPLIT, C_out, C_IN_G]) and dkd[s, tile, ch, t], where tile is the N tile (pointwise_first, C_out rows) or
     the M tile (depthwise_first, C_in rows).
-    Grid: (M tiles × N tiles, groups, SPLIT).
+    Grid: (M tiles × N tiles, groups, SPLIT). SEGMENTED (a mixed batch): each set's samples against its own Kp
+    and Kd, as in `adapters_one_pass`; partials [sets·SPLIT, ...].
     """
-    i_mn, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_mn, i_g = tl.program_id(0), tl.program_id(1)
+    i_s, seg_first, P, kp_ptr, kd_ptr = set_of_split(SPLIT, seg_ptr, kp_ptr, kd_ptr, s_kp_set, s_kd_set, P,
+                                                     SEGMENTED)
+    i_part = tl.program_id(2)  # the split, or the set's·SPLIT + the split
     num_n = tl.cdiv(C_IN_G, BLOCK_N)
     i_m, i_n = i_mn // num_n, i_mn % num_n
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,7 +86,8 @@ def _gradw_adapter_kernel(
         for k0 in range(start, end, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
             m_k = o_k < end
-            i_b, od, oh, ow, p_dy = locate_position(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
+            i_b, od, oh, ow, p_dy = locate_in_set(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w, sample_ptr,
+                                                  seg_first, SEGMENTED)
             b_dy = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
                            mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
             d = od * SD - PD + td * DD
@@ -99,45 +105,47 @@ def _gradw_adapter_kernel(
         if DEPTHWISE_FIRST:
             b_kd = tl.load(kd_ptr + o_cin * s_kd_c + p_kd, mask=m_n, other=0.).to(tl.float32)  # [BN]
             acc_kp += acc * b_kd[None, :]
-            p_dkd = dkd_ptr + i_s * s_dkd_s + i_m * s_dkd_tile + o_cin * T + t
+            p_dkd = dkd_ptr + i_part * s_dkd_s + i_m * s_dkd_tile + o_cin * T + t
             tl.store(p_dkd, tl.sum(acc * b_kp, axis=0), mask=m_n)
         else:
             b_kd = tl.load(kd_ptr + o_cout * s_kd_c + p_kd, mask=m_m, other=0.).to(tl.float32)  # [BM]
             acc_kp += acc * b_kd[:, None]
-            p_dkd = dkd_ptr + i_s * s_dkd_s + i_n * s_dkd_tile + o_cout * T + t
+            p_dkd = dkd_ptr + i_part * s_dkd_s + i_n * s_dkd_tile + o_cout * T + t
             tl.store(p_dkd, tl.sum(acc * b_kp, axis=1), mask=m_m)
 
-    tl.store(dkp_ptr + i_s * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc_kp, mask=m_mn)
+    tl.store(dkp_ptr + i_part * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc_kp, mask=m_mn)
 
 
 def adapter_grads_gradw(xs: torch.Tensor, dy: torch.Tensor, kp: torch.Tensor, kd: torch.Tensor,
                         stride: Tuple[int, int, int], padding: Tuple[int, int, int], dilation: Tuple[int, int, int],
-                        groups: int, dw_first: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                        groups: int, dw_first: bool, segments: Optional[Segments] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """fp32 (dKp [C_out, C_in/groups], dKd [C_kd, taps]) of one rank-1 term by `_gradw_adapter_kernel`.
 
     xs: [N, C_in, D, H, W], dy: [N, C_out, OD, OH, OW] (channels innermost), kp: [C_out, C_in/groups],
-    kd: [C_kd, KD, KH, KW]; stride, padding, dilation over (D, H, W).
+    kd: [C_kd, KD, KH, KW]; stride, padding, dilation over (D, H, W). With `segments` (a mixed batch), kp and kd
+    are every set's, stacked along a leading set dim, and so are the results.
     """
     device = xs.device
     n, _, d, h, w = xs.shape
     od, oh, ow = dy.shape[2:]
-    c_out, c_in_g = kp.shape
+    red = reduction_over(kp, kd, n, od * oh * ow, segments)
+    c_out, c_in_g = red.kp.shape
     c_out_g = c_out // groups
-    k3 = tuple(kd.shape[1:])
+    k3 = tuple(red.kd.shape[1:])
     # Two fp32 [BM, BN] accumulators live across the loop: 128×64 at most keeps them in registers.
     bm = channel_block(c_out_g, rows=True, device=device)
     bn = channel_block(c_in_g, min(128, 128 * 64 // bm))
     gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
-    p_out = n * od * oh * ow
-    split = position_split(gemm_tiles * groups, p_out, device)
+    split = position_split(gemm_tiles * groups * red.sets, red.positions, device)
     dkd_tiles = triton.cdiv(c_out_g, bm) if dw_first else triton.cdiv(c_in_g, bn)
-    dkp = new_tensor((split, c_out, c_in_g), torch.float32, device)
-    dkd = new_tensor((split, dkd_tiles, kd.shape[0], math.prod(k3)), torch.float32, device)
+    dkp = new_tensor((red.sets * split, c_out, c_in_g), torch.float32, device)
+    dkd = new_tensor((red.sets * split, dkd_tiles, red.kd.shape[0], math.prod(k3)), torch.float32, device)
     launch(
-        _gradw_adapter_kernel, (gemm_tiles, groups, split),
-        xs, dy, kp, kd, dkp, dkd,
-        n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_out, split,
-        split_stride(dkp, 0), split_stride(dkd, 0), split_stride(dkd, 1),
-        *stride, *padding, *dilation, *strides(xs), *strides(dy), *strides(kp), *strides(kd),
-        KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, BLOCK_M=bm, BLOCK_N=bn)
-    return dkp.sum(0), dkd.sum(1).sum(0)
+        _gradw_adapter_kernel, (gemm_tiles, groups, red.sets * split),
+        xs, dy, kp, kd, dkp, dkd, *red.tables,
+        n, d, h, w, od, oh, ow, c_in_g, c_out_g, red.p, split,
+        split_stride(dkp, 0), split_stride(dkd, 0), split_stride(dkd, 1), *red.set_strides,
+        *stride, *padding, *dilation, *strides(xs), *strides(dy), *strides(red.kp), *strides(red.kd),
+        KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, BLOCK_M=bm, BLOCK_N=bn, **red.flags)
+    return red.sum_splits(dkp), red.sum_splits(dkd.sum(1))

@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 
 from ._autotune import autotune
-from ._common import (FIXED_CONFIG, channel_block, device_limits, extent, flat_offset, launch, locate_position,
+from ._common import (FIXED_CONFIG, channel_block, device_limits, extent, flat_offset, launch, locate_in_set,
                       new_tensor, position_split, position_stride, prune_by_registers, prune_by_shared_memory,
-                      split_stride, strides, widen)
+                      reduction_over, set_of_split, split_stride, strides, widen, Segments)
 
 # The one-pass kernel unrolls every tap and keeps one register accumulator per tap: beyond this many taps
 # (sm_90; before sm_90, where mma.sync layouts need more registers, ONE_PASS_MAX_TAPS_SM80) it spills in the audit.
@@ -79,12 +79,12 @@ def _prune_one_pass(configs, named_args, **kwargs):
 
 @autotune(configs=_one_pass_configs(),
           key=["C_IN_G", "C_OUT_G", "P", "s_x_c", "KD", "KH", "KW", "SD", "SH", "SW", "DD", "DH", "DW",
-               "DEPTHWISE_FIRST"],
+               "DEPTHWISE_FIRST", "SEGMENTED"],
           prune_configs_by={"early_config_prune": _prune_one_pass})
 @triton.jit
 def _adapter_grads_one_pass_kernel(
-        x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr,
-        C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile,
+        x_ptr, dy_ptr, kp_ptr, kd_ptr, dkp_ptr, dkd_ptr, sample_ptr, seg_ptr,
+        C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_dkd_s, s_dkd_tile, s_kp_set, s_kd_set,
         s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_kp_o, s_kp_c, s_kd_c, s_kd_d, s_kd_h, s_kd_w, s_q_pos, s_s_pos,
@@ -93,7 +93,7 @@ def _adapter_grads_one_pass_kernel(
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr,
         SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DD: tl.constexpr,
         DH: tl.constexpr, DW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, SEGMENTED: tl.constexpr = False):
     """dKp and dKd of the cheap route in one pass over X and dY (design §5), per group.
 
     A program owns a tile of the stencil channels s (C_out with pointwise_first, C_in with depthwise_first), a
@@ -116,8 +116,14 @@ def _adapter_grads_one_pass_kernel(
     spaced (FLAT_Q, FLAT_S: `position_stride`) an address is the flat position times one stride, and a tap's
     source (stride 1, equal input and output sizes) that plus a constant. Grid: (S tiles × P tiles, groups,
     SPLIT). Writes fp32 partials dkp[split, o, c] ([SPLIT, C_out, C_IN_G]) and dkd[split, p tile, s, t].
+
+    SEGMENTED (a mixed batch, design §10): grid axis 2 runs over sets × SPLIT (`set_of_split`), each program
+    reducing its set's samples (`locate_in_set`) against that set's Kp and Kd; P is one sample's positions and
+    the partials' split index is the set's·SPLIT + the split (FLAT_Q and FLAT_S off).
     """
-    i_sp, i_g, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_sp, i_g = tl.program_id(0), tl.program_id(1)
+    i_split, seg_first, P, kp_ptr, kd_ptr = set_of_split(SPLIT, seg_ptr, kp_ptr, kd_ptr, s_kp_set, s_kd_set, P,
+                                                         SEGMENTED)
     if DEPTHWISE_FIRST:
         S_G = C_IN_G
         P_G = C_OUT_G
@@ -158,9 +164,11 @@ def _adapter_grads_one_pass_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < end
         if DEPTHWISE_FIRST:
-            i_b, i1, i2, i3, p_q = locate_position(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
+            i_b, i1, i2, i3, p_q = locate_in_set(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w, sample_ptr,
+                                                 seg_first, SEGMENTED)
         else:
-            i_b, i1, i2, i3, p_q = locate_position(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
+            i_b, i1, i2, i3, p_q = locate_in_set(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w, sample_ptr,
+                                                 seg_first, SEGMENTED)
         if FLAT_Q:
             # Evenly spaced positions: the offset is the flat index times one stride (no decode, no int64 sum).
             p_q = flat_offset(o_k, m_k, s_q_pos, I64)
@@ -223,14 +231,15 @@ def _adapter_grads_one_pass_kernel(
                     acc_kd = _tuple_add(acc_kd, (td * KH + th) * KW + tw, b_y * b_src)
         acc = tl.dot(tl.trans(b_q), b_a.to(b_q.dtype), acc)  # [BP, BS]
 
-    p_dkp = dkp_ptr + i_split * s_dkp_s
+    i_part = tl.program_id(2)  # the split, or the set's·SPLIT + the split
+    p_dkp = dkp_ptr + i_part * s_dkp_s
     if DEPTHWISE_FIRST:
         p_dkp += ch_p[:, None] * C_IN_G + o_s[None, :]
     else:
         p_dkp += ch_s[None, :] * C_IN_G + o_p[:, None]
     tl.store(p_dkp, acc, mask=m_p[:, None] & m_s[None, :])
     for t in tl.static_range(T):
-        tl.store(dkd_ptr + i_split * s_dkd_s + i_p * s_dkd_tile + ch_s * T + t, tl.sum(acc_kd[t], axis=0), mask=m_s)
+        tl.store(dkd_ptr + i_part * s_dkd_s + i_p * s_dkd_tile + ch_s * T + t, tl.sum(acc_kd[t], axis=0), mask=m_s)
 
 
 def _one_pass_blocks(s_g: int, p_g: int, taps: int, device: torch.device) -> Tuple[int, int]:
@@ -248,41 +257,43 @@ def _one_pass_blocks(s_g: int, p_g: int, taps: int, device: torch.device) -> Tup
 
 def adapter_grads_one_pass(xs: torch.Tensor, dy: torch.Tensor, kp: torch.Tensor, kd: torch.Tensor,
                            stride: Tuple[int, int, int], padding: Tuple[int, int, int],
-                           dilation: Tuple[int, int, int], groups: int, dw_first: bool
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+                           dilation: Tuple[int, int, int], groups: int, dw_first: bool,
+                           segments: Optional[Segments] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """fp32 (dKp [C_out, C_in/groups], dKd [C_kd, taps]) of one rank-1 term by `_adapter_grads_one_pass_kernel`.
 
     xs: [N, C_in, D, H, W], dy: [N, C_out, OD, OH, OW] (channels innermost), kp: [C_out, C_in/groups],
-    kd: [C_kd, KD, KH, KW]; stride, padding, dilation over (D, H, W).
+    kd: [C_kd, KD, KH, KW]; stride, padding, dilation over (D, H, W). With `segments` (a mixed batch), kp and kd
+    are every set's, stacked along a leading set dim, and so are the results.
     """
     device = xs.device
     n, _, d, h, w = xs.shape
     od, oh, ow = dy.shape[2:]
-    c_out, c_in_g = kp.shape
+    red = reduction_over(kp, kd, n, od * oh * ow if dw_first else d * h * w, segments)
+    c_out, c_in_g = red.kp.shape
     c_out_g = c_out // groups
-    k3 = tuple(kd.shape[1:])
+    k3 = tuple(red.kd.shape[1:])
     taps = math.prod(k3)
-    p_pos = n * (od * oh * ow if dw_first else d * h * w)
     s_g, p_g = (c_in_g, c_out_g) if dw_first else (c_out_g, c_in_g)
     bs, bp = _one_pass_blocks(s_g, p_g, taps, device)
     q, src = (dy, xs) if dw_first else (xs, dy)
-    q_pos = position_stride(q)
+    # Flat offsets need evenly spaced positions, which a set's samples (anywhere in the batch) are not.
+    q_pos = 0 if red.segmented else position_stride(q)
     # The taps' sources as flat offsets too: stride 1 and equal input and output sizes.
     same = math.prod(stride) == 1 and (d, h, w) == (od, oh, ow)
     s_pos = position_stride(src) if same and q_pos else 0
     tiles = triton.cdiv(s_g, bs) * triton.cdiv(p_g, bp)
-    split = position_split(tiles * groups, p_pos, device, min_rows=128)
-    dkp = new_tensor((split, c_out, c_in_g), torch.float32, device)
-    dkd = new_tensor((split, triton.cdiv(p_g, bp), kd.shape[0], taps), torch.float32, device)
+    split = position_split(tiles * groups * red.sets, red.positions, device, min_rows=128)
+    dkp = new_tensor((red.sets * split, c_out, c_in_g), torch.float32, device)
+    dkd = new_tensor((red.sets * split, triton.cdiv(p_g, bp), red.kd.shape[0], taps), torch.float32, device)
     launch(
-        _adapter_grads_one_pass_kernel, (tiles, groups, split),
-        xs, dy, kp, kd, dkp, dkd,
-        c_in_g, c_out_g, p_pos, split,
-        split_stride(dkp, 0), split_stride(dkd, 0), split_stride(dkd, 1),
-        *strides(xs), *strides(dy), *strides(kp), *strides(kd), q_pos, s_pos,
+        _adapter_grads_one_pass_kernel, (tiles, groups, red.sets * split),
+        xs, dy, kp, kd, dkp, dkd, *red.tables,
+        c_in_g, c_out_g, red.p, split,
+        split_stride(dkp, 0), split_stride(dkd, 0), split_stride(dkd, 1), *red.set_strides,
+        *strides(xs), *strides(dy), *strides(red.kp), *strides(red.kd), q_pos, s_pos,
         FLAT_Q=q_pos != 0, FLAT_S=s_pos != 0, I64=max(extent(xs), extent(dy)) >= 2 ** 31,
         D=d, H=h, W=w, OD=od, OH=oh, OW=ow,
         KD=k3[0], KH=k3[1], KW=k3[2], SD=stride[0], SH=stride[1], SW=stride[2], PD=padding[0],
         PH=padding[1], PW=padding[2], DD=dilation[0], DH=dilation[1], DW=dilation[2],
-        DEPTHWISE_FIRST=dw_first, BLOCK_S=bs, BLOCK_P=bp)
-    return dkp.sum(0), dkd.sum(1).sum(0)
+        DEPTHWISE_FIRST=dw_first, BLOCK_S=bs, BLOCK_P=bp, **red.flags)
+    return red.sum_splits(dkp), red.sum_splits(dkd.sum(1))

@@ -4,15 +4,16 @@ with the depthwise stencil in its operand prologue (`_pointwise_grad_kernel`), a
 (`_depthwise_grad_kernel`). Neither writes the stencil (G or Z1) to memory.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._autotune import autotune
-from ._common import (FIXED_CONFIG, channel_block, channel_gemm_configs, launch, locate_position, new_tensor,
-                      position_split, prune_by_registers, prune_by_shared_memory, split_stride, strides)
+from ._common import (FIXED_CONFIG, channel_block, channel_gemm_configs, launch, locate_in_set, new_tensor,
+                      position_split, prune_by_registers, prune_by_shared_memory, reduction_over, set_of_split,
+                      split_stride, strides, Segments)
 
 
 def _prune_pointwise_grad(configs, named_args, **kwargs):
@@ -34,18 +35,18 @@ def _prune_pointwise_grad(configs, named_args, **kwargs):
 
 
 @autotune(configs=channel_gemm_configs(),
-          key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
+          key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c", "SEGMENTED"],
           prune_configs_by={"early_config_prune": _prune_pointwise_grad})
 @triton.jit
 def _pointwise_grad_kernel(
-        x_ptr, dy_ptr, kd_ptr, dkp_ptr,
-        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s,
+        x_ptr, dy_ptr, kd_ptr, dkp_ptr, sample_ptr, seg_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkp_s, s_kd_set,
         SD, SH, SW, PD, PH, PW, DD, DH, DW,
         s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_kd_c, s_kd_d, s_kd_h, s_kd_w,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DEPTHWISE_FIRST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEGMENTED: tl.constexpr = False):
     """dKp[o, c] = Σ_{n, pos} A[n, o, pos] · B[n, c, pos] per group; one operand is a depthwise stencil in registers.
 
     pointwise_first, pos = input positions [N, D, H, W]:
@@ -54,9 +55,11 @@ def _pointwise_grad_kernel(
     depthwise_first, pos = output positions [N, OD, OH, OW]:
         A = dY, B = Z1 = depthwise_conv(X, Kd): Z1[n, c, od] = Σ_t X[n, c, od·SD − PD + td·DD]·Kd[c, t].
     M = C_OUT_G, N = C_IN_G, K = P positions split over SPLIT programs. Grid: (M tiles × N tiles, groups, SPLIT).
-    Writes fp32 partials dkp[s, g·C_OUT_G + o, c] ([SPLIT, C_out, C_IN_G]).
+    Writes fp32 partials dkp[s, g·C_OUT_G + o, c] ([SPLIT, C_out, C_IN_G]). SEGMENTED (a mixed batch): each set's
+    samples against its own Kd, as in `adapters_one_pass`, partials [sets·SPLIT, C_out, C_IN_G].
     """
-    i_mn, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_mn, i_g = tl.program_id(0), tl.program_id(1)
+    i_s, seg_first, P, _, kd_ptr = set_of_split(SPLIT, seg_ptr, kd_ptr, kd_ptr, 0, s_kd_set, P, SEGMENTED)
     num_n = tl.cdiv(C_IN_G, BLOCK_N)
     i_m, i_n = i_mn // num_n, i_mn % num_n
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,7 +77,8 @@ def _pointwise_grad_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < end
         if DEPTHWISE_FIRST:
-            i_b, od, oh, ow, p_dy = locate_position(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
+            i_b, od, oh, ow, p_dy = locate_in_set(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w, sample_ptr,
+                                                  seg_first, SEGMENTED)
             b_a = tl.load(dy_ptr + (o_cout * s_dy_c)[:, None] + p_dy[None, :],
                           mask=m_m[:, None] & m_k[None, :], other=0.)  # [BM, BK]
             b_b = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -93,7 +97,8 @@ def _pointwise_grad_kernel(
                         b_b += b_x.to(tl.float32) * b_kd.to(tl.float32)[None, :]
             acc = tl.dot(b_a, b_b.to(b_a.dtype), acc)
         else:
-            i_b, d, h, w, p_x = locate_position(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
+            i_b, d, h, w, p_x = locate_in_set(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w, sample_ptr, seg_first,
+                                              SEGMENTED)
             b_b = tl.load(x_ptr + p_x[:, None] + (o_cin * s_x_c)[None, :],
                           mask=m_k[:, None] & m_n[None, :], other=0.)  # [BK, BN]
             b_a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -117,7 +122,8 @@ def _pointwise_grad_kernel(
                         b_a += b_dy.to(tl.float32) * b_kd.to(tl.float32)[:, None]
             acc = tl.dot(b_a.to(b_b.dtype), b_b, acc)
 
-    tl.store(dkp_ptr + i_s * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc, mask=m_m[:, None] & m_n[None, :])
+    tl.store(dkp_ptr + tl.program_id(2) * s_dkp_s + o_cout[:, None] * C_IN_G + o_n[None, :], acc,
+             mask=m_m[:, None] & m_n[None, :])
 
 
 def _depthwise_grad_configs():
@@ -141,19 +147,19 @@ def _prune_depthwise_grad(configs, named_args, **kwargs):
 
 
 @autotune(configs=_depthwise_grad_configs(),
-          key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c"],
+          key=["C_IN_G", "C_OUT_G", "P", "KD", "KH", "KW", "DEPTHWISE_FIRST", "s_x_c", "SEGMENTED"],
           prune_configs_by={"early_config_prune": _prune_depthwise_grad})
 @triton.jit
 def _depthwise_grad_kernel(
-        x_ptr, dy_ptr, kp_ptr, dkd_ptr,
-        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkd_s,
+        x_ptr, dy_ptr, kp_ptr, dkd_ptr, sample_ptr, seg_ptr,
+        N, D, H, W, OD, OH, OW, C_IN_G, C_OUT_G, P, SPLIT, s_dkd_s, s_kp_set,
         SD, SH, SW, PD, PH, PW, DD, DH, DW,
         s_x_n, s_x_c, s_x_d, s_x_h, s_x_w,
         s_dy_n, s_dy_c, s_dy_d, s_dy_h, s_dy_w,
         s_kp_o, s_kp_c,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, T_PAD: tl.constexpr,
         DEPTHWISE_FIRST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEGMENTED: tl.constexpr = False):
     """dKd[ch, t] = Σ_{n, pos} Y[n, ch, pos] · S_t[n, ch, pos]: a grouped 1×1 GEMM per row tile against a gather.
 
     pointwise_first, pos = input positions, ch = o:
@@ -164,9 +170,10 @@ def _depthwise_grad_kernel(
         S_t[n, c, od] = X[n, c, od·SD − PD + td·DD]
     Grid: (channel tiles, groups, SPLIT); a program walks the row tiles of its share of the P positions, keeping
     [BN, T_PAD] sums, t = (td·KH + th)·KW + tw. Writes fp32 partials dkd[s, ch, t] ([SPLIT, C_out or C_in,
-    KD·KH·KW]).
+    KD·KH·KW]). SEGMENTED (a mixed batch): each set's samples against its own Kp, partials [sets·SPLIT, ...].
     """
-    i_n, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_g = tl.program_id(0), tl.program_id(1)
+    i_s, seg_first, P, kp_ptr, _ = set_of_split(SPLIT, seg_ptr, kp_ptr, kp_ptr, s_kp_set, 0, P, SEGMENTED)
     if DEPTHWISE_FIRST:
         CH_G = C_IN_G
         K_G = C_OUT_G
@@ -187,9 +194,11 @@ def _depthwise_grad_kernel(
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < end
         if DEPTHWISE_FIRST:
-            i_b, i1, i2, i3, p_a = locate_position(o_m, m_m, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
+            i_b, i1, i2, i3, p_a = locate_in_set(o_m, m_m, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w, sample_ptr,
+                                                 seg_first, SEGMENTED)
         else:
-            i_b, i1, i2, i3, p_a = locate_position(o_m, m_m, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w)
+            i_b, i1, i2, i3, p_a = locate_in_set(o_m, m_m, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w, sample_ptr,
+                                                 seg_first, SEGMENTED)
 
         b_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K_G, BLOCK_K):
@@ -234,7 +243,8 @@ def _depthwise_grad_kernel(
             b_r = tl.sum(b_y * b_s.to(tl.float32), axis=0)  # [BN]
             acc += tl.where(o_t[None, :] == t, b_r[:, None], 0.)
 
-    tl.store(dkd_ptr + i_s * s_dkd_s + o_ch[:, None] * T + o_t[None, :], acc, mask=m_n[:, None] & (o_t < T)[None, :])
+    tl.store(dkd_ptr + tl.program_id(2) * s_dkd_s + o_ch[:, None] * T + o_t[None, :], acc,
+             mask=m_n[:, None] & (o_t < T)[None, :])
 
 
 def _stencil_gemm_blocks(c_out_g: int, c_in_g: int, dw_first: bool, device: torch.device) -> Tuple[int, int]:
@@ -249,46 +259,48 @@ def _stencil_gemm_blocks(c_out_g: int, c_in_g: int, dw_first: bool, device: torc
 
 def adapter_grads_two_pass(xs: torch.Tensor, dy: torch.Tensor, kp: torch.Tensor, kd: torch.Tensor,
                            stride: Tuple[int, int, int], padding: Tuple[int, int, int],
-                           dilation: Tuple[int, int, int], groups: int, dw_first: bool
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+                           dilation: Tuple[int, int, int], groups: int, dw_first: bool,
+                           segments: Optional[Segments] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """fp32 (dKp [C_out, C_in/groups], dKd [C_kd, taps]) of one rank-1 term by `_pointwise_grad_kernel` and
     `_depthwise_grad_kernel`.
 
     xs: [N, C_in, D, H, W], dy: [N, C_out, OD, OH, OW] (channels innermost), kp: [C_out, C_in/groups],
-    kd: [C_kd, KD, KH, KW]; stride, padding, dilation over (D, H, W).
+    kd: [C_kd, KD, KH, KW]; stride, padding, dilation over (D, H, W). With `segments` (a mixed batch), kp and kd
+    are every set's, stacked along a leading set dim, and so are the results.
     """
     device = xs.device
     n, _, d, h, w = xs.shape
     od, oh, ow = dy.shape[2:]
-    c_out, c_in_g = kp.shape
+    # Both reduce over the positions Z1 lives at: the input's with pointwise_first, the output's with depthwise_first.
+    red = reduction_over(kp, kd, n, od * oh * ow if dw_first else d * h * w, segments)
+    c_out, c_in_g = red.kp.shape
     c_out_g = c_out // groups
-    k3 = tuple(kd.shape[1:])
+    k3 = tuple(red.kd.shape[1:])
     taps = math.prod(k3)
     conv_args = (*stride, *padding, *dilation)
     io_strides = (*strides(xs), *strides(dy))
-    # Both reduce over the positions Z1 lives at: the input's with pointwise_first, the output's with depthwise_first.
-    p_z1 = n * (od * oh * ow if dw_first else d * h * w)
 
     bm, bn = _stencil_gemm_blocks(c_out_g, c_in_g, dw_first, device)
     gemm_tiles = triton.cdiv(c_out_g, bm) * triton.cdiv(c_in_g, bn)
-    split = position_split(gemm_tiles * groups, p_z1, device)
-    dkp = new_tensor((split, c_out, c_in_g), torch.float32, device)
+    split = position_split(gemm_tiles * groups * red.sets, red.positions, device)
+    dkp = new_tensor((red.sets * split, c_out, c_in_g), torch.float32, device)
     launch(
-        _pointwise_grad_kernel, (gemm_tiles, groups, split),
-        xs, dy, kd, dkp,
-        n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_z1, split, split_stride(dkp, 0),
-        *conv_args, *io_strides, *strides(kd),
-        KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, BLOCK_M=bm, BLOCK_N=bn)
+        _pointwise_grad_kernel, (gemm_tiles, groups, red.sets * split),
+        xs, dy, kd, dkp, *red.tables,
+        n, d, h, w, od, oh, ow, c_in_g, c_out_g, red.p, split, split_stride(dkp, 0), red.set_strides[1],
+        *conv_args, *io_strides, *strides(red.kd),
+        KD=k3[0], KH=k3[1], KW=k3[2], DEPTHWISE_FIRST=dw_first, BLOCK_M=bm, BLOCK_N=bn, **red.flags)
 
     ch_g = c_in_g if dw_first else c_out_g
     # NCHW operands are gathered across channels: 32-channel tiles keep the gathers in registers.
     bc = channel_block(ch_g, 128 if xs.stride(1) == 1 else 32)
-    split_d = position_split(triton.cdiv(ch_g, bc) * groups, p_z1, device)
-    dkd = new_tensor((split_d, kd.shape[0], taps), torch.float32, device)
+    split_d = position_split(triton.cdiv(ch_g, bc) * groups * red.sets, red.positions, device)
+    dkd = new_tensor((red.sets * split_d, red.kd.shape[0], taps), torch.float32, device)
     launch(
-        _depthwise_grad_kernel, (triton.cdiv(ch_g, bc), groups, split_d),
-        xs, dy, kp, dkd,
-        n, d, h, w, od, oh, ow, c_in_g, c_out_g, p_z1, split_d, split_stride(dkd, 0), *conv_args, *io_strides,
-        *strides(kp),
-        KD=k3[0], KH=k3[1], KW=k3[2], T_PAD=triton.next_power_of_2(taps), DEPTHWISE_FIRST=dw_first, BLOCK_N=bc)
-    return dkp.sum(0), dkd.sum(0)
+        _depthwise_grad_kernel, (triton.cdiv(ch_g, bc), groups, red.sets * split_d),
+        xs, dy, kp, dkd, *red.tables,
+        n, d, h, w, od, oh, ow, c_in_g, c_out_g, red.p, split_d, split_stride(dkd, 0), red.set_strides[0],
+        *conv_args, *io_strides, *strides(red.kp),
+        KD=k3[0], KH=k3[1], KW=k3[2], T_PAD=triton.next_power_of_2(taps), DEPTHWISE_FIRST=dw_first, BLOCK_N=bc,
+        **red.flags)
+    return red.sum_splits(dkp), red.sum_splits(dkd)

@@ -15,12 +15,13 @@ positions are split into programs that write fp32 partials, summed in a fixed or
 import contextlib
 import logging
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .._conv import ROUTES, adapter_terms, conv_output_shape
-from ._common import channels_innermost, check_backward_conv, check_backward_tensors, device_limits, fail, lift
+from ._common import (channels_innermost, check_backward_conv, check_backward_tensors, device_limits, fail, lift,
+                      one_set, Segments)
 from .adapters_gradw import adapter_grads_gradw
 from .adapters_one_pass import adapter_grads_one_pass, one_pass_unsupported
 from .adapters_two_pass import adapter_grads_two_pass
@@ -52,16 +53,18 @@ def _algorithm(route: str, x: torch.Tensor, weight: torch.Tensor, groups: int, t
     return adapter_grads_two_pass
 
 
-def _terms_as(grads: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The terms' fp32 gradients as one tensor of like's shape and dtype."""
-    stacked = grads[0] if len(grads) == 1 else torch.stack(grads)
+def _terms_as(grads: List[torch.Tensor], like: torch.Tensor, segmented: bool) -> torch.Tensor:
+    """The terms' fp32 gradients as one tensor of like's shape and dtype (the terms after the set dim when
+    segmented)."""
+    stacked = grads[0] if len(grads) == 1 else torch.stack(grads, dim=int(segmented))
     return stacked.reshape(like.shape).to(like.dtype)
 
 
 def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor,
                                   pointwise: torch.Tensor, depthwise: torch.Tensor, stride: Sequence[int],
                                   padding: Sequence[int], dilation: Sequence[int], groups: int, order: str, *,
-                                  route: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                                  route: str, segments: Optional[Segments] = None
+                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dKp, dKd) of `conv(X, K0 + Kp ⊛ Kd, ...)` given dL/dO = grad_out, by `route` ("cheap", "gradw" or
     "two_pass": the module docstring).
 
@@ -70,10 +73,15 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     Rank r (Kp [r, C_out, C_in/groups], Kd [r, C_kd, *k]): each term's gradients are those of a rank-1 adapter
     of that term (ΔK is linear in the terms), so the terms run one after another (r times the cost) on X and dY
     staged once, with the same algorithm.
+
+    With `segments` (a mixed batch, design §10; `kernels.segmented.segments_of`), sample n belongs to one adapter
+    set: pointwise and depthwise are every set's factors stacked, [S, R, C_out, C_in/groups] and [S, R, C_kd, *k],
+    and each set's gradients reduce over its own samples only, in the same launches (the grid's split axis runs
+    over sets × splits): dKp, dKd come back stacked likewise.
     """
-    device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=pointwise, depthwise=depthwise)
-    stride3, pad3, dil3, k3 = check_backward_conv(weight, pointwise, depthwise, stride, padding, dilation, groups,
-                                                  order)
+    one_kp, one_kd = (pointwise, depthwise) if segments is None else one_set(pointwise, depthwise)
+    device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=one_kp, depthwise=one_kd)
+    stride3, pad3, dil3, k3 = check_backward_conv(weight, one_kp, one_kd, stride, padding, dilation, groups, order)
     nd = weight.dim() - 2
     c_out, c_in_g = weight.shape[:2]
     if x.dim() != nd + 2 or x.shape[1] != c_in_g * groups:
@@ -91,7 +99,14 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     # The main loops read X and dY channels-innermost (NCHW ones are staged), once for all the terms.
     xs, dy = lift(channels_innermost(x), 2), lift(channels_innermost(grad_out), 2)
     dw_first = order == "depthwise_first"
+    if segments is None:
+        terms = zip(*adapter_terms(pointwise, depthwise))
+    else:  # [S, R, ...]: term r of every set
+        terms = ((pointwise[:, r], depthwise[:, r]) for r in range(pointwise.shape[1]))
+    lead = 1 if segments is None else 2
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        grads = [algorithm(xs, dy, kp, lift(kd, 1), stride3, pad3, dil3, groups, dw_first)
-                 for kp, kd in zip(*adapter_terms(pointwise, depthwise))]
-    return _terms_as([g[0] for g in grads], pointwise), _terms_as([g[1] for g in grads], depthwise)
+        grads = [algorithm(xs, dy, kp, lift(kd, lead), stride3, pad3, dil3, groups, dw_first, segments)
+                 for kp, kd in terms]
+    segmented = segments is not None
+    return (_terms_as([g[0] for g in grads], pointwise, segmented),
+            _terms_as([g[1] for g in grads], depthwise, segmented))
