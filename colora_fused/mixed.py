@@ -10,8 +10,8 @@ Five routes (`route`):
 
 - "single": one set for the whole batch, which is `colora_conv` itself (the layer's cached merge included);
 - "segments": the base conv once over the whole batch; then, per segment of samples sharing a set (the samples
-  sorted by set, host counts), the residual by the reference's formula (a 1×1 conv and a depthwise conv, the
-  library's ordinary batched convs), added back at the samples' places. A loop over the sets, never over the
+  sorted by set, host counts), that set's residual (`mixed_ops.set_residual`: the 1×1 mix as one GEMM, the
+  stencil as one depthwise conv), added back at the samples' places. A loop over the sets, never over the
   samples; autograd sums each adapter's gradient over its samples;
 - "gathered": the same residual for every sample at once, its factors gathered per sample by `index`
   (adapter-sized, [N, r, C_out, C_in/groups]: never a weight per sample): one batched matmul and one depthwise
@@ -21,8 +21,8 @@ Five routes (`route`):
   backend (its merged weight, or the fused kernels), the outputs put back in order. dLoRA's "merge" mode, for
   batches of few, large sets;
 - "fused": the fused forward kernel with segments (`kernels.segmented`): one launch for the whole batch,
-  tiles that never straddle two sets, each set's K0 + ΔK tile built in registers; the backward's dX likewise in
-  one launch, the adapter gradients per set on that set's samples (`mixed_ops.fused`).
+  tiles that never straddle two sets, each set's K0 + ΔK tile built in registers; the backward's dX and adapter
+  gradients likewise, one segmented launch per kernel (`mixed_ops.fused`).
 
 `auto` on CUDA measures the candidates once per shape and number of sets (`functional.measured_choice`);
 COLORA_MIXED_ROUTE forces one (`settings.mixed_route`). design §10.

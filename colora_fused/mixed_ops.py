@@ -4,11 +4,11 @@ adapter-gradient kernels with segments)."""
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
 from ._conv import CONV_FNS, adapter_rank, adapter_shapes, adapter_terms
-from .reference import residual_reference
 
 Factors = Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
 
@@ -41,29 +41,70 @@ def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequen
     whole batch, plus each sample's residual with its set's factors.
 
     With `counts` (samples per set, host ints; eager mode), the residual runs per segment: the samples sorted by
-    set, each set's residual on its samples by the reference's formula (`reference.residual_reference`: a 1×1
-    conv and a depthwise conv, each the library's ordinary batched conv), added back at the samples' places.
-    Without (torch.compile, torch.func: no data-dependent sizes), `gathered_residual`: the same residual with
-    the factors gathered per sample, in static shapes."""
+    set once, channels innermost, each set's residual on its run (`set_residual`: the 1×1 mix as one GEMM, the
+    stencil as one depthwise conv), put back in sample order by one copy of whole samples (index_copy_, not
+    index_add_'s element-wise scatter) and one add. Without (torch.compile, torch.func: no data-dependent
+    sizes), `gathered_residual`: the same residual with the factors gathered per sample, in static shapes."""
     conv = CONV_FNS[weight.dim() - 2]
     out = conv(x, weight, bias, stride, padding, dilation, groups)
     if counts is None:
         return out.add_(gathered_residual(x, weight, adapters, index, out.shape, stride, padding, dilation, groups,
                                           order))
-    # The samples sorted by set once, kept in x's layout (index_select returns NCHW, on which CPU convs of a few
-    # samples take torch's slow path); each set's residual on its slice; put back in sample order by one copy of
-    # whole samples (index_copy_, not index_add_'s element-wise scatter), then one add.
     if not any(count and adapters[s] is not None for s, count in enumerate(counts)):
         return out
     sorted_samples = torch.argsort(index, stable=True)
-    x_sorted = x.index_select(0, sorted_samples).contiguous(memory_format=ops._memory_format(x))
-    pieces = []
-    for s, part in enumerate(x_sorted.split(list(counts))):
-        if len(part):
-            pieces.append(out.new_zeros((len(part), *out.shape[1:])) if adapters[s] is None else
-                          residual_reference(part, *adapters[s], stride, padding, dilation, groups, order))
-    residual = torch.empty_like(out).index_copy_(0, sorted_samples, torch.cat(pieces).to(out.dtype))
-    return out.add_(residual)
+    x_sorted = x.movedim(1, -1).index_select(0, sorted_samples)  # [N, *spatial, C_in], contiguous
+    pieces, start = [], 0
+    for s, count in enumerate(counts):
+        if count:
+            part = x_sorted[start:start + count]
+            start += count
+            pieces.append(out.new_zeros((count, *out.shape[2:], out.shape[1])) if adapters[s] is None else
+                          set_residual(part, *adapters[s], stride, padding, dilation, groups, order))
+    residual = torch.cat(pieces).to(out.dtype)
+    return out.add_(torch.empty_like(residual).index_copy_(0, sorted_samples, residual).movedim(-1, 1))
+
+
+def set_residual(part: Tensor, pointwise: Tensor, depthwise: Tensor, bias_delta: Optional[Tensor], stride, padding,
+                 dilation, groups: int, order: str) -> Tensor:
+    """One adapter set's residual Z2 + Δb (`reference.residual_reference`'s, summed over the rank-r terms) on its
+    samples `part`, laid out channels innermost ([n, *spatial, C_in], contiguous); returns [n, *spatial_out, C_out]
+    likewise. The 1×1 mix is one GEMM over all the set's positions (per group), not a 1×1 conv: on small maps,
+    where CPU convs of a few samples cost more to set up than to run, it is the cheaper form (F.linear, whose
+    weight operand is contiguous: a matmul against a transposed view of a 3-channel Kp took 60× longer on CPU
+    than F.linear, the stem's case). The rank-r terms run
+    as one: pointwise_first mixes into r·C_out channels, one depthwise conv filters them, the terms are summed;
+    depthwise_first filters each input channel r times (channels (c, r)) and the GEMM sums over (c, r)."""
+    conv = CONV_FNS[part.dim() - 2]
+    kps, kds = adapter_terms(pointwise, depthwise)
+    rank, c_out, c_in_g = kps.shape
+    n, spatial, c_in = part.shape[0], part.shape[1:-1], part.shape[-1]
+    c_out_g, taps = c_out // groups, kds.shape[2:]
+    if order == "pointwise_first":
+        rows = part.reshape(-1, c_in)
+        if groups == 1:
+            z1 = F.linear(rows, kps.reshape(rank * c_out, c_in))  # channels (r, o)
+        else:
+            w = kps.reshape(rank, groups, c_out_g, c_in_g).permute(1, 3, 0, 2).reshape(groups, c_in_g, -1)
+            z1 = torch.bmm(rows.view(-1, groups, c_in_g).transpose(0, 1), w)  # [G, M, (r, o_g)]
+            z1 = z1.view(groups, -1, rank, c_out_g).permute(1, 2, 0, 3).reshape(-1, rank * c_out)
+        z1 = z1.view(n, *spatial, rank * c_out).movedim(-1, 1)
+        z2 = conv(z1, kds.reshape(rank * c_out, 1, *taps), None, stride, padding, dilation, rank * c_out)
+        residual = z2.movedim(1, -1)
+        if rank > 1:
+            residual = residual.unflatten(-1, (rank, c_out)).sum(-2)
+    else:
+        z1 = conv(part.movedim(-1, 1), kds.transpose(0, 1).reshape(c_in * rank, 1, *taps), None, stride, padding,
+                  dilation, c_in)  # channels (c, r)
+        spatial_out = z1.shape[2:]
+        z1 = z1.movedim(1, -1).reshape(-1, c_in * rank)
+        if groups == 1:  # columns (c, r)
+            residual = F.linear(z1, kps.permute(1, 2, 0).reshape(c_out, c_in * rank))
+        else:
+            w = kps.reshape(rank, groups, c_out_g, c_in_g).permute(1, 3, 0, 2).reshape(groups, -1, c_out_g)
+            residual = torch.bmm(z1.view(-1, groups, c_in_g * rank).transpose(0, 1), w).transpose(0, 1)
+        residual = residual.reshape(n, *spatial_out, c_out)
+    return residual if bias_delta is None else residual + bias_delta
 
 
 def gathered_residual(x: Tensor, weight: Tensor, adapters: Sequence[Factors], index: Tensor, out_shape,
