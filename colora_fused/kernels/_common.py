@@ -479,14 +479,44 @@ def locate_position(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3):
 
 
 @triton.jit
-def locate_in_set(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3, sample_ptr, seg_first, SEGMENTED: tl.constexpr):
-    """`locate_position` over one adapter set's samples in a segmented launch (`Segments`): flat index p's
-    sample is the set's (p // (S1·S2·S3))-th, batch sample sample_ptr[seg_first + that]. Without SEGMENTED,
-    `locate_position` itself."""
+def sample_in_set(p, mask, S1, S2, S3, sample_ptr, seg_first, SEGMENTED: tl.constexpr):
+    """Flat indices p over one adapter set's samples in a segmented launch (`Segments`) → (batch sample n, i1,
+    i2, i3, flat index over the whole batch [N, S1, S2, S3]): p's sample is the set's (p // (S1·S2·S3))-th, batch
+    sample sample_ptr[seg_first + that]. Without SEGMENTED, p decoded over [N, S1, S2, S3], and p. Masked-off
+    indices decode as 0 and keep p."""
     n, i1, i2, i3 = decode_position(tl.where(mask, p, 0), S1, S2, S3)
     if SEGMENTED:
-        n = tl.load(sample_ptr + seg_first + n, mask=mask, other=0)
-    return n, i1, i2, i3, n.to(tl.int64) * s_n + i1.to(tl.int64) * s_1 + i2.to(tl.int64) * s_2 + i3 * s_3
+        k = n
+        n = tl.load(sample_ptr + seg_first + k, mask=mask, other=0)
+        p += (n - k) * (S1 * S2 * S3)
+    return n, i1, i2, i3, p
+
+
+@triton.jit
+def samples_of_block(p, first, last, PER: tl.constexpr, sample_ptr, seg_first):
+    """`sample_in_set`'s batch sample and flat index over the batch, for a block of flat indices p over one
+    adapter set's samples of PER positions each whose valid ones lie in [first, last] and number at most PER, so
+    lie in at most two samples: their batch indices are read once each, as scalars, instead of once a position.
+    Masked-off indices get one of the two samples and a meaningless flat index."""
+    k = first // PER
+    n_a = tl.load(sample_ptr + seg_first + k)
+    n_b = tl.load(sample_ptr + seg_first + tl.minimum(k + 1, last // PER))
+    second = p >= (k + 1) * PER
+    return tl.where(second, n_b, n_a), p + tl.where(second, n_b - k - 1, n_a - k) * PER
+
+
+@triton.jit
+def locate_in_set(p, mask, S1, S2, S3, s_n, s_1, s_2, s_3, sample_ptr, seg_first, SEGMENTED: tl.constexpr):
+    """`locate_position` over one adapter set's samples in a segmented launch (`sample_in_set`). Without
+    SEGMENTED, `locate_position` itself."""
+    n, i1, i2, i3, _ = sample_in_set(p, mask, S1, S2, S3, sample_ptr, seg_first, SEGMENTED)
+    return n, i1, i2, i3, position_offset(n, i1, i2, i3, s_n, s_1, s_2, s_3)
+
+
+@triton.jit
+def position_offset(n, i1, i2, i3, s_n, s_1, s_2, s_3):
+    """The element offset of position (n, i1, i2, i3) by the strides s_n, s_1, s_2, s_3, in int64."""
+    return n.to(tl.int64) * s_n + i1.to(tl.int64) * s_1 + i2.to(tl.int64) * s_2 + i3 * s_3
 
 
 @triton.jit

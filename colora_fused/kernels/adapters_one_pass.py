@@ -13,9 +13,10 @@ import triton
 import triton.language as tl
 
 from ._autotune import autotune
-from ._common import (FIXED_CONFIG, channel_block, device_limits, extent, flat_offset, launch, locate_in_set,
-                      new_tensor, position_split, position_stride, prune_by_registers, prune_by_shared_memory,
-                      reduction_over, set_of_split, split_stride, strides, widen, Segments)
+from ._common import (FIXED_CONFIG, channel_block, device_limits, extent, flat_offset, launch, new_tensor,
+                      position_offset, position_split, position_stride, prune_by_registers, prune_by_shared_memory,
+                      reduction_over, sample_in_set, samples_of_block, set_of_split, split_stride, strides, widen,
+                      Segments)
 
 # The one-pass kernel unrolls every tap and keeps one register accumulator per tap: beyond this many taps
 # (sm_90; before sm_90, where mma.sync layouts need more registers, ONE_PASS_MAX_TAPS_SM80) it spills in the audit.
@@ -118,8 +119,11 @@ def _adapter_grads_one_pass_kernel(
     SPLIT). Writes fp32 partials dkp[split, o, c] ([SPLIT, C_out, C_IN_G]) and dkd[split, p tile, s, t].
 
     SEGMENTED (a mixed batch, design §10): grid axis 2 runs over sets × SPLIT (`set_of_split`), each program
-    reducing its set's samples (`locate_in_set`) against that set's Kp and Kd; P is one sample's positions and
-    the partials' split index is the set's·SPLIT + the split (FLAT_Q and FLAT_S off).
+    reducing its set's samples against that set's Kp and Kd; P is one sample's positions and the partials' split
+    index is the set's·SPLIT + the split. Each position's batch sample comes from the sorted sample table, read
+    twice a block (`samples_of_block`, a block of at most one sample's positions) or else once a position
+    (GATHER, `sample_in_set`), and with it its flat index over the batch, which FLAT_Q and FLAT_S take as they
+    take the flat index unsegmented.
     """
     i_sp, i_g = tl.program_id(0), tl.program_id(1)
     i_split, seg_first, P, kp_ptr, kd_ptr = set_of_split(SPLIT, seg_ptr, kp_ptr, kd_ptr, s_kp_set, s_kd_set, P,
@@ -160,18 +164,30 @@ def _adapter_grads_one_pass_kernel(
     acc_kd = ()
     for _ in tl.static_range(T):
         acc_kd = acc_kd + (tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float32),)
+    if DEPTHWISE_FIRST:
+        PER: tl.constexpr = OD * OH * OW
+    else:
+        PER: tl.constexpr = D * H * W
+    # Segmented, a block of at most one sample's positions lies in at most two samples, whose batch indices it
+    # reads once (`samples_of_block`); a larger block reads each position's (GATHER).
+    GATHER: tl.constexpr = SEGMENTED and BLOCK_K > PER
     for k0 in range(start, end, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < end
+        # Each position's batch sample, coordinates, and flat index over the batch (o_b; o_k unsegmented).
         if DEPTHWISE_FIRST:
-            i_b, i1, i2, i3, p_q = locate_in_set(o_k, m_k, OD, OH, OW, s_dy_n, s_dy_d, s_dy_h, s_dy_w, sample_ptr,
-                                                 seg_first, SEGMENTED)
+            i_b, i1, i2, i3, o_b = sample_in_set(o_k, m_k, OD, OH, OW, sample_ptr, seg_first, GATHER)
         else:
-            i_b, i1, i2, i3, p_q = locate_in_set(o_k, m_k, D, H, W, s_x_n, s_x_d, s_x_h, s_x_w, sample_ptr,
-                                                 seg_first, SEGMENTED)
+            i_b, i1, i2, i3, o_b = sample_in_set(o_k, m_k, D, H, W, sample_ptr, seg_first, GATHER)
+        if SEGMENTED and not GATHER:
+            i_b, o_b = samples_of_block(o_k, k0, end - 1, PER, sample_ptr, seg_first)
         if FLAT_Q:
-            # Evenly spaced positions: the offset is the flat index times one stride (no decode, no int64 sum).
-            p_q = flat_offset(o_k, m_k, s_q_pos, I64)
+            # Evenly spaced positions: the offset is the flat index over the batch times one stride (no int64 sum).
+            p_q = flat_offset(o_b, m_k, s_q_pos, I64)
+        elif DEPTHWISE_FIRST:
+            p_q = position_offset(i_b, i1, i2, i3, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
+        else:
+            p_q = position_offset(i_b, i1, i2, i3, s_x_n, s_x_d, s_x_h, s_x_w)
         b_q = tl.load(q_ptr + p_q[:, None], mask=m_k[:, None] & m_p[None, :], other=0.)  # [BK, BP]
         # Positions on the M side (BK of them: at 32, the best sm_90 config, mma.sync; wgmma needs 64, which would
         # double the per-tap accumulators).
@@ -185,18 +201,17 @@ def _adapter_grads_one_pass_kernel(
         if DEPTHWISE_FIRST:
             LD, LH, LW = D, H, W
             s_sd, s_sh, s_sw = s_x_d, s_x_h, s_x_w
-            p_base = i_b.to(tl.int64) * s_x_n + (i1 * SD).to(tl.int64) * s_x_d + (i2 * SH).to(tl.int64) * s_x_h \
-                + (i3 * SW) * s_x_w
+            p_base = position_offset(i_b, i1 * SD, i2 * SH, i3 * SW, s_x_n, s_x_d, s_x_h, s_x_w)
             v1, v2, v3 = i1 * SD, i2 * SH, i3 * SW
         else:
             LD, LH, LW = OD, OH, OW
             s_sd, s_sh, s_sw = s_dy_d, s_dy_h, s_dy_w
-            p_base = i_b.to(tl.int64) * s_dy_n + i1.to(tl.int64) * s_dy_d + i2.to(tl.int64) * s_dy_h + i3 * s_dy_w
+            p_base = position_offset(i_b, i1, i2, i3, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
             v1, v2, v3 = i1, i2, i3
         if FLAT_S:
             # Stride 1, equal input and output sizes, evenly spaced positions: a tap's source is the block's own
             # flat position plus a constant.
-            p_q_s = flat_offset(o_k, m_k, s_s_pos, I64)
+            p_q_s = flat_offset(o_b, m_k, s_s_pos, I64)
         for td in tl.static_range(KD):
             for th in tl.static_range(KH):
                 for tw in tl.static_range(KW):
@@ -221,8 +236,7 @@ def _adapter_grads_one_pass_kernel(
                         w = ew // SW - KW * DW
                         m_tap = (m_k & (d >= 0) & (d < OD) & (h >= 0) & (h < OH) & (w >= 0) & (w < OW)
                                  & (ed % SD == 0) & (eh % SH == 0) & (ew % SW == 0))
-                        p_t = (i_b.to(tl.int64) * s_dy_n + d.to(tl.int64) * s_dy_d + h.to(tl.int64) * s_dy_h
-                               + w * s_dy_w)
+                        p_t = position_offset(i_b, d, h, w, s_dy_n, s_dy_d, s_dy_h, s_dy_w)
                     b_src = widen(tl.load(s_ptr + p_t[:, None], mask=m_tap[:, None] & m_s[None, :],
                                           other=0.))  # [BK, BS] fp32
                     b_kd = tl.load(kd_ptr + ch_s * s_kd_c + (td * s_kd_d + th * s_kd_h + tw * s_kd_w), mask=m_s,
@@ -276,8 +290,9 @@ def adapter_grads_one_pass(xs: torch.Tensor, dy: torch.Tensor, kp: torch.Tensor,
     s_g, p_g = (c_in_g, c_out_g) if dw_first else (c_out_g, c_in_g)
     bs, bp = _one_pass_blocks(s_g, p_g, taps, device)
     q, src = (dy, xs) if dw_first else (xs, dy)
-    # Flat offsets need evenly spaced positions, which a set's samples (anywhere in the batch) are not.
-    q_pos = 0 if red.segmented else position_stride(q)
+    # Flat offsets where positions are evenly spaced (segmented too: the kernel finds each position's flat index
+    # over the batch).
+    q_pos = position_stride(q)
     # The taps' sources as flat offsets too: stride 1 and equal input and output sizes.
     same = math.prod(stride) == 1 and (d, h, w) == (od, oh, ow)
     s_pos = position_stride(src) if same and q_pos else 0

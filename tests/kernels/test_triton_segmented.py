@@ -5,7 +5,7 @@ own samples; CPU tests in the interpreter, CUDA tests where a GPU is present."""
 import pytest
 import torch
 
-from cases import CASES, ORDERS, TOLERANCE, TOLERANCE_TF32, assert_close, make_tensors
+from cases import CASES, ORDERS, Case, TOLERANCE, TOLERANCE_TF32, assert_close, make_tensors
 from colora_fused import mixed_ops
 from colora_fused._conv import adapter_shapes, ntuple
 from colora_fused.kernels.conv_bwd_adapters import colora_conv_backward_adapters
@@ -20,10 +20,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ZERO_PADDED = [c for c in CASES if c.id in ("2d-k3-dilation2", "2d-depthwise", "2d-channels-last-groups",
                                             "1d-k3-stride2", "3d-k3-groups2")]
 INDEX = [2, 0, 1, 2, 0]  # sets 0 and 2 with adapters, set 1 none (the base conv)
+# Samples of fewer positions than a block of the one-pass kernel (9 < 16, the interpreter's BLOCK_K): its blocks
+# then span several samples, each position's batch sample read from the table (GATHER).
+TINY = Case("2d-tiny-channels-last", 2, 4, 6, (3, 3), (3, 3), padding=1, channels_last=True)
 # The adapter gradients' algorithm per case ("cheap": the one-pass kernel, or the two-pass form for a depthwise base
 # conv or more than 25 taps), so that each kernel meets stride, dilation, groups, channels_last and 1d/3d.
 ROUTE = {"2d-k3-dilation2": "cheap", "2d-depthwise": "cheap", "2d-channels-last-groups": "cheap",
-         "1d-k3-stride2": "two_pass", "3d-k3-groups2": "gradw"}
+         "1d-k3-stride2": "two_pass", "3d-k3-groups2": "gradw", TINY.id: "cheap"}
 
 
 def _mixed_batch(case, order):
@@ -67,7 +70,7 @@ def test_each_sample_matches_the_reference_with_its_set(case, order):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("case", ZERO_PADDED, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ZERO_PADDED + [TINY], ids=lambda c: c.id)
 def test_each_sets_adapter_gradients_sum_over_its_samples(case, order):
     """dKp and dKd of every set (the base-only set's too: its zero factors' gradients) in one segmented launch
     per kernel, against the float64 reference's gradients of that set's factors over that set's samples."""
