@@ -9,14 +9,13 @@ with the same number of sets without recompiling.
 Five routes (`route`):
 
 - "single": one set for the whole batch, which is `colora_conv` itself (the layer's cached merge included);
-- "segments": the base conv once over the whole batch; then, per segment of samples sharing a set (the samples
-  sorted by set, host counts), that set's residual (`mixed_ops.set_residual`: the 1×1 mix as one GEMM, the
-  stencil as one depthwise conv), added back at the samples' places. A loop over the sets, never over the
-  samples; autograd sums each adapter's gradient over its samples;
-- "gathered": the same residual for every sample at once, its factors gathered per sample by `index`
-  (adapter-sized, [N, r, C_out, C_in/groups]: never a weight per sample): one batched matmul and one depthwise
-  conv over N·r·C channels. Static shapes, aten ops only: the route under torch.compile (no graph break) and
-  torch.func;
+- "segments": the base conv once over the whole batch; then the residuals of the segments of samples sharing a
+  set (the samples sorted by set, host counts) by `mixed_ops.set_residuals` (the 1×1 mix as one batched GEMM,
+  the stencil as one depthwise conv): all sets in one call where they are about equally large, else one call per
+  set. Never a loop over the samples; autograd sums each adapter's gradient over its samples;
+- "gathered": the same residual with every sample a set of one, its factors gathered by `index` (adapter-sized,
+  [N, r, C_out, C_in/groups]: never a weight per sample). Static shapes, aten ops only: the route under
+  torch.compile (no graph break) and torch.func;
 - "per_set": the samples sorted by set and `colora_conv` run once per set on its samples, with the layer's
   backend (its merged weight, or the fused kernels), the outputs put back in order. dLoRA's "merge" mode, for
   batches of few, large sets;

@@ -4,7 +4,6 @@ adapter-gradient kernels with segments)."""
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -34,124 +33,111 @@ def stacked_factors(adapters: Sequence[Factors], weight: Tensor, groups: int, or
     return torch.stack(kps), torch.stack(kds), db
 
 
+# The "segments" route runs every set in one call, each padded to the largest set's samples, where that adds at
+# most this share of samples (a balanced batch adds none); otherwise one call per set.
+PAD_LIMIT = 1.25
+
+
 def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Factors], index: Tensor,
              stride, padding, dilation, groups: int, order: str,
              counts: Optional[Sequence[int]] = None) -> Tensor:
     """The "segments" route on a batched, zero-padded (symmetric `padding`), cast x: the base conv once over the
-    whole batch, plus each sample's residual with its set's factors.
+    whole batch, plus each sample's residual with its set's factors (`set_residuals`).
 
-    With `counts` (samples per set, host ints; eager mode), the residual runs per segment: the samples sorted by
-    set once, channels innermost, each set's residual on its run (`set_residual`: the 1×1 mix as one GEMM, the
-    stencil as one depthwise conv), put back in sample order by one copy of whole samples (index_copy_, not
-    index_add_'s element-wise scatter) and one add. Without (torch.compile, torch.func: no data-dependent
-    sizes), `gathered_residual`: the same residual with the factors gathered per sample, in static shapes."""
+    With `counts` (samples per set, host ints; eager mode) the samples are sorted by set, channels innermost, and
+    the residuals run per segment: all the sets in one call where padding each to the largest set costs little
+    (PAD_LIMIT; the padding repeats a set's last sample, its residual unused), the result gathered back in sample
+    order; else one call per set, copied to its samples' places (index_copy_ of whole samples, not index_add_'s
+    element-wise scatter). Without (torch.compile, torch.func: no data-dependent sizes), `gathered_residual`:
+    every sample its own "set", the factors gathered per sample, in static shapes."""
     conv = CONV_FNS[weight.dim() - 2]
     out = conv(x, weight, bias, stride, padding, dilation, groups)
     if counts is None:
-        return out.add_(gathered_residual(x, weight, adapters, index, out.shape, stride, padding, dilation, groups,
-                                          order))
+        return out.add_(gathered_residual(x, weight, adapters, index, stride, padding, dilation, groups, order))
     if not any(count and adapters[s] is not None for s, count in enumerate(counts)):
         return out
+    conv_args = (stride, padding, dilation, groups, order)
     sorted_samples = torch.argsort(index, stable=True)
-    x_sorted = x.movedim(1, -1).index_select(0, sorted_samples)  # [N, *spatial, C_in], contiguous
-    pieces, start = [], 0
-    for s, count in enumerate(counts):
-        if count:
-            part = x_sorted[start:start + count]
-            start += count
-            pieces.append(out.new_zeros((count, *out.shape[2:], out.shape[1])) if adapters[s] is None else
-                          set_residual(part, *adapters[s], stride, padding, dilation, groups, order))
-    residual = torch.cat(pieces).to(out.dtype)
-    return out.add_(torch.empty_like(residual).index_copy_(0, sorted_samples, residual).movedim(-1, 1))
+    x_last = x.movedim(1, -1)  # [N, *spatial, C_in], a view (contiguous for channels_last x)
+    present = [s for s, count in enumerate(counts) if count]
+    largest, starts = max(counts), [sum(counts[:s]) for s in present]
+    if len(present) * largest <= PAD_LIMIT * x.shape[0]:
+        # Slot (j, i): the i-th sample of set present[j] in the sorted order (its last again past its count).
+        slots = [start + min(i, counts[s] - 1) for s, start in zip(present, starts) for i in range(largest)]
+        padded = sorted_samples[torch.tensor(slots, device=x.device)]
+        x_sets = x_last.index_select(0, padded).view(len(present), largest, *x_last.shape[1:])
+        residual = set_residuals(x_sets, *stacked_factors([adapters[s] for s in present], weight, groups, order),
+                                 *conv_args).movedim(-2, 0)  # [sets, largest, *spatial_out, C_out]
+        # Each sample's slot: sorted position q of set j holds slot (j, q - start_j); sample sorted_samples[q].
+        where = torch.empty_like(sorted_samples).scatter_(0, sorted_samples, torch.arange(
+            x.shape[0], device=x.device))  # sample n's sorted position
+        set_of = torch.tensor([j for j, s in enumerate(present) for _ in range(counts[s])], device=x.device)
+        rank_of = torch.tensor([q for s in present for q in range(counts[s])], device=x.device)
+        return out.add_(residual[set_of[where], rank_of[where]].to(out.dtype).movedim(-1, 1))
+    x_sorted = x_last.index_select(0, sorted_samples)
+    residual = out.new_empty((out.shape[0], *out.shape[2:], out.shape[1]))  # [N, *spatial_out, C_out]
+    for s, start in zip(present, starts):
+        rows = sorted_samples[start:start + counts[s]]
+        if adapters[s] is None:
+            residual.index_fill_(0, rows, 0)
+            continue
+        kp, kd = adapter_terms(*adapters[s][:2])
+        db = adapters[s][2]
+        one = set_residuals(x_sorted[start:start + counts[s]].unsqueeze(0), kp.unsqueeze(0), kd.unsqueeze(0),
+                            None if db is None else db.unsqueeze(0), *conv_args)
+        residual.index_copy_(0, rows, one.squeeze(-2).to(out.dtype))
+    return out.add_(residual.movedim(-1, 1))
 
 
-def set_residual(part: Tensor, pointwise: Tensor, depthwise: Tensor, bias_delta: Optional[Tensor], stride, padding,
-                 dilation, groups: int, order: str) -> Tensor:
-    """One adapter set's residual Z2 + Δb (`reference.residual_reference`'s, summed over the rank-r terms) on its
-    samples `part`, laid out channels innermost ([n, *spatial, C_in], contiguous); returns [n, *spatial_out, C_out]
-    likewise. The 1×1 mix is one GEMM over all the set's positions (per group), not a 1×1 conv: on small maps,
-    where CPU convs of a few samples cost more to set up than to run, it is the cheaper form (F.linear, whose
-    weight operand is contiguous: a matmul against a transposed view of a 3-channel Kp took 60× longer on CPU
-    than F.linear, the stem's case). The rank-r terms run
-    as one: pointwise_first mixes into r·C_out channels, one depthwise conv filters them, the terms are summed;
-    depthwise_first filters each input channel r times (channels (c, r)) and the GEMM sums over (c, r)."""
-    conv = CONV_FNS[part.dim() - 2]
-    kps, kds = adapter_terms(pointwise, depthwise)
-    rank, c_out, c_in_g = kps.shape
-    n, spatial, c_in = part.shape[0], part.shape[1:-1], part.shape[-1]
-    c_out_g, taps = c_out // groups, kds.shape[2:]
-    if order == "pointwise_first":
-        rows = part.reshape(-1, c_in)
-        if groups == 1:
-            z1 = F.linear(rows, kps.reshape(rank * c_out, c_in))  # channels (r, o)
-        else:
-            w = kps.reshape(rank, groups, c_out_g, c_in_g).permute(1, 3, 0, 2).reshape(groups, c_in_g, -1)
-            z1 = torch.bmm(rows.view(-1, groups, c_in_g).transpose(0, 1), w)  # [G, M, (r, o_g)]
-            z1 = z1.view(groups, -1, rank, c_out_g).permute(1, 2, 0, 3).reshape(-1, rank * c_out)
-        z1 = z1.view(n, *spatial, rank * c_out).movedim(-1, 1)
-        z2 = conv(z1, kds.reshape(rank * c_out, 1, *taps), None, stride, padding, dilation, rank * c_out)
-        residual = z2.movedim(1, -1)
-        if rank > 1:
-            residual = residual.unflatten(-1, (rank, c_out)).sum(-2)
-    else:
-        z1 = conv(part.movedim(-1, 1), kds.transpose(0, 1).reshape(c_in * rank, 1, *taps), None, stride, padding,
-                  dilation, c_in)  # channels (c, r)
-        spatial_out = z1.shape[2:]
-        z1 = z1.movedim(1, -1).reshape(-1, c_in * rank)
-        if groups == 1:  # columns (c, r)
-            residual = F.linear(z1, kps.permute(1, 2, 0).reshape(c_out, c_in * rank))
-        else:
-            w = kps.reshape(rank, groups, c_out_g, c_in_g).permute(1, 3, 0, 2).reshape(groups, -1, c_out_g)
-            residual = torch.bmm(z1.view(-1, groups, c_in_g * rank).transpose(0, 1), w).transpose(0, 1)
-        residual = residual.reshape(n, *spatial_out, c_out)
-    return residual if bias_delta is None else residual + bias_delta
-
-
-def gathered_residual(x: Tensor, weight: Tensor, adapters: Sequence[Factors], index: Tensor, out_shape,
-                      stride, padding, dilation, groups: int, order: str) -> Tensor:
-    """Every sample's residual at once, its set's factors gathered by `index` into [N, r, ...] tensors
-    (adapter-sized: never a weight per sample). One formula per order, the reference's (design §1) with a
-    per-sample Kp and Kd.
-
-    The per-sample depthwise stencil is one depthwise conv of a single "sample" with N·r·C channels, laid out
-    channels-innermost (memory [*spatial, N, r, C]): torch's CPU depthwise conv is ~10× faster on that layout
-    than on NCHW, and the 1×1 GEMM writes it at no extra cost."""
-    conv = CONV_FNS[weight.dim() - 2]
+def gathered_residual(x: Tensor, weight: Tensor, adapters: Sequence[Factors], index: Tensor, stride, padding,
+                      dilation, groups: int, order: str) -> Tensor:
+    """Every sample's residual at once, [N, C_out, *spatial_out]: `set_residuals` with each sample a set of one,
+    its set's factors gathered by `index` ([N, r, C_out, C_in/groups]: adapter-sized, never a weight per
+    sample); static shapes."""
     kp, kd, db = stacked_factors(adapters, weight, groups, order)
-    n, c_in, (c_out, c_in_g), rank, taps = x.shape[0], x.shape[1], weight.shape[:2], kp.shape[1], kd.shape[3:]
-    c_out_g = c_out // groups
-    kp_n = kp.index_select(0, index).reshape(n, rank, groups, c_out_g, c_in_g)  # [N, R, G, C_out/g, C_in/g]
-    kd_n = kd.index_select(0, index)
-    spatial_in, spatial_out = x.shape[2:], out_shape[2:]
-    # x as [N, G, S, C_in/g] (a view for channels_last x): each sample's 1×1 mix is one matmul per group.
-    x_last = x.movedim(1, -1).reshape(n, -1, groups, c_in_g).transpose(1, 2)
+    kp, kd, db = (None if t is None else t.index_select(0, index) for t in (kp, kd, db))
+    residual = set_residuals(x.movedim(1, -1).unsqueeze(1), kp, kd, db, stride, padding, dilation, groups, order)
+    return residual[0].movedim(-2, 0).movedim(-1, 1)
+
+
+def set_residuals(x: Tensor, pointwise: Tensor, depthwise: Tensor, bias_delta: Optional[Tensor], stride, padding,
+                  dilation, groups: int, order: str) -> Tensor:
+    """The residual Z2 + Δb of `reference.residual_reference` (summed over the rank-r terms) for S sets of L
+    samples each: x [S, L, *spatial, C_in] (channels innermost), the sets' factors stacked, Kp [S, r, C_out,
+    C_in/groups], Kd [S, r, C_kd, *k], Δb [S, C_out] or None; returns [L, *spatial_out, S, C_out].
+
+    Two calls for all the sets: the 1×1 mix as one batched GEMM over each set's L·positions (per group; a GEMM
+    rather than a 1×1 conv: on small maps CPU convs of a few samples cost more to set up than to run), the
+    stencil as one depthwise conv of L samples with the S sets' channels side by side (S·r·C channels, laid out
+    channels innermost, where torch's CPU depthwise conv is far faster than on NCHW). pointwise_first mixes into
+    r·C_out channels, filters them, and sums the terms; depthwise_first filters each input channel r times
+    (channels (c, r)) and the GEMM sums over (c, r). The layout changes between the two are copies only where S
+    or the groups exceed 1."""
+    conv = CONV_FNS[x.dim() - 3]
+    sets, samples, spatial, c_in = x.shape[0], x.shape[1], x.shape[2:-1], x.shape[-1]
+    rank, c_out, c_in_g = pointwise.shape[1:]
+    c_out_g, taps = c_out // groups, depthwise.shape[3:]
+    kp = pointwise.reshape(sets, rank, groups, c_out_g, c_in_g).permute(0, 2, 4, 1, 3)  # [S, G, C_in/g, r, C_out/g]
     if order == "pointwise_first":
-        channels = n * rank * c_out
-        z1 = torch.matmul(x_last, kp_n.permute(0, 2, 4, 1, 3).reshape(n, groups, c_in_g, rank * c_out_g))
-        z1 = z1.reshape(n, groups, -1, rank, c_out_g).permute(2, 0, 3, 1, 4)  # [S, N, R, G, C_out/g]
-        z2 = conv(_one_sample(z1, spatial_in, channels), kd_n.reshape(channels, 1, *taps), None, stride, padding,
-                  dilation, channels)
-        z2 = z2.movedim(1, -1).reshape(-1, n, rank, c_out)
-        residual = (z2.sum(2) if rank > 1 else z2[:, :, 0]).reshape(*spatial_out, n, c_out)
-        residual = residual.movedim(-2, 0).movedim(-1, 1)  # [N, C_out, *spatial_out], a view
+        rows = x.reshape(sets, -1, groups, c_in_g).transpose(1, 2)  # [S, G, L·P, C_in/g]
+        z1 = torch.matmul(rows, kp.reshape(sets, groups, c_in_g, rank * c_out_g))  # [S, G, L·P, (r, C_out/g)]
+        z1 = z1.reshape(sets, groups, samples, -1, rank, c_out_g).permute(2, 3, 0, 4, 1, 5)  # [L, P, S, r, G, ·]
+        channels = sets * rank * c_out
+        z1 = z1.reshape(samples, *spatial, channels).movedim(-1, 1)
+        z2 = conv(z1, depthwise.reshape(channels, 1, *taps), None, stride, padding, dilation, channels)
+        residual = z2.movedim(1, -1).unflatten(-1, (sets, rank, c_out))
+        residual = residual.sum(-2) if rank > 1 else residual.squeeze(-2)
     else:
-        channels = n * rank * c_in
-        z1 = x.movedim(1, -1).movedim(0, -2).unsqueeze(-2).expand(*spatial_in, n, rank, c_in)
-        z1 = conv(_one_sample(z1, spatial_in, channels), kd_n.reshape(channels, 1, *taps), None, stride, padding,
-                  dilation, channels)
-        z1 = z1.movedim(1, -1).reshape(-1, n, rank, groups, c_in_g).permute(1, 3, 0, 2, 4)  # [N, G, S, R, C_in/g]
-        z2 = torch.matmul(z1.reshape(n, groups, -1, rank * c_in_g),
-                          kp_n.permute(0, 2, 1, 4, 3).reshape(n, groups, rank * c_in_g, c_out_g))
-        residual = z2.transpose(1, 2).reshape(n, *spatial_out, c_out).movedim(-1, 1)  # [N, C_out, *spatial_out]
-    if db is not None:
-        residual = residual + db.index_select(0, index).reshape(n, c_out, *(1 for _ in spatial_out))
-    return residual
-
-
-def _one_sample(t: Tensor, spatial: Sequence[int], channels: int) -> Tensor:
-    """t (any shape whose elements run [*spatial, channels] in order) as [1, channels, *spatial], laid out
-    channels-innermost (one copy when t is not already)."""
-    return t.contiguous().reshape(1, *spatial, channels).movedim(-1, 1)
+        z1 = x.movedim(0, -2).reshape(samples, *spatial, sets * c_in).movedim(-1, 1)
+        z1 = conv(z1, depthwise.transpose(1, 2).reshape(sets * c_in * rank, 1, *taps), None, stride, padding,
+                  dilation, sets * c_in)  # [L, (S, C_in, r), *spatial_out]
+        spatial_out = z1.shape[2:]
+        z1 = z1.movedim(1, -1).reshape(samples, -1, sets, groups, c_in_g * rank).permute(2, 3, 0, 1, 4)
+        z2 = torch.matmul(z1.reshape(sets, groups, -1, c_in_g * rank),
+                          kp.reshape(sets, groups, c_in_g * rank, c_out_g))  # [S, G, L·P, C_out/g]
+        residual = z2.reshape(sets, groups, samples, -1, c_out_g).permute(2, 3, 0, 1, 4)
+        residual = residual.reshape(samples, *spatial_out, sets, c_out)
+    return residual if bias_delta is None else residual + bias_delta
 
 
 def fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Factors], index: Tensor,

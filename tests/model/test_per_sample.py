@@ -104,6 +104,22 @@ def test_torch_backend_matches_each_sample_alone(monkeypatch, route, order, dim,
 
 
 @pytest.mark.parametrize("order", ["pointwise_first", "depthwise_first"])
+@pytest.mark.parametrize("dim,groups", [(1, 1), (2, 2), (3, 2)])
+def test_segments_runs_a_balanced_batch_in_one_call_per_layer(monkeypatch, order, dim, groups):
+    """Sets of (nearly) equal size: the "segments" route runs all of them in one `set_residuals` call per layer
+    (padded to the largest set); the result is still each sample's own."""
+    from colora_fused import mixed_ops
+    calls = []
+    real = mixed_ops.set_residuals
+    monkeypatch.setattr(mixed_ops, "set_residuals", lambda x, *a, **k: calls.append(x.shape[:2]) or real(x, *a, **k))
+    monkeypatch.setenv("COLORA_MIXED_ROUTE", "segments")
+    names = ["a", "c", ("a", "b"), None, "c", "a", ("a", "b"), None, "a", "c", ("a", "b")]  # 3, 3, 3, 2 samples
+    model = mixed_model(dim, order, groups, rank=2)
+    check_against_alone(model, inputs(dim, n=len(names)), names)
+    assert calls and all(shape == (4, 3) for shape in calls), calls  # 4 sets of 3 (padded), one call per layer
+
+
+@pytest.mark.parametrize("order", ["pointwise_first", "depthwise_first"])
 def test_reference_backend_matches_each_sample_alone(order):
     model = mixed_model(2, order, groups=2, backend="reference")
     check_against_alone(model, inputs(2))
