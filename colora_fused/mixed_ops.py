@@ -72,8 +72,8 @@ def segments(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequen
         where = torch.empty_like(sorted_samples).scatter_(0, sorted_samples, torch.arange(
             x.shape[0], device=x.device))  # sample n's sorted position
         set_of = torch.tensor([j for j, s in enumerate(present) for _ in range(counts[s])], device=x.device)
-        rank_of = torch.tensor([q for s in present for q in range(counts[s])], device=x.device)
-        return out.add_(residual[set_of[where], rank_of[where]].to(out.dtype).movedim(-1, 1))
+        place_of = torch.tensor([q for s in present for q in range(counts[s])], device=x.device)
+        return out.add_(residual[set_of[where], place_of[where]].to(out.dtype).movedim(-1, 1))
     x_sorted = x_last.index_select(0, sorted_samples)
     residual = out.new_empty((out.shape[0], *out.shape[2:], out.shape[1]))  # [N, *spatial_out, C_out]
     for s, start in zip(present, starts):
