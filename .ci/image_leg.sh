@@ -36,6 +36,8 @@ grep "finding(s)" "$out/audit.log"
 # dilation, groups, depthwise, 1x1, 5x5, channels_last, 1-D, 3-D) at about half the time.
 main_leg_only="2d-rect-k or 2d-same-even-k or 2d-valid or 2d-reflect or 2d-replicate or 2d-circular or 1d-same-reflect"
 main_leg_only="$main_leg_only or 3d-1x3x3-channels-last"
+# depthwise_first, the kernels' other compile-time branch of the same loops, runs in the main leg only too (this
+# leg's strict audit compiles it for the input gradient, the kernel triton 3.6 failed on): CI within 30 minutes.
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_forward.py \
     tests/kernels/test_triton_backward.py tests/kernels/test_merge_many.py tests/kernels/test_autotune.py \
-    tests/kernels/test_versions.py tests/kernels/test_audit.py -k "not fp16 and not ($main_leg_only)"
+    tests/kernels/test_versions.py tests/kernels/test_audit.py -k "not fp16 and not depthwise_first and not ($main_leg_only)"

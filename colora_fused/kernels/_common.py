@@ -412,8 +412,8 @@ class Reduction(NamedTuple):
     """How an adapter-gradient launch reduces over positions (`reduction_over`): `kp` and `kd`, one set's (their
     shapes and strides are what the kernel reads), `set_strides` (of the set dim; (0, 0) unsegmented), `positions`
     (what `position_split` sizes the split on: the largest set's), `p` (the kernel's P: every position, or one
-    sample's when segmented), `sets` (1 unsegmented) and `tables` (Segments' sample and seg; never read
-    unsegmented)."""
+    sample's when segmented), `sets` (1 unsegmented), `tables` (Segments' sample and seg; never read
+    unsegmented) and `segmented`."""
     kp: torch.Tensor
     kd: torch.Tensor
     set_strides: Tuple[int, int]

@@ -103,8 +103,8 @@ def test_torch_backend_matches_each_sample_alone(monkeypatch, route, order, dim,
     check_against_alone(model, inputs(dim))
 
 
-@pytest.mark.parametrize("order", ["pointwise_first", "depthwise_first"])
-@pytest.mark.parametrize("dim,groups", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("dim,groups,order", [(1, 1, "depthwise_first"), (2, 2, "pointwise_first"),
+                                              (2, 2, "depthwise_first"), (3, 2, "pointwise_first")])
 def test_segments_runs_a_balanced_batch_in_one_call_per_layer(monkeypatch, order, dim, groups):
     """Sets of (nearly) equal size: the "segments" route runs all of them in one `set_residuals` call per layer
     (padded to the largest set); the result is still each sample's own."""
