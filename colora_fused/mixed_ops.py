@@ -205,7 +205,7 @@ def _backward(ctx, grad, x, weight, kp, kd, sample, need_x: bool, need_w: bool, 
     segments = Segments(sample, seg, max(counts))
     d_x = d_kp = d_kd = None
     if backend == "triton":
-        channels_last = x.dim() in (4, 5) and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
+        channels_last = ops._memory_format(x) != torch.contiguous_format
         if need_x:
             d_x = _segmented(fallback, colora_conv_backward_input, grad, weight, kp, kd, x.shape, channels_last,
                              *conv, segments=segments)

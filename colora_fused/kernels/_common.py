@@ -453,6 +453,21 @@ def one_set(pointwise: torch.Tensor, depthwise: torch.Tensor):
     return pointwise[index], depthwise[index]
 
 
+def checked_sets(pointwise: torch.Tensor, depthwise: torch.Tensor, segments: Segments, batch: int,
+                 bias_delta: Optional[torch.Tensor] = None, out_channels: int = 0):
+    """`one_set` of the factors a segmented launch over `batch` samples takes, after checking that they are
+    stacked per set (pointwise [S, R, C_out, C_in/groups], depthwise [S, R, C_kd, *k], bias_delta, where given,
+    [S, out_channels], S = segments.sets) and that the sample table has one entry per sample."""
+    sets = segments.sets
+    if (pointwise.dim() != 4 or pointwise.shape[0] != sets or depthwise.shape[:2] != pointwise.shape[:2]
+            or (bias_delta is not None and tuple(bias_delta.shape) != (sets, out_channels))
+            or tuple(segments.sample.shape) != (batch,)):
+        fail(ValueError, f"segmented factors must be stacked per set ({sets} sets, a batch of {batch}): "
+                         f"pointwise {tuple(pointwise.shape)}, depthwise {tuple(depthwise.shape)}"
+                         + ("" if bias_delta is None else f", bias_delta {tuple(bias_delta.shape)}"))
+    return one_set(pointwise, depthwise)
+
+
 @triton.jit
 def decode_position(p, S1, S2, S3):
     """Flat index p over [N, S1, S2, S3] → (n, i1, i2, i3)."""

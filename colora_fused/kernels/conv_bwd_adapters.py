@@ -20,8 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .._conv import ROUTES, adapter_terms, conv_output_shape
-from ._common import (channels_innermost, check_backward_conv, check_backward_tensors, device_limits, fail, lift,
-                      one_set, Segments)
+from ._common import (channels_innermost, check_backward_conv, check_backward_tensors, checked_sets, device_limits,
+                      fail, lift, Segments)
 from .adapters_gradw import adapter_grads_gradw
 from .adapters_one_pass import adapter_grads_one_pass, one_pass_unsupported
 from .adapters_two_pass import adapter_grads_two_pass
@@ -79,7 +79,8 @@ def colora_conv_backward_adapters(x: torch.Tensor, grad_out: torch.Tensor, weigh
     and each set's gradients reduce over its own samples only, in the same launches (the grid's split axis runs
     over sets × splits): dKp, dKd come back stacked likewise.
     """
-    one_kp, one_kd = (pointwise, depthwise) if segments is None else one_set(pointwise, depthwise)
+    one_kp, one_kd = (pointwise, depthwise) if segments is None else checked_sets(pointwise, depthwise, segments,
+                                                                                   x.shape[0])
     device = check_backward_tensors(x=x, grad_out=grad_out, weight=weight, pointwise=one_kp, depthwise=one_kd)
     stride3, pad3, dil3, k3 = check_backward_conv(weight, one_kp, one_kd, stride, padding, dilation, groups, order)
     nd = weight.dim() - 2

@@ -19,7 +19,7 @@ from .._conv import adapter_terms, conv_output_shape
 from ._autotune import autotune
 from ._common import (FIXED_CONFIG, channels_innermost, channels_innermost_output, check_backward_conv,
                       check_backward_tensors, decode_position, fail, finish_output_, fit_configs, k_split, launch, lift,
-                      new_tensor, one_set, prune_by_registers, prune_by_shared_memory, split_partials, strides,
+                      new_tensor, checked_sets, prune_by_registers, prune_by_shared_memory, split_partials, strides,
                       sum_partials_, Segments, WGMMA_ROWS)
 
 
@@ -252,13 +252,8 @@ def colora_conv_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, poi
     `segments` (a mixed batch, `kernels.segmented`): sample n uses its adapter set's factors, pointwise
     [S, R, C_out, C_in/groups] and depthwise [S, R, C_kd, *k] holding every set's (no split).
     """
-    if segments is not None and (pointwise.dim() != 4 or pointwise.shape[0] != segments.sets
-                                 or depthwise.shape[:2] != pointwise.shape[:2]
-                                 or tuple(segments.sample.shape) != (grad_out.shape[0],)):
-        fail(ValueError, f"segmented factors must be stacked per set ({segments.sets} sets, a batch of "
-                         f"{grad_out.shape[0]}): pointwise {tuple(pointwise.shape)}, "
-                         f"depthwise {tuple(depthwise.shape)}")
-    one_pointwise, one_depthwise = (pointwise, depthwise) if segments is None else one_set(pointwise, depthwise)
+    one_pointwise, one_depthwise = (pointwise, depthwise) if segments is None else checked_sets(
+        pointwise, depthwise, segments, grad_out.shape[0])
     device = check_backward_tensors(grad_out=grad_out, weight=weight, pointwise=one_pointwise,
                                     depthwise=one_depthwise)
     stride3, pad3, dil3, k3 = check_backward_conv(weight, one_pointwise, one_depthwise, stride, padding, dilation,

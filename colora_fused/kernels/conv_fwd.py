@@ -20,7 +20,7 @@ from ._autotune import autotune
 from ._common import (FIXED_CONFIG, TritonBackendError, TritonBackendTypeError, backend_error, channels_innermost,
                       channels_innermost_output, check_conv_tensors, device_problem, dtype_problem, empty_like_layout,
                       extent, finish_output_, fit_configs, k_split, launch, pad3, prune_by_registers,
-                      prune_by_shared_memory, one_set, split_partials, strides5, sum_partials_, Segments,
+                      prune_by_shared_memory, checked_sets, split_partials, strides5, sum_partials_, Segments,
                       WGMMA_ROWS)
 
 
@@ -328,14 +328,8 @@ def colora_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     [S, R, C_out, C_in/groups], depthwise [S, R, C_kd, *k] and bias_delta [S, C_out] hold every set's (no split).
     """
     if segments is not None:
-        sets = segments.sets
-        if (pointwise.dim() != 4 or pointwise.shape[0] != sets or depthwise.shape[:2] != pointwise.shape[:2]
-                or (bias_delta is not None and tuple(bias_delta.shape) != (sets, weight.shape[0]))
-                or tuple(segments.sample.shape) != (x.shape[0],)):
-            raise backend_error(f"segmented factors must be stacked per set ({sets} sets, a batch of {x.shape[0]}): "
-                                f"pointwise {tuple(pointwise.shape)}, depthwise {tuple(depthwise.shape)}, "
-                                f"bias_delta {None if bias_delta is None else tuple(bias_delta.shape)}")
-        _check_forward(x, weight, bias, *one_set(pointwise, depthwise),
+        _check_forward(x, weight, bias, *checked_sets(pointwise, depthwise, segments, x.shape[0], bias_delta,
+                                                      weight.shape[0]),
                        None if bias_delta is None else bias_delta[0], stride, padding, dilation, groups, order)
     else:
         _check_forward(x, weight, bias, pointwise, depthwise, bias_delta, stride, padding, dilation, groups, order)

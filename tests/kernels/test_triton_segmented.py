@@ -113,3 +113,12 @@ def test_stacked_factors_refused_when_not_per_set():
     with pytest.raises(Exception, match="stacked per set"):
         colora_conv_forward(t["x"], t["weight"], None, t["pointwise"], t["depthwise"], None, (1, 1), (1, 1),
                             (1, 1), 1, "pointwise_first", segments=segments)
+    conv = ((1, 1), (1, 1), (1, 1), 1, "pointwise_first")
+    grad_out = torch.zeros_like(colora_conv_reference(t["x"].cpu(), t["weight"].cpu(), None, t["pointwise"].cpu(),
+                                                      t["depthwise"].cpu(), None, *conv[:3])).to(DEVICE)
+    with pytest.raises(Exception, match="stacked per set"):
+        colora_conv_backward_input(grad_out, t["weight"], t["pointwise"], t["depthwise"], t["x"].shape, False, *conv,
+                                   segments=segments)
+    with pytest.raises(Exception, match="stacked per set"):
+        colora_conv_backward_adapters(t["x"], grad_out, t["weight"], t["pointwise"], t["depthwise"], *conv,
+                                      route="cheap", segments=segments)
